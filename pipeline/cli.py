@@ -1,0 +1,186 @@
+"""``densepipe``: the command line over ``pipeline.stages`` and the standalone evaluators.
+
+Every command reads ``params.yaml`` (``--params``) with ``--set a.b=c`` overrides. Errors a user can
+fix are printed as one ``error: ...`` line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import DensepipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Multi-task dense prediction: prepare, train, evaluate, predict.")
+out = Console()
+err = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: KEY=VALUE (YAML value).")]
+
+
+def _config(params: Path, overrides: list[str] | None):
+    from pipeline.config import load_config
+
+    return load_config(params, overrides or [])
+
+
+def _metrics_table(metrics: dict[str, float], title: str = "metrics") -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    return table
+
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Render the synthetic dataset into data.root (or check a user's dataset folder)."""
+    from pipeline import stages
+
+    summary = stages.prepare(_config(params, set_))
+    out.print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+@app.command()
+def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train the configured tasks; resumes from <train.out_dir>/last.pt."""
+    from pipeline import stages
+
+    summary = stages.train(_config(params, set_))
+    out.print(f"trained to step {summary['step']}: best {summary['best']} "
+              f"({summary['images_per_s']:.1f} img/s), MLflow run {summary['run_id']}")
+
+
+@app.command()
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Default: best.pt of train.out_dir.")] = None,
+) -> None:
+    """Evaluate a checkpoint on the val split; writes metrics.json."""
+    from pipeline import stages
+
+    cfg = _config(params, set_)
+    metrics = stages.evaluate(cfg, checkpoint)
+    out.print(_metrics_table({k: v for k, v in metrics.items() if k.count("/") == 1}))
+    out.print(f"wrote {cfg.evaluate.metrics_file}")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (its own model config is used).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+) -> None:
+    """Predict every task for image files: visualisations plus raw outputs."""
+    from pipeline import stages
+
+    files = stages.predict(_config(params, set_), list(images), checkpoint=checkpoint,
+                           out_dir=out_dir)
+    out.print(f"wrote {len(files)} files to {out_dir}")
+
+
+@app.command()
+def tasks(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """List task plugins: name, provider, requires, depends_on, input view, status."""
+    from pipeline.registry import default_registry
+
+    rows = [e.describe() for e in default_registry().entries()]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="densepipe tasks")
+    for col in ("name", "provider", "requires", "depends_on", "input view", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["provider"], ", ".join(r["requires"]) or "-",
+                      ", ".join(r["depends_on"]) or "-", r["input_view"] or "-", r["status"])
+    out.print(table)
+
+
+@app.command("semseg-eval")
+def semseg_eval(
+    gt_dir: Annotated[Path, typer.Option(help="Ground-truth label PNGs.")],
+    pred_dir: Annotated[Path, typer.Option(help="Predicted label PNGs (same file names).")],
+    num_classes: Annotated[int, typer.Option(help="Number of classes.")],
+    ignore: Annotated[int, typer.Option(help="Ignore label in the ground truth.")] = 255,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
+) -> None:
+    """Semantic segmentation metrics over two folders of label PNGs."""
+    from pipeline.io import atomic_write_json
+    from pipeline.metrics.semseg_files import evaluate_label_folders, format_semseg_table
+
+    metrics = evaluate_label_folders(gt_dir, pred_dir, num_classes=num_classes, ignore_index=ignore)
+    out.print(format_semseg_table(metrics))
+    if json_out is not None:
+        atomic_write_json(json_out, metrics)
+
+
+@app.command("show-sample")
+def show_sample(
+    index: Annotated[int, typer.Option(help="Sample index in the split.")] = 0,
+    split: Annotated[str, typer.Option(help="Split name.")] = "val",
+    out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("sample.png"),
+    root: Annotated[Path | None, typer.Option(help="Dataset root (default data.root).")] = None,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+) -> None:
+    """Draw one sample with every label side by side."""
+    from pipeline.data.show import show_sample as draw
+
+    data_root = root or Path(_config(params, set_).data.root)
+    path = draw(data_root, split, index, out_path)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Run the whole pipeline once as a Prefect flow (prepare, train, evaluate)."""
+    from flows.pipeline import pipeline_flow
+
+    cfg = _config(params, set_)  # fail fast on a bad config, before Prefect starts
+    metrics = pipeline_flow(params=str(params), overrides=list(set_ or []))
+    out.print(_metrics_table({k: v for k, v in metrics.items() if k.count("/") == 1},
+                             title=f"metrics ({cfg.evaluate.metrics_file})"))
+
+
+@app.command("config")
+def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Print the resolved configuration as YAML."""
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(_config(params, set_).model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except DensepipeError as e:
+        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors carry their own formatting
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

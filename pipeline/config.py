@@ -1,0 +1,224 @@
+"""Typed configuration: ``params.yaml`` plus ``--set a.b=c`` overrides.
+
+``load_config(path, overrides)`` returns a validated ``Config``. Override values are parsed as
+YAML (``--set model.tasks=[semantic,depth]``, ``--set train.lr=0.01``). Every problem is one
+``ConfigError`` line naming the key and what is allowed. Task names are checked against the
+registry by ``check_tasks`` (the config module itself knows no task).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are type-checked strictly."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    num_train: int = Field(320, ge=1)
+    num_val: int = Field(64, ge=1)
+    image_size: int = Field(128, ge=32, le=4096)
+    seed: int = 0
+    workers: int = Field(2, ge=1)
+
+
+class DataConfig(Section):
+    root: str = "data/synthetic"
+    source: Literal["synthetic", "folder"] = "synthetic"
+    """``synthetic``: ``prepare`` renders the synthetic world into ``root``; ``folder``: ``root``
+    already holds a densepipe layout or a COCO 2017 folder, ``prepare`` only checks it."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = Field(128, ge=32)
+    """Training crop size (square) and evaluation resize target."""
+    augment: bool = True
+    num_workers: int = Field(2, ge=0)
+
+
+class ModelConfig(Section):
+    backbone: str = "resnet18"
+    weights: str | None = None
+    """Local path to backbone weights; ``None`` = random initialisation. Never downloaded."""
+    fpn_channels: int = Field(128, ge=8)
+    tasks: list[str] = Field(default_factory=lambda: ["semantic"])
+    heads: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-task options, validated by each task's ``Options`` model (``model.heads.semantic``)."""
+    loss_weights: dict[str, float] = Field(default_factory=dict)
+    """Weight of each task's summed loss; 1.0 where not given."""
+
+
+class TrainConfig(Section):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    warmup_steps: int = Field(50, ge=0)
+    clip_grad_norm: float | None = Field(5.0, gt=0)
+    eval_every: int = Field(200, ge=0)
+    """Evaluate on the val split every N steps (0 = only at the end); ``best.pt`` follows it."""
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    best_metric: str = "semantic/mIoU"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out_dir: str = "runs/train"
+    progress: bool = True
+
+
+class EvaluateConfig(Section):
+    checkpoint: str | None = None
+    """Checkpoint to evaluate; default ``<train.out_dir>/best.pt`` (else ``last.pt``)."""
+    metrics_file: str = "metrics.json"
+    out_dir: str = "runs/eval"
+    batch_size: int = Field(8, ge=1)
+    num_visualizations: int = Field(8, ge=0)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None
+    """Any MLflow tracking URI; default ``sqlite:///<working folder>/mlflow.db``."""
+    experiment: str = "densepipe"
+    log_model: bool = True
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.002, ...}``: the flattened config (MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+# -- loading ----------------------------------------------------------------------------------
+def load_config(
+    path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Load ``path`` (a missing default ``params.yaml`` means all defaults), apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if p.exists():
+            try:
+                loaded = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: not valid YAML ({_one_line(e)})") from e
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
+            tree = loaded
+        elif str(path) != "params.yaml":
+            raise ConfigError(f"{p}: config file not found")
+    for item in overrides:
+        apply_override(tree, item)
+    return config_from_dict(tree, source=str(path) if path else "config")
+
+
+def config_from_dict(tree: dict[str, Any], *, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def apply_override(tree: dict[str, Any], item: str) -> None:
+    """Apply ``a.b=c`` to a nested dict; the value is parsed as YAML. Keys are checked here so
+    the error can list the allowed keys at the level where the path went wrong."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    model: Any = Config
+    node = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if model is not None:
+            fields = model.model_fields
+            if part not in fields:
+                where = ".".join(parts[:depth]) or "top level"
+                raise ConfigError(
+                    f"--set {key}: unknown key {part!r} in {where}; allowed: {', '.join(fields)}"
+                )
+            annotation = fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = err["loc"][:-1]
+        model: Any = Config
+        for p in parent:
+            ann = model.model_fields[p].annotation if p in getattr(model, "model_fields", {}) else None
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if model is None:
+                break
+        allowed = ", ".join(model.model_fields) if model is not None else "?"
+        return f"unknown key {loc!r}; allowed: {allowed}"
+    got = err.get("input")
+    msg = err["msg"]
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "expected one of")
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{loc}: {msg}, got {got!r}{more}"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def check_tasks(cfg: Config, available: list[str]) -> None:
+    """Raise ConfigError if ``model.tasks`` names a task the registry does not have."""
+    if not cfg.model.tasks:
+        raise ConfigError(f"model.tasks is empty; allowed: {', '.join(sorted(available))}")
+    for name in cfg.model.tasks:
+        if name not in available:
+            raise ConfigError(
+                f"model.tasks: unknown task {name!r}; allowed: {', '.join(sorted(available))}"
+            )
+    for name in list(cfg.model.heads) + list(cfg.model.loss_weights):
+        if name not in available:
+            raise ConfigError(
+                f"model.heads/loss_weights: unknown task {name!r}; allowed: {', '.join(sorted(available))}"
+            )

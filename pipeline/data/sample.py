@@ -1,0 +1,33 @@
+"""The sample contract: one image and whichever labels exist for it.
+
+A sample is a plain dict (torch tensors, CHW):
+
+- ``image``: uint8 3xHxW, RGB.
+- ``image_id``: int (the COCO image id), ``file_name``: str.
+- ``semantic``: int64 HxW class indices of the dataset card, ``IGNORE_INDEX`` (255) = ignore.
+- ``instances``: dict with ``boxes`` float32 Nx4 (x1, y1, x2, y2 in pixels, of the visible part),
+  ``labels`` int64 N (class indices of the card, same space as ``semantic``), ``masks`` bool NxHxW,
+  ``iscrowd`` bool N, ``ids`` int64 N (annotation ids), optional ``keypoints`` float32 NxKx3
+  (x, y, visibility with COCO's 0 = not labelled/outside, 1 = occluded, 2 = visible; rows of an
+  instance whose category has no keypoints are all zero).
+- ``panoptic``: dict with ``ids`` int64 HxW segment ids (0 = void) and ``segments``: list of
+  ``{"id", "category_id", "isthing", "iscrowd"}`` dicts.
+- ``depth``: float32 HxW metres, 0 = unknown.
+- ``normals``: float32 3xHxW camera-frame unit vectors (x right, y down, z forward: OpenCV), 0 = unknown.
+
+A label kind missing for a sample is a missing key, never an error. Batches (``collate``) stack
+``image`` and the dense maps, keep ``instances``/``panoptic`` as lists, and carry ``has``: a dict
+``{label kind: bool tensor B}`` telling which samples have which labels (a missing dense map is
+filled with its "unknown" value: 255, 0, 0).
+"""
+
+from __future__ import annotations
+
+from pipeline.data.card import IGNORE_INDEX
+
+DENSE_KEYS = ("semantic", "depth", "normals")
+LABEL_KEYS = ("semantic", "instances", "panoptic", "depth", "normals")
+# value that means "unknown" in each dense map; used to fill samples that lack the map
+UNKNOWN_VALUE = {"semantic": IGNORE_INDEX, "depth": 0.0, "normals": 0.0}
+
+__all__ = ["DENSE_KEYS", "IGNORE_INDEX", "LABEL_KEYS", "UNKNOWN_VALUE"]

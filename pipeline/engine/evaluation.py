@@ -1,0 +1,44 @@
+"""Evaluation loop: every task's evaluator over one pass of a loader, plus sample drawings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.model import MultiTaskModel
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: MultiTaskModel, loader: Any, *, device: torch.device, num_visualizations: int = 0
+) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
+    """Run all evaluators; returns ``({"<task>/<metric>": float}, drawings)``.
+
+    ``drawings`` holds up to ``num_visualizations`` (title, HxWx3 uint8) panels: each image and
+    every task's visualisation of its prediction."""
+    was_training = model.training
+    model.eval()
+    evaluators = {name: task.evaluator(card=model.card, options=model.options[name])
+                  for name, task in model.tasks.items()}
+    for ev in evaluators.values():
+        ev.reset()
+    drawings: list[tuple[str, np.ndarray]] = []
+    for batch in loader:
+        predictions = model.predict(batch)
+        for name, ev in evaluators.items():
+            ev.process(batch, predictions[name])
+        for i in range(batch["image"].shape[0]):
+            if len(drawings) >= num_visualizations * (1 + len(model.tasks)):
+                break
+            image = batch["image"][i].permute(1, 2, 0).cpu().numpy()
+            drawings.append((f"image {batch['image_id'][i]}", image))
+            for name, task in model.tasks.items():
+                drawings.append((name, task.visualize(image, predictions[name][i], card=model.card)))
+    metrics: dict[str, float] = {}
+    for name, ev in evaluators.items():
+        for key, value in ev.compute().items():
+            metrics[f"{name}/{key}"] = float(value)
+    model.train(was_training)
+    return metrics, drawings

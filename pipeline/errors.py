@@ -1,0 +1,32 @@
+"""Errors a user can act on.
+
+Every error raised for bad input is a ``DensepipeError`` whose message is one line naming the file,
+field or value and what was expected. The CLI prints it as ``error: <message>`` and exits with 2.
+"""
+
+from __future__ import annotations
+
+
+class DensepipeError(Exception):
+    """Base class: a one-line, user-facing message."""
+
+
+class ConfigError(DensepipeError):
+    """Invalid configuration: unknown key, wrong type, unknown task or backbone."""
+
+
+class DataError(DensepipeError):
+    """A dataset file is missing, corrupt or not in the expected format."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class PluginError(DensepipeError):
+    """A task plugin failed to load or violates the plugin contract."""
+
+
+class CheckpointError(DensepipeError):
+    """A checkpoint is truncated, unreadable or belongs to another model configuration."""

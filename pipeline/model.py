@@ -1,0 +1,128 @@
+"""MultiTaskModel: one shared backbone pass per input view, then every enabled task head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.data.card import DatasetCard
+from pipeline.nn.backbones import build_backbone
+from pipeline.registry import TaskRegistry, default_registry
+from pipeline.task import Batch, Task
+
+# ImageNet statistics on the 0..255 scale (torchvision's normalisation).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
+
+
+def image_views(images: torch.Tensor, views: set[str], mean: torch.Tensor, std: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """Normalised input tensors per view from uint8 (or 0..255 float) Bx3xHxW images.
+
+    ``rgb``: the colour image; ``gray``: its luma replicated to three channels (so one backbone
+    serves both views)."""
+    x = images.float()
+    out: dict[str, torch.Tensor] = {}
+    if "rgb" in views:
+        out["rgb"] = (x - mean) / std
+    if "gray" in views:
+        w = x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+        luma = (x * w).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        out["gray"] = (luma - mean) / std
+    return out
+
+
+class MultiTaskModel(nn.Module):
+    """Shared backbone + one head per task.
+
+    ``forward(batch)`` takes a collated batch (``image`` uint8 Bx3xHxW, labels as in
+    ``pipeline.data.sample``) and returns ``{task name: raw head output}``; tasks without a head
+    (pure combinations) are absent. ``losses`` and ``predict`` turn those outputs into loss
+    terms and per-image predictions through the tasks' own methods."""
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        tasks: list[Task],
+        heads: dict[str, nn.Module],
+        options: dict[str, BaseModel],
+        card: DatasetCard,
+        loss_weights: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tasks = {t.name: t for t in tasks}  # dependency order
+        self.heads = nn.ModuleDict(heads)
+        self.options = options
+        self.card = card
+        self.loss_weights = {t.name: float((loss_weights or {}).get(t.name, 1.0)) for t in tasks}
+        self.views = sorted({t.input_view for t in tasks if t.name in heads})
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, batch: Batch) -> dict[str, Any]:
+        images = batch["image"].to(self.pixel_mean.device, non_blocking=True)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        views = image_views(images, set(self.views), self.pixel_mean, self.pixel_std)
+        features = {view: self.backbone(x) for view, x in views.items()}
+        outputs: dict[str, Any] = {}
+        for name, head in self.heads.items():
+            task = self.tasks[name]
+            outputs[name] = head(features[task.input_view], image_size=size, batch=batch)
+        return outputs
+
+    def losses(self, outputs: dict[str, Any], batch: Batch) -> dict[str, torch.Tensor]:
+        """``{"<task>/<term>": unweighted scalar}`` for every task with a head."""
+        terms: dict[str, torch.Tensor] = {}
+        for name, output in outputs.items():
+            for term, value in self.tasks[name].losses(output, batch).items():
+                terms[f"{name}/{term}"] = value
+        return terms
+
+    def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the loss terms, each scaled by its task's weight (``model.loss_weights``)."""
+        total = sum(self.loss_weights[k.split("/", 1)[0]] * v for k, v in terms.items())
+        return total if isinstance(total, torch.Tensor) else torch.zeros((), device=self.pixel_mean.device)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, outputs: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+        """Per-task, per-image predictions at the input resolution (dependency order)."""
+        if outputs is None:
+            outputs = self(batch)
+        predictions: dict[str, list[Any]] = {}
+        for name, task in self.tasks.items():
+            deps = {d: predictions[d] for d in task.depends_on}
+            predictions[name] = task.postprocess(outputs.get(name), batch=batch, predictions=deps)
+        return predictions
+
+    def architecture(self) -> dict[str, Any]:
+        """What a checkpoint must match: tasks, their head parameter shapes."""
+        return {"tasks": list(self.tasks), "views": self.views}
+
+
+def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = None) -> MultiTaskModel:
+    """Backbone from ``model.backbone`` (+ local ``model.weights``), heads of ``model.tasks`` and
+    their dependencies, from the registry."""
+    from pipeline.config import check_tasks
+
+    registry = registry or default_registry()
+    check_tasks(cfg, registry.names)
+    tasks = registry.resolve(cfg.model.tasks)
+    backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights,
+                              fpn_channels=cfg.model.fpn_channels)
+    heads: dict[str, nn.Module] = {}
+    options: dict[str, BaseModel] = {}
+    for task in tasks:
+        opts = task.parse_options(cfg.model.heads.get(task.name))
+        options[task.name] = opts
+        head = task.build_head(feature_spec=backbone.feature_spec, card=card, options=opts)
+        if head is not None:
+            heads[task.name] = head
+    return MultiTaskModel(backbone=backbone, tasks=tasks, heads=heads, options=options, card=card,
+                          loss_weights=cfg.model.loss_weights)

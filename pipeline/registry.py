@@ -1,0 +1,177 @@
+"""Task registry: built-in and third-party task plugins through one pluggy PluginManager.
+
+Plugins are discovered through the ``densepipe.tasks`` entry-point group (the built-ins register
+there too). A plugin that fails to import, or whose hook raises, is recorded with its name, entry
+point and the error, and every other task stays usable.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from pipeline import hookspecs
+from pipeline.errors import ConfigError, PluginError
+from pipeline.task import VIEWS, Task
+
+
+@dataclass
+class TaskEntry:
+    """One row of ``densepipe tasks``."""
+
+    name: str
+    provider: str  # distribution that provides it
+    entry_point: str  # "name = module" of the entry point
+    task: Task | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else f"error: {self.error}"
+
+    def describe(self) -> dict[str, Any]:
+        base = self.task.describe() if self.task else {
+            "name": self.name, "requires": [], "depends_on": [], "input_view": None,
+        }
+        return {**base, "provider": self.provider, "entry_point": self.entry_point,
+                "status": self.status}
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class TaskRegistry:
+    """All tasks known to this process.
+
+    ``plugins`` adds plugin modules/objects directly (tests, notebooks); ``entry_points=False``
+    skips discovery."""
+
+    def __init__(self, *, entry_points: bool = True, plugins: Iterable[Any] = ()) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self._entries: dict[str, TaskEntry] = {}
+        self._failed: list[TaskEntry] = []
+        self._origin: dict[str, tuple[str, str]] = {}  # plugin name -> (provider, entry point)
+        if entry_points:
+            self._load_entry_points()
+        for i, plugin in enumerate(plugins):
+            name = getattr(plugin, "__name__", None) or f"plugin-{i}"
+            self._origin[name] = ("(registered directly)", name)
+            self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+        self._collect_tasks()
+
+    # -- discovery ------------------------------------------------------------------------------
+    def _load_entry_points(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for ep in md.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+            key = (ep.name, ep.value)
+            if key in seen:  # the same distribution seen twice on sys.path
+                continue
+            seen.add(key)
+            provider = ep.dist.name if ep.dist is not None else "?"
+            where = f"{ep.name} = {ep.value}"
+            try:
+                plugin = ep.load()
+            except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
+                self._failed.append(TaskEntry(ep.name, provider, where,
+                                              error=f"import failed: {_one_line(e)}"))
+                continue
+            if self.pm.is_registered(plugin):
+                continue
+            try:
+                self.pm.register(plugin, name=ep.name)
+            except ValueError as e:  # name already taken by another plugin
+                self._failed.append(TaskEntry(ep.name, provider, where, error=_one_line(e)))
+                continue
+            self._origin[ep.name] = (provider, where)
+
+    def _collect_tasks(self) -> None:
+        for impl in self.pm.hook.densepipe_register_tasks.get_hookimpls():
+            provider, where = self._origin.get(impl.plugin_name, ("?", impl.plugin_name))
+            try:
+                tasks = list(impl.function() or [])
+                for task in tasks:
+                    _check_task(task)
+            except Exception as e:  # noqa: BLE001 - reported per plugin
+                self._failed.append(TaskEntry(impl.plugin_name, provider, where,
+                                              error=f"densepipe_register_tasks failed: {_one_line(e)}"))
+                continue
+            for task in tasks:
+                if task.name in self._entries:
+                    other = self._entries[task.name]
+                    self._failed.append(TaskEntry(task.name, provider, where,
+                                                  error=f"task name already provided by {other.entry_point}"))
+                    continue
+                self._entries[task.name] = TaskEntry(task.name, provider, where, task=task)
+
+    # -- queries --------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[TaskEntry]:
+        """Usable tasks, then failed plugins (for ``densepipe tasks``)."""
+        return [self._entries[n] for n in self.names] + list(self._failed)
+
+    def get(self, name: str) -> Task:
+        if name in self._entries:
+            return self._entries[name].task  # type: ignore[return-value]
+        for failed in self._failed:
+            if failed.name == name:
+                raise PluginError(f"task {name!r} ({failed.entry_point}) is unusable: {failed.error}")
+        raise ConfigError(f"unknown task {name!r}; allowed: {', '.join(self.names) or 'none'}")
+
+    def resolve(self, names: Iterable[str]) -> list[Task]:
+        """The tasks named plus everything they depend on, dependencies first (stable order)."""
+        order: list[Task] = []
+        state: dict[str, str] = {}
+
+        def visit(name: str, chain: tuple[str, ...]) -> None:
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                raise PluginError(f"task dependency cycle: {' -> '.join((*chain, name))}")
+            state[name] = "visiting"
+            task = self.get(name)
+            for dep in task.depends_on:
+                visit(dep, (*chain, name))
+            state[name] = "done"
+            order.append(task)
+
+        for name in names:
+            visit(name, ())
+        return order
+
+
+def _check_task(task: object) -> None:
+    if not isinstance(task, Task):
+        raise PluginError(f"{task!r} is not a pipeline.task.Task")
+    if not getattr(task, "name", None):
+        raise PluginError(f"{type(task).__name__} has no name")
+    if task.input_view not in VIEWS:
+        raise PluginError(f"task {task.name!r}: input_view {task.input_view!r} not in {VIEWS}")
+
+
+_default: TaskRegistry | None = None
+
+
+def default_registry() -> TaskRegistry:
+    """The process-wide registry (entry points loaded once)."""
+    global _default
+    if _default is None:
+        _default = TaskRegistry()
+    return _default
+
+
+def plugin_module(task: Task) -> ModuleType | None:
+    import sys
+
+    return sys.modules.get(type(task).__module__)

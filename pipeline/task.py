@@ -1,0 +1,121 @@
+"""The Task contract every task plugin fulfils.
+
+A ``Task`` is a stateless description of one prediction task: which labels it needs, on which
+input view its head runs, how to build that head from the backbone's feature spec, its losses,
+postprocessing, evaluator and visualisation. Per-task options come from ``model.heads.<name>`` in
+the config and are validated by the task's ``Options`` model.
+
+Data flow in ``MultiTaskModel``::
+
+    features = backbone(view(images))                 # once per distinct input view
+    output   = head(features, image_size=(H, W))      # raw head output, any structure
+    losses   = task.losses(output, batch)             # {"<term>": scalar tensor}
+    preds    = task.postprocess(output, batch=batch, predictions=deps)   # one per image
+
+A task with ``depends_on`` may have no head (``build_head`` returns ``None``): its
+``postprocess`` combines the predictions of the tasks it depends on (``predictions``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from pipeline.data.card import DatasetCard
+from pipeline.nn.backbones import FeatureLevel
+
+Batch = dict[str, Any]
+FeatureSpec = dict[str, FeatureLevel]
+VIEWS = ("rgb", "gray")
+LABEL_KINDS = ("semantic", "instances", "keypoints", "panoptic", "depth", "normals")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Evaluator(Protocol):
+    """detectron2's DatasetEvaluator protocol: reset, process batches, compute once."""
+
+    def reset(self) -> None: ...
+
+    def process(self, batch: Batch, predictions: list[Any]) -> None: ...
+
+    def compute(self) -> dict[str, float]:
+        """Metric name (without the task prefix) -> float; ratios in [0, 1]."""
+        ...
+
+
+class Task(ABC):
+    """One prediction task. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Label kinds a sample needs for this task's loss and metrics (``LABEL_KINDS``)."""
+    depends_on: ClassVar[tuple[str, ...]] = ()
+    """Tasks whose predictions this one combines; enabling it enables them."""
+    input_view: ClassVar[str] = "rgb"
+    """Which view of the image the head sees (``VIEWS``)."""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    """Pydantic model of ``model.heads.<name>`` (extra keys forbidden)."""
+
+    def parse_options(self, raw: dict[str, Any] | None) -> BaseModel:
+        from pydantic import ValidationError
+
+        from pipeline.errors import ConfigError
+
+        try:
+            return self.Options.model_validate(raw or {})
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            allowed = ", ".join(self.Options.model_fields) or "none"
+            raise ConfigError(
+                f"model.heads.{self.name}.{loc}: {err['msg']}; options of {self.name}: {allowed}"
+            ) from None
+
+    @abstractmethod
+    def build_head(
+        self, *, feature_spec: FeatureSpec, card: DatasetCard, options: BaseModel
+    ) -> nn.Module | None:
+        """The head module. Its ``forward(features, *, image_size, batch)`` sees the FPN levels
+        of this task's input view, the (H, W) of the input and the batch (labels for heads that
+        need targets in training, like an RPN)."""
+
+    @abstractmethod
+    def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
+        """Loss terms (scalar tensors, names without the task prefix). Samples lacking this
+        task's labels (``batch["has"][kind]`` false) contribute nothing; with none in the batch,
+        return zero-valued terms that keep the graph connected (``output.sum() * 0``)."""
+
+    @abstractmethod
+    def postprocess(
+        self, output: Any, *, batch: Batch, predictions: dict[str, list[Any]]
+    ) -> list[Any]:
+        """One prediction per image at the input resolution. ``predictions`` holds those of the
+        tasks in ``depends_on``."""
+
+    @abstractmethod
+    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> Evaluator:
+        """A fresh evaluator for this task."""
+
+    @abstractmethod
+    def visualize(self, image: np.ndarray, prediction: Any, *, card: DatasetCard) -> np.ndarray:
+        """Draw ``prediction`` for an HxWx3 uint8 image; returns HxWx3 uint8."""
+
+    def save_prediction(self, prediction: Any, path_stem: str, *, card: DatasetCard) -> list[str]:
+        """Write the raw prediction next to ``path_stem`` (``densepipe predict``); return paths."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "requires": list(self.requires),
+            "depends_on": list(self.depends_on),
+            "input_view": self.input_view,
+        }

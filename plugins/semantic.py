@@ -1,0 +1,114 @@
+"""Built-in task ``semantic``: semantic segmentation with the Panoptic FPN semantic branch.
+
+Head: ``pipeline.nn.fpn_heads.SemanticFPNHead`` over p2..p5 -> per-pixel class logits at the input
+resolution. Loss: cross-entropy, ignore index 255. Metrics: the FCN paper's pixel accuracy, mean
+accuracy, mean IoU and frequency-weighted IoU, plus per-class IoU, from a dataset-level confusion
+matrix (``pipeline.metrics.confusion``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from pipeline.data.card import DatasetCard
+from pipeline.hookspecs import hookimpl
+from pipeline.metrics.confusion import ConfusionMatrix
+from pipeline.nn.fpn_heads import SemanticFPNHead
+from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.viz import colorize_labels, overlay
+
+
+class SemanticOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    conv_dims: int = Field(128, ge=8)
+    norm: Literal["GN", "BN", "none"] = "GN"
+    in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
+
+
+class SemanticHead(nn.Module):
+    """Logits B x num_classes x H x W at the input size."""
+
+    def __init__(self, branch: SemanticFPNHead) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, features: dict[str, torch.Tensor], *, image_size: tuple[int, int],
+                batch: Batch | None = None) -> torch.Tensor:
+        return self.branch(features, output_size=image_size)
+
+
+class SemanticEvaluator:
+    def __init__(self, card: DatasetCard) -> None:
+        self.card = card
+        self.matrix = ConfusionMatrix(card.num_classes, ignore_index=card.ignore_index)
+
+    def reset(self) -> None:
+        self.matrix.reset()
+
+    def process(self, batch: Batch, predictions: list[torch.Tensor]) -> None:
+        if "semantic" not in batch:
+            return
+        has = batch["has"]["semantic"]
+        for i, pred in enumerate(predictions):
+            if bool(has[i]):
+                self.matrix.update(pred.cpu(), batch["semantic"][i].cpu())
+
+    def compute(self) -> dict[str, float]:
+        return self.matrix.compute(class_names=self.card.class_names)
+
+
+class SemanticTask(Task):
+    name = "semantic"
+    requires = ("semantic",)
+    input_view = "rgb"
+    Options = SemanticOptions
+
+    def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
+                   options: SemanticOptions) -> nn.Module:  # type: ignore[override]
+        branch = SemanticFPNHead(feature_spec, in_features=options.in_features,
+                                 num_outputs=card.num_classes, conv_dims=options.conv_dims,
+                                 norm=options.norm)
+        return SemanticHead(branch)
+
+    def losses(self, output: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        target = batch.get("semantic")
+        if target is None:
+            return {"ce": output.sum() * 0.0}
+        target = target.to(output.device)
+        if not bool((target != 255).any()):
+            return {"ce": output.sum() * 0.0}
+        return {"ce": F.cross_entropy(output, target, ignore_index=255)}
+
+    def postprocess(self, output: torch.Tensor, *, batch: Batch,
+                    predictions: dict[str, list[Any]]) -> list[torch.Tensor]:
+        return list(output.argmax(dim=1).to(torch.int64).cpu())
+
+    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> SemanticEvaluator:
+        return SemanticEvaluator(card)
+
+    def visualize(self, image: np.ndarray, prediction: torch.Tensor, *,
+                  card: DatasetCard) -> np.ndarray:
+        colors = colorize_labels(np.asarray(prediction), card.palette(), ignore=card.ignore_index)
+        return np.asarray(overlay(image, colors, 0.6))
+
+    def save_prediction(self, prediction: torch.Tensor, path_stem: str, *,
+                        card: DatasetCard) -> list[str]:
+        from pipeline.io import atomic_path
+
+        path = Path(f"{path_stem}_semantic.png")
+        with atomic_path(path) as tmp:
+            Image.fromarray(np.asarray(prediction, dtype=np.uint8)).save(tmp, format="PNG")
+        return [str(path)]
+
+
+@hookimpl
+def densepipe_register_tasks() -> list[Task]:
+    return [SemanticTask()]
