@@ -163,6 +163,8 @@ def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app(standalone_mode=False)
     except DensepipeError as e:

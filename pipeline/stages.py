@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, DataError
@@ -58,16 +57,29 @@ def prepare(cfg: Config) -> dict[str, Any]:
     return {"root": str(root), "rendered": False, "images": counts}
 
 
+def check_config(cfg: Config) -> None:
+    """Fail fast, before any data is read or file written: unknown tasks or backbone."""
+    from pipeline.config import check_tasks
+    from pipeline.errors import ConfigError
+    from pipeline.nn.backbones import BACKBONES
+    from pipeline.registry import default_registry
+
+    registry = default_registry()
+    check_tasks(cfg, registry.names)
+    registry.resolve(cfg.model.tasks)
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; "
+                          f"allowed: {', '.join(sorted(BACKBONES))}")
+
+
 # -- train --------------------------------------------------------------------------------------
 def train(cfg: Config) -> dict[str, Any]:
     """Train (resuming from ``last.pt``), log to MLflow; returns a summary dict."""
     from pipeline.engine.trainer import train as run_training
     from pipeline.tracking import make_tracker
 
+    check_config(cfg)
     out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
-                                                               sort_keys=True))
     tracker = make_tracker(cfg.tracking)
     result = run_training(cfg, tracker=tracker)
     if result.losses:
@@ -123,6 +135,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, flo
     from pipeline.tracking import make_tracker
     from pipeline.viz import panel_grid
 
+    check_config(cfg)
     path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
     device = resolve_device(cfg.train.device)
     dataset = eval_dataset(cfg)
@@ -174,11 +187,11 @@ def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path,
     for image_path in map(Path, images):
         try:
             with Image.open(image_path) as im:
-                rgb = np.asarray(im.convert("RGB"))
+                rgb = np.array(im.convert("RGB"))
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
             raise DataError(image_path, f"cannot read image ({type(e).__name__})") from None
         batch = {"image": torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous(),
-                 "image_id": [0], "has": {}}
+                 "image_ids": [0], "has": {}}
         predictions = model.predict(batch)
         for name, task in model.tasks.items():
             pred = predictions[name][0]

@@ -41,8 +41,15 @@ class Tracker:
         self.cfg = cfg
         self.mlflow = mlflow
         self.uri = resolve_uri(cfg)
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        self._client = None
         self.run_id: str | None = None
+
+    @property
+    def client(self):
+        """The MLflow client, created on first use (creating a SQLite store writes the file)."""
+        if self._client is None:
+            self._client = self.mlflow.MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     # -- runs -----------------------------------------------------------------------------------
     def _experiment_id(self) -> str:

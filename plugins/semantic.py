@@ -75,7 +75,7 @@ class SemanticTask(Task):
                    options: SemanticOptions) -> nn.Module:  # type: ignore[override]
         branch = SemanticFPNHead(feature_spec, in_features=options.in_features,
                                  num_outputs=card.num_classes, conv_dims=options.conv_dims,
-                                 norm=options.norm)
+                                 norm="" if options.norm == "none" else options.norm)
         return SemanticHead(branch)
 
     def losses(self, output: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:

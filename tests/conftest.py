@@ -32,3 +32,40 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
     write_synthetic_dataset(root, num_train=8, num_val=4, image_size=64, seed=0, workers=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created once (table creation costs seconds)."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, _mlflow_template: Path) -> str:
+    """A fresh SQLite MLflow store in this test's temp folder (absolute URI)."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(_mlflow_template, db)
+    return f"sqlite:///{db}"
+
+
+def tiny_overrides(data_root: Path, out: Path, uri: str | None, **extra: object) -> list[str]:
+    """--set overrides for a small, fast run on the tiny dataset."""
+    values = {
+        "data.root": str(data_root), "data.image_size": 64, "data.num_workers": 0,
+        "model.fpn_channels": 32, "model.heads": "{semantic: {conv_dims: 32}}",
+        "train.steps": 4, "train.batch_size": 2, "train.warmup_steps": 1, "train.eval_every": 0,
+        "train.checkpoint_every": 2, "train.device": "cpu", "train.progress": False,
+        "train.out_dir": str(out / "train"), "evaluate.out_dir": str(out / "eval"),
+        "evaluate.metrics_file": str(out / "metrics.json"), "evaluate.batch_size": 4,
+        "evaluate.num_visualizations": 2,
+        "tracking.enabled": uri is not None, "tracking.uri": uri or "null",
+        "tracking.log_model": False,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]

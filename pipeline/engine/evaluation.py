@@ -33,7 +33,7 @@ def evaluate_model(
             if len(drawings) >= num_visualizations * (1 + len(model.tasks)):
                 break
             image = batch["image"][i].permute(1, 2, 0).cpu().numpy()
-            drawings.append((f"image {batch['image_id'][i]}", image))
+            drawings.append((f"image {batch['image_ids'][i]}", image))
             for name, task in model.tasks.items():
                 drawings.append((name, task.visualize(image, predictions[name][i], card=model.card)))
     metrics: dict[str, float] = {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from pipeline.config import Config
 from pipeline.engine.checkpoint import (
@@ -29,6 +30,7 @@ from pipeline.engine.evaluation import evaluate_model
 from pipeline.engine.loaders import eval_dataset, eval_loader, train_dataset, train_loader
 from pipeline.engine.schedule import lr_factor
 from pipeline.errors import DensepipeError
+from pipeline.io import atomic_write_text
 from pipeline.model import MultiTaskModel, build_model
 from pipeline.registry import TaskRegistry
 from pipeline.tracking import Tracker
@@ -71,6 +73,35 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A loss term is NaN or infinite; the message names the terms."""
+
+
+def train_step(model: MultiTaskModel, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+               clip_grad_norm: float | None = None) -> dict[str, float]:
+    """One optimisation step over the weighted sum of all task losses.
+
+    Returns ``{"<task>/<term>": value, ..., "loss": total}``; raises ``NonFiniteLoss`` before
+    touching the weights when any term is not finite."""
+    outputs = model(batch)
+    terms = model.losses(outputs, batch)
+    loss = model.total_loss(terms)
+    if not torch.isfinite(loss):
+        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+        raise NonFiniteLoss(", ".join(bad) or "total")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    row = {k: float(v.detach()) for k, v in terms.items()}
+    row["loss"] = float(loss.detach())
+    return row
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -128,6 +159,9 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None,
         optimizer, lr_factor(kind=cfg.train.schedule, total_steps=cfg.train.steps,
                              warmup_steps=cfg.train.warmup_steps))
     out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml",
+                      yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True))
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     step, best_value, run_id, metrics = 0, None, None, {}
     if last_path.exists():
@@ -162,25 +196,15 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None,
         try:
             while step < cfg.train.steps:
                 batch = next(loader)
-                outputs = model(batch)
-                terms = model.losses(outputs, batch)
-                loss = model.total_loss(terms)
-                if not torch.isfinite(loss):
-                    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-                    raise DensepipeError(
-                        f"non-finite loss at step {step + 1} in {', '.join(bad) or 'total'}; "
-                        f"last good checkpoint: {last_path}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                try:
+                    row = train_step(model, batch, optimizer, scheduler,
+                                     clip_grad_norm=cfg.train.clip_grad_norm)
+                except NonFiniteLoss as e:
+                    raise DensepipeError(f"non-finite loss at step {step + 1} in {e}; "
+                                         f"last good checkpoint: {last_path}") from None
                 step += 1
                 seen += batch["image"].shape[0]
                 images_per_s = seen / max(time.perf_counter() - t0, 1e-9)
-                row = {k: float(v.detach()) for k, v in terms.items()}
-                row["loss"] = float(loss.detach())
                 history.append(row)
                 log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
                 info = " ".join(f"{k}={v:.3f}" for k, v in row.items()) + f" {images_per_s:.1f} img/s"

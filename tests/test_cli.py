@@ -1,0 +1,80 @@
+"""The `densepipe` command: bad input gives one `error:` line and exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO_ROOT
+
+
+def densepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the CLI in ``cwd`` (a temp folder: nothing may land in the checkout)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_bad_override_and_unknown_task(tmp_path: Path) -> None:
+    params = ["--params", str(REPO_ROOT / "params.yaml")]
+    line = _one_error_line(densepipe("config", *params, "--set", "train.lrr=1", cwd=tmp_path))
+    assert "unknown key 'lrr' in train; allowed:" in line
+    line = _one_error_line(densepipe("train", *params, "--set", "model.tasks=[semantic,sky]",
+                                     "--set", f"data.root={tmp_path}", cwd=tmp_path))
+    assert "unknown task 'sky'" in line and "semantic" in line
+    line = _one_error_line(densepipe("train", *params, "--set", "model.backbone=vgg", cwd=tmp_path))
+    assert "unknown backbone 'vgg'; allowed: mobilenet_v3_large, resnet18" in line
+    line = _one_error_line(densepipe("train", *params, "--set", f"data.root={tmp_path}", cwd=tmp_path))
+    assert str(tmp_path) in line and "layout" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: no runs/, no mlflow.db
+
+
+def _labels(folder: Path, name: str, arr: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(folder / name)
+
+
+def test_semseg_eval_prints_table_and_writes_json(tmp_path: Path) -> None:
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 0, 1]])
+    _labels(tmp_path / "gt", "a.png", gt)
+    _labels(tmp_path / "pred", "a.png", pred)
+    out = tmp_path / "m.json"
+    proc = densepipe("semseg-eval", "--gt-dir", str(tmp_path / "gt"), "--pred-dir",
+                     str(tmp_path / "pred"), "--num-classes", "3", "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    m = json.loads(out.read_text())
+    # confusion (rows gt): [[1,1,0],[0,3,0],[1,0,1]]; 5 of 7 correct
+    assert m["semantic/pixel_acc"] == pytest.approx(5 / 7)
+    assert m["semantic/mIoU"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert "mIoU" in proc.stdout
+
+
+def test_semseg_eval_bad_folders(tmp_path: Path) -> None:
+    _labels(tmp_path / "gt", "a.png", np.zeros((4, 4)))
+    _labels(tmp_path / "gt", "b.png", np.zeros((4, 4)))
+    _labels(tmp_path / "pred", "a.png", np.full((4, 4), 7))
+    line = _one_error_line(densepipe("semseg-eval", "--gt-dir", str(tmp_path / "gt"), "--pred-dir",
+                                     str(tmp_path / "pred"), "--num-classes", "3",
+                                     "--json", str(tmp_path / "m.json"), cwd=tmp_path))
+    assert "b.png" in line
+    (tmp_path / "gt" / "b.png").unlink()
+    line = _one_error_line(densepipe("semseg-eval", "--gt-dir", str(tmp_path / "gt"), "--pred-dir",
+                                     str(tmp_path / "pred"), "--num-classes", "3",
+                                     "--json", str(tmp_path / "m.json"), cwd=tmp_path))
+    assert "a.png" in line and "7" in line
+    assert not (tmp_path / "m.json").exists()

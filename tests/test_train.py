@@ -1,0 +1,108 @@
+"""Training, resume, evaluation, prediction and MLflow tracking on the tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pipeline import stages
+from pipeline.config import load_config
+from pipeline.data import collate, open_dataset
+from pipeline.data.card import DatasetCard
+from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.errors import CheckpointError
+from pipeline.model import build_model
+from tests.conftest import tiny_overrides
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_dataset: Path) -> None:
+    torch.manual_seed(0)
+    cfg = load_config(None, tiny_overrides(tiny_dataset, Path("unused"), None))
+    ds = open_dataset(tiny_dataset, "train")
+    batch = collate([ds[i] for i in range(4)])
+    model = build_model(cfg, ds.card)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss = model.total_loss(model.losses(model(batch), batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_train_resume_evaluate_and_mlflow_run(tiny_dataset: Path, tmp_path: Path,
+                                               mlflow_uri: str, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path, mlflow_uri))
+    summary = stages.train(cfg)
+    assert summary["step"] == 4
+    last = load_checkpoint(tmp_path / "train" / "last.pt")
+    assert last["step"] == 4 and set(last) >= {"model", "optimizer", "scheduler", "rng", "config"}
+    assert (tmp_path / "train" / "best.pt").exists()
+
+    # resume: asking for more steps continues from step 4, in the same MLflow run
+    cfg6 = load_config(None, tiny_overrides(tiny_dataset, tmp_path, mlflow_uri, train__steps=6))
+    resumed = stages.train(cfg6)
+    assert resumed["step"] == 6 and resumed["run_id"] == summary["run_id"]
+    csv = (tmp_path / "train" / "train_log.csv").read_text().splitlines()
+    assert csv[0].startswith("step,") and csv[1].startswith("5,")  # only the new steps 5..6
+
+    metrics = stages.evaluate(cfg6)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == metrics
+    for key in ("semantic/mIoU", "semantic/pixel_acc", "semantic/mean_acc", "semantic/fwIoU"):
+        assert 0.0 <= written[key] <= 1.0
+    assert any(k.startswith("semantic/IoU/") for k in written)
+    assert (tmp_path / "eval" / "vis_grid.png").exists()
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert run.data.params["model.tasks"] == "['semantic']"
+    assert run.data.tags.get("changed.train.steps") == "6"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history][-1] == 6
+    assert run.data.metrics["semantic/mIoU"] == pytest.approx(metrics["semantic/mIoU"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "vis_grid.png", "checkpoints"} <= artifacts
+    assert not (tmp_path / "mlruns").exists() or any((tmp_path / "mlruns").iterdir())
+
+
+def test_checkpoint_errors_name_the_problem(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path, None, train__steps=1))
+    stages.train(cfg)
+    best = tmp_path / "train" / "best.pt"
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated.pt: not a readable checkpoint"):
+        stages.evaluate(cfg, truncated)
+
+    other = load_config(None, tiny_overrides(tiny_dataset, tmp_path, None,
+                                             model__heads="{semantic: {conv_dims: 16}}"))
+    with pytest.raises(CheckpointError, match=r"best.pt: checkpoint does not match the model "
+                                              r"config \(shape mismatch .*heads.semantic"):
+        stages.evaluate(other, best)
+
+
+def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path, None, train__steps=1))
+    stages.train(cfg)
+    image = next((tiny_dataset / "images" / "val").iterdir())
+    files = stages.predict(cfg, [image], checkpoint=tmp_path / "train" / "best.pt",
+                           out_dir=tmp_path / "pred")
+    names = sorted(Path(f).name for f in files)
+    assert names == [f"{image.stem}_semantic.png", f"{image.stem}_semantic_vis.png"]
+    from PIL import Image
+
+    raw = Image.open(tmp_path / "pred" / f"{image.stem}_semantic.png")
+    assert raw.size == Image.open(image).size
+    card = DatasetCard.load(tiny_dataset / "meta.json")
+    assert int(np.asarray(raw).max()) < card.num_classes
