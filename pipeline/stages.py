@@ -37,9 +37,13 @@ def prepare(cfg: Config) -> dict[str, Any]:
         wanted = {"seed": syn.seed, "image_size": syn.image_size,
                   "num_train": syn.num_train, "num_val": syn.num_val}
         if (root / "meta.json").exists():
+            from pipeline.data.synthetic.spec import GENERATOR_VERSION
+
             extra = DatasetCard.load(root / "meta.json").extra
-            if all(extra.get(k) == v for k, v in wanted.items()) or \
-                    extra.get("params") == wanted:
+            have = {"seed": extra.get("seed"), "image_size": extra.get("image_size"),
+                    "num_train": extra.get("splits", {}).get("train"),
+                    "num_val": extra.get("splits", {}).get("val")}
+            if have == wanted and extra.get("generator_version") == GENERATOR_VERSION:
                 log.info("%s already holds this synthetic dataset; nothing to do", root)
                 return {"root": str(root), "rendered": False, **wanted}
         t0 = time.perf_counter()
