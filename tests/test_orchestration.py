@@ -37,7 +37,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 def test_dvc_repro_runs_three_stages_then_nothing_then_only_what_changed(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ("pipeline", "plugins", "dvc.yaml", ".dvcignore"):
+    for item in ("pipeline", "plugins", "dvc.yaml", ".dvcignore"):  # the deps dvc.yaml names
         src = REPO_ROOT / item
         if src.is_dir():
             shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))

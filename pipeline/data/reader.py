@@ -1,0 +1,736 @@
+"""COCO-format dataset reader: one image plus whichever labels exist -> the sample dict.
+
+``CocoDataset`` reads the formats users already have (see ``pipeline.data.sample`` for the
+sample contract it returns):
+
+- images: any PIL-readable file (PNG, JPEG), converted to RGB;
+- instances (+ keypoints): COCO instances JSON, segmentation as polygons, uncompressed or
+  compressed RLE (a missing ``segmentation`` falls back to the filled box);
+- keypoints may also come from a separate COCO person-keypoints JSON; its annotations are merged
+  into the instances by annotation id (COCO 2017 uses the same ids in both files);
+- panoptic: COCO panoptic JSON + RGB PNGs (segment id = R + 256 G + 256^2 B);
+- semantic: uint8 PNGs (class index, 255 = ignore) sharing the image's file stem; without them,
+  a split with panoptic labels gets ``semantic`` derived from the panoptic map (segment category ->
+  class index, void and crowd -> 255);
+- depth: uint16 PNGs in millimetres (0 = unknown) -> float32 metres;
+- normals: RGB PNGs (8 or 16 bit) encoding (n + 1) / 2; (0, 0, 0) = unknown -> vector 0.
+
+Construction parses every JSON once, indexes annotations per image and validates them (raising a
+one-line ``DataError`` naming the file); pixels (images, masks, label PNGs) are decoded lazily per
+sample. A label kind the split lacks is a missing key of the sample, never an error; so is a
+semantic/depth/normals PNG missing for one image. Samples are ordered by image id.
+
+Coordinates are COCO's continuous pixel coordinates: pixel ``i`` spans ``[i, i + 1)``, its centre
+is ``i + 0.5``; boxes (xyxy) and keypoints are read from the JSON unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
+from pipeline.errors import DataError
+
+LABEL_KINDS = ("semantic", "instances", "panoptic", "depth", "normals", "keypoints")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+BOX_TOLERANCE = 1.0  # pixels a COCO box may stick out of its image
+
+__all__ = [
+    "LABEL_KINDS",
+    "CocoDataset",
+    "open_dataset",
+    "read_image",
+    "read_png",
+    "panoptic_rgb_to_ids",
+]
+
+Sample = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------
+# file decoding
+# ------------------------------------------------------------------------------------------------
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(path, f"{what} not found") from e
+    except IsADirectoryError as e:
+        raise DataError(path, f"{what} expected, found a folder") from e
+    except OSError as e:
+        raise DataError(path, f"cannot read {what} ({e.strerror or e})") from e
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as RGB ``HxWx3 uint8`` (grayscale, palette, CMYK, alpha converted).
+
+    Raises ``DataError`` naming the file when it is missing or not a readable image."""
+    path = Path(path)
+    data = _read_bytes(path, "image file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.asarray(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(path, f"corrupt or unreadable image ({type(e).__name__}: {e})") from e
+
+
+def read_png(path: str | os.PathLike[str], what: str = "label PNG") -> tuple[np.ndarray, str]:
+    """Read a PNG exactly as stored: ``(array, mode)``.
+
+    The array is ``HxW`` (gray, palette) or ``HxWxC``; dtype uint8 for 8-bit and uint16 for
+    16-bit files, including 16-bit RGB, which PIL would truncate to 8 bit (decoded with
+    torchvision's libpng instead). ``mode`` is PIL's mode name, ``"RGB;16"``/``"RGBA;16"`` for
+    16-bit colour. Raises ``DataError`` for a missing or corrupt file."""
+    path = Path(path)
+    data = _read_bytes(path, what)
+    try:
+        if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
+            _w, _h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+            if depth == 16 and ctype in (2, 6):  # 16-bit RGB / RGBA
+                with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its codecs
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    from torchvision.io import ImageReadMode, decode_png
+
+                    t = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                   ImageReadMode.UNCHANGED)
+                arr = t.permute(1, 2, 0).numpy().astype(np.uint16)  # HxWxC, contiguous copy
+                return arr, "RGB;16" if ctype == 2 else "RGBA;16"
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
+        raise DataError(path, f"corrupt or unreadable {what} ({type(e).__name__}: {e})") from e
+    if mode.startswith("I;16"):
+        arr = arr.astype(np.uint16, copy=False)  # I;16B arrives big-endian
+    elif mode == "1":
+        arr = arr.astype(np.uint8)
+    return arr, mode
+
+
+def _describe(arr: np.ndarray, mode: str) -> str:
+    shape = "x".join(str(s) for s in arr.shape[:2])
+    chans = f"x{arr.shape[2]}" if arr.ndim == 3 else ""
+    return f"{shape}{chans} {arr.dtype} (PNG mode {mode})"
+
+
+def _read_label(path: Path, kind: str, hw: tuple[int, int]) -> np.ndarray:
+    """Read and check one label PNG of ``kind`` for an image of size ``hw``."""
+    expect = {
+        "semantic": "uint8 single-channel (PNG mode L or P)",
+        "depth": "uint16 single-channel millimetres (PNG mode I;16)",
+        "normals": "RGB uint8 or uint16 (PNG mode RGB or RGB;16)",
+        "panoptic": "RGB uint8 (PNG mode RGB)",
+    }[kind]
+    arr, mode = read_png(path, f"{kind} PNG")
+    ok = {
+        "semantic": arr.ndim == 2 and arr.dtype == np.uint8,
+        "depth": arr.ndim == 2 and (arr.dtype == np.uint16 or mode == "I"),
+        "normals": arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype in (np.uint8, np.uint16),
+        "panoptic": arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8,
+    }[kind]
+    if not ok or arr.shape[:2] != hw:
+        raise DataError(path, f"expected a {hw[0]}x{hw[1]} (HxW, the image's size) {expect}, "
+                              f"got {_describe(arr, mode)}")
+    if kind == "depth" and arr.dtype != np.uint16:  # mode "I" (int32) from older encoders
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(path, f"depth values outside 0..65535 mm ({_describe(arr, mode)})")
+        arr = arr.astype(np.uint16)
+    return arr
+
+
+def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic encoding: ``HxWx3 uint8`` -> ``HxW int64`` ids (R + 256 G + 256^2 B)."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+_NORMALS_LUT8 = np.arange(256, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+def _decode_normals(arr: np.ndarray) -> np.ndarray:
+    """``HxWx3`` uint8/uint16 encoding (n + 1) / 2 -> ``3xHxW`` float32 unit vectors (0 unknown).
+
+    Quantised vectors are renormalised to unit length; (0, 0, 0) pixels become 0."""
+    planes = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    if planes.dtype == np.uint8:
+        n = _NORMALS_LUT8[planes]
+    else:
+        n = planes.astype(np.float32) * np.float32(2.0 / 65535.0) - np.float32(1.0)
+    known = (planes[0] | planes[1] | planes[2]) != 0
+    norm2 = n[0] * n[0] + n[1] * n[1] + n[2] * n[2]
+    inv = np.zeros_like(norm2)
+    ok = known & (norm2 > 1e-12)
+    inv[ok] = 1.0 / np.sqrt(norm2[ok])
+    n *= inv[None]
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON parsing and validation
+# ------------------------------------------------------------------------------------------------
+def _load_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes())
+    except FileNotFoundError as e:
+        raise DataError(path, f"{what} JSON not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not valid JSON ({e})") from e
+    except OSError as e:
+        raise DataError(path, f"cannot read {what} JSON ({e.strerror or e})") from e
+    if not isinstance(obj, dict):
+        raise DataError(path, f"not a COCO {what} JSON: expected an object with keys images, "
+                              f"annotations, categories, got {type(obj).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in obj]
+    if missing:
+        raise DataError(path, f"not a COCO {what} JSON: missing key(s) {', '.join(missing)} "
+                              "(expected images, annotations, categories)")
+    for k in ("images", "annotations", "categories"):
+        if not isinstance(obj[k], list):
+            raise DataError(path, f"not a COCO {what} JSON: '{k}' must be a list, "
+                                  f"got {type(obj[k]).__name__}")
+    return obj
+
+
+def _require(path: Path, rec: Any, fields: Sequence[str], where: str) -> None:
+    if not isinstance(rec, dict):
+        raise DataError(path, f"{where} must be an object with {', '.join(fields)}")
+    for f in fields:
+        if f not in rec:
+            raise DataError(path, f"{where} has no '{f}' field (expected {', '.join(fields)})")
+
+
+def _check_categories(path: Path, obj: dict[str, Any]) -> set[int]:
+    ids: set[int] = set()
+    for i, c in enumerate(obj["categories"]):
+        _require(path, c, ("id", "name"), f"categories[{i}]")
+        ids.add(int(c["id"]))
+    return ids
+
+
+@dataclass
+class _ImageRecord:
+    id: int
+    file_name: str
+    height: int | None
+    width: int | None
+    source: str | None  # JSON that declared its size
+    anns: list[dict[str, Any]] | None = None  # instances (None: not labelled for instances)
+    panoptic: dict[str, Any] | None = None  # panoptic annotation (None: no panoptic label)
+
+
+# ------------------------------------------------------------------------------------------------
+# the dataset
+# ------------------------------------------------------------------------------------------------
+class CocoDataset(torch.utils.data.Dataset):
+    """A split of a COCO-format dataset as a map-style torch ``Dataset`` of sample dicts.
+
+    Args:
+        image_dir: folder of the images (``file_name`` in the JSONs is relative to it).
+        instances_json: COCO instances JSON (boxes, masks, optionally keypoints).
+        keypoints_json: COCO person-keypoints JSON, merged into the instances by annotation id.
+        panoptic_json, panoptic_dir: COCO panoptic JSON and the folder of its PNGs.
+        semantic_dir, depth_dir, normals_dir: folders of label PNGs named like the images.
+        card: the ``DatasetCard``; by default built from the JSON categories (panoptic ones if
+            any, since they carry ``isthing`` and stuff classes, else instances ones), merged with
+            the keypoint declarations of ``keypoints_json``.
+        transforms: callable ``sample -> sample`` applied last (see ``pipeline.data.transforms``).
+
+    Without any JSON the images are the files of ``image_dir`` (sorted; image id = the numeric
+    file stem, else position + 1).
+
+    Attributes: ``card``, ``image_ids`` (in sample order), ``label_kinds`` (which of
+    ``LABEL_KINDS`` this split has), the paths given above.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike[str],
+        instances_json: str | os.PathLike[str] | None = None,
+        keypoints_json: str | os.PathLike[str] | None = None,
+        panoptic_json: str | os.PathLike[str] | None = None,
+        panoptic_dir: str | os.PathLike[str] | None = None,
+        semantic_dir: str | os.PathLike[str] | None = None,
+        depth_dir: str | os.PathLike[str] | None = None,
+        normals_dir: str | os.PathLike[str] | None = None,
+        card: DatasetCard | None = None,
+        transforms: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.instances_json = Path(instances_json) if instances_json is not None else None
+        self.keypoints_json = Path(keypoints_json) if keypoints_json is not None else None
+        self.panoptic_json = Path(panoptic_json) if panoptic_json is not None else None
+        self.panoptic_dir = Path(panoptic_dir) if panoptic_dir is not None else None
+        self.semantic_dir = Path(semantic_dir) if semantic_dir is not None else None
+        self.depth_dir = Path(depth_dir) if depth_dir is not None else None
+        self.normals_dir = Path(normals_dir) if normals_dir is not None else None
+        self.transforms = transforms
+
+        if not self.image_dir.is_dir():
+            raise DataError(self.image_dir, "images folder not found")
+        if (self.panoptic_json is None) != (self.panoptic_dir is None):
+            given = self.panoptic_json if self.panoptic_json is not None else self.panoptic_dir
+            raise DataError(given, "panoptic labels need both panoptic_json and panoptic_dir")
+
+        inst = _load_json(self.instances_json, "instances") if self.instances_json else None
+        kps = _load_json(self.keypoints_json, "keypoints") if self.keypoints_json else None
+        pan = _load_json(self.panoptic_json, "panoptic") if self.panoptic_json else None
+        if self.panoptic_dir is not None and not self.panoptic_dir.is_dir():
+            raise DataError(self.panoptic_dir, "panoptic PNG folder not found")
+
+        self.card = card if card is not None else _card_from_jsons(inst, kps, pan, self)
+        self._kp_specs: dict[int, KeypointSpec] = {s.category_id: s for s in self.card.keypoints}
+        self.num_keypoints = max((s.num_keypoints for s in self.card.keypoints), default=0)
+
+        # images: union over the JSONs, each image remembers which labels it has
+        records: dict[int, _ImageRecord] = {}
+        for path, obj in ((self.instances_json, inst), (self.keypoints_json, kps),
+                          (self.panoptic_json, pan)):
+            if obj is not None:
+                assert path is not None
+                self._add_images(path, obj, records)
+        has_keypoints = False
+        if inst is not None:
+            assert self.instances_json is not None
+            has_keypoints |= self._add_instances(self.instances_json, inst, records, merge=False)
+        if kps is not None:
+            assert self.keypoints_json is not None
+            has_keypoints |= self._add_instances(self.keypoints_json, kps, records, merge=True)
+            has_keypoints = has_keypoints or bool(self.num_keypoints)
+        if pan is not None:
+            assert self.panoptic_json is not None
+            self._add_panoptic(self.panoptic_json, pan, records)
+        if not records:
+            if inst is None and kps is None and pan is None:
+                records = self._images_from_folder()
+        self._records: list[_ImageRecord] = [records[k] for k in sorted(records)]
+        self.image_ids: list[int] = [r.id for r in self._records]
+
+        # dense label folders: list each once
+        self._label_files: dict[str, set[str]] = {}
+        for kind, d in (("semantic", self.semantic_dir), ("depth", self.depth_dir),
+                        ("normals", self.normals_dir)):
+            if d is None:
+                continue
+            if not d.is_dir():
+                raise DataError(d, f"{kind} PNG folder not found")
+            self._label_files[kind] = {n for n in os.listdir(d) if n.endswith(".png")}
+
+        kinds = set(self._label_files)
+        if inst is not None or kps is not None:
+            kinds.add("instances")
+        if has_keypoints and self.num_keypoints > 0:
+            kinds.add("keypoints")
+        if pan is not None:
+            kinds.update(("panoptic", "semantic"))
+        self.label_kinds: tuple[str, ...] = tuple(k for k in LABEL_KINDS if k in kinds)
+
+    # -- constructors ------------------------------------------------------------------------
+    @classmethod
+    def from_layout(
+        cls, root: str | os.PathLike[str], split: str,
+        transforms: Callable[[Sample], Sample] | None = None,
+    ) -> CocoDataset:
+        """A split of the densepipe layout (what the synthetic world writes)::
+
+            root/meta.json                      dataset card
+            root/images/{split}/*.png
+            root/annotations/instances_{split}.json
+            root/annotations/panoptic_{split}.json + root/panoptic/{split}/*.png
+            root/semantic/{split}/*.png, root/depth/{split}/*.png, root/normals/{split}/*.png
+
+        Every label file/folder is optional. Without ``meta.json`` the card comes from the JSONs.
+        """
+        root = Path(root)
+        image_dir = root / "images" / split
+        if not image_dir.is_dir():
+            raise DataError(image_dir, f"images folder of split '{split}' not found (expected "
+                                       f"{root}/images/{split}/ holding one file per image)")
+
+        def opt(p: Path) -> Path | None:
+            return p if p.exists() else None
+
+        pan_json = opt(root / "annotations" / f"panoptic_{split}.json")
+        pan_dir = root / "panoptic" / split
+        meta = root / "meta.json"
+        return cls(
+            image_dir,
+            instances_json=opt(root / "annotations" / f"instances_{split}.json"),
+            keypoints_json=opt(root / "annotations" / f"person_keypoints_{split}.json"),
+            panoptic_json=pan_json,
+            panoptic_dir=pan_dir if pan_json is not None else None,
+            semantic_dir=opt(root / "semantic" / split),
+            depth_dir=opt(root / "depth" / split),
+            normals_dir=opt(root / "normals" / split),
+            card=DatasetCard.load(meta) if meta.exists() else None,
+            transforms=transforms,
+        )
+
+    @classmethod
+    def from_coco2017(
+        cls, root: str | os.PathLike[str], split: str,
+        transforms: Callable[[Sample], Sample] | None = None,
+    ) -> CocoDataset:
+        """A split ("train", "val") of a COCO 2017 folder::
+
+            root/{split}2017/*.jpg
+            root/annotations/instances_{split}2017.json
+            root/annotations/person_keypoints_{split}2017.json
+            root/annotations/panoptic_{split}2017.json + root/annotations/panoptic_{split}2017/
+
+        The card comes from the panoptic categories when present (133 classes with stuff and
+        ``isthing``), else the instances ones, with the person keypoints merged in."""
+        root = Path(root)
+        ann = root / "annotations"
+        image_dir = root / f"{split}2017"
+        if not image_dir.is_dir():
+            raise DataError(image_dir, f"images folder of split '{split}' not found "
+                                       f"(expected COCO 2017 layout {root}/{split}2017/)")
+
+        def opt(p: Path) -> Path | None:
+            return p if p.exists() else None
+
+        pan_json = opt(ann / f"panoptic_{split}2017.json")
+        return cls(
+            image_dir,
+            instances_json=opt(ann / f"instances_{split}2017.json"),
+            keypoints_json=opt(ann / f"person_keypoints_{split}2017.json"),
+            panoptic_json=pan_json,
+            panoptic_dir=(ann / f"panoptic_{split}2017") if pan_json is not None else None,
+            transforms=transforms,
+        )
+
+    # -- parsing -------------------------------------------------------------------------------
+    @staticmethod
+    def _add_images(path: Path, obj: dict[str, Any], records: dict[int, _ImageRecord]) -> None:
+        for i, im in enumerate(obj["images"]):
+            _require(path, im, ("id", "file_name", "height", "width"), f"images[{i}]")
+            iid = int(im["id"])
+            h, w = int(im["height"]), int(im["width"])
+            rec = records.get(iid)
+            if rec is None:
+                records[iid] = _ImageRecord(iid, str(im["file_name"]), h, w, str(path))
+            elif (rec.height, rec.width) != (h, w):
+                raise DataError(path, f"image id {iid} is {h}x{w} (HxW) here but "
+                                      f"{rec.height}x{rec.width} in {rec.source}")
+
+    def _add_instances(self, path: Path, obj: dict[str, Any],
+                       records: dict[int, _ImageRecord], *, merge: bool) -> bool:
+        """Index the annotations of an instances/keypoints JSON per image; True if keypoints."""
+        own_images = {int(im["id"]) for im in obj["images"]}
+        own_cats = _check_categories(path, obj)
+        for iid in own_images:
+            if records[iid].anns is None:
+                records[iid].anns = []
+        by_id: dict[int, dict[str, Any]] = {}
+        if merge:
+            for r in records.values():
+                for a in r.anns or ():
+                    by_id[a["id"]] = a
+        any_kp = False
+        card = self.card
+        for i, a in enumerate(obj["annotations"]):
+            _require(path, a, ("id", "image_id", "category_id", "bbox"), f"annotations[{i}]")
+            aid, iid, cid = int(a["id"]), int(a["image_id"]), int(a["category_id"])
+            where = f"annotation id {aid}"
+            if iid not in own_images:
+                raise DataError(path, f"{where}: image_id {iid} is not in this file's images")
+            if cid not in own_cats:
+                raise DataError(path, f"{where}: category_id {cid} is not in this file's "
+                                      "categories")
+            try:
+                label = card.index_of_category(cid)
+            except KeyError:
+                raise DataError(path, f"{where}: category_id {cid} is not a class of the "
+                                      f"dataset card '{card.name}'") from None
+            rec = records[iid]
+            bbox = a["bbox"]
+            if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                    or not all(isinstance(v, (int, float)) for v in bbox)):
+                raise DataError(path, f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox}")
+            x, y, w, h = (float(v) for v in bbox)
+            assert rec.width is not None and rec.height is not None
+            if (w < 0 or h < 0 or x < -BOX_TOLERANCE or y < -BOX_TOLERANCE
+                    or x + w > rec.width + BOX_TOLERANCE or y + h > rec.height + BOX_TOLERANCE):
+                raise DataError(path, f"{where}: bbox [x, y, w, h] = {bbox} lies outside its "
+                                      f"image ({rec.width}x{rec.height} WxH, id {iid})")
+            kp = a.get("keypoints")
+            if kp:
+                spec = self._kp_specs.get(cid)
+                if spec is None:
+                    raise DataError(path, f"{where}: has keypoints but category {cid} declares "
+                                          "none (no 'keypoints' names in its category)")
+                if len(kp) != 3 * spec.num_keypoints:
+                    raise DataError(path, f"{where}: expected {3 * spec.num_keypoints} keypoint "
+                                          f"numbers (x, y, v for {spec.num_keypoints} keypoints), "
+                                          f"got {len(kp)}")
+                any_kp = True
+            entry = {
+                "id": aid, "label": label, "category_id": cid, "bbox": (x, y, w, h),
+                "iscrowd": bool(a.get("iscrowd", 0)), "segmentation": a.get("segmentation"),
+                "keypoints": kp or None, "source": str(path),
+            }
+            if merge and aid in by_id:  # keypoints file annotating an existing instance
+                if kp:
+                    by_id[aid]["keypoints"] = kp
+                continue
+            assert rec.anns is not None
+            rec.anns.append(entry)
+        return any_kp
+
+    def _add_panoptic(self, path: Path, obj: dict[str, Any],
+                      records: dict[int, _ImageRecord]) -> None:
+        own_images = {int(im["id"]) for im in obj["images"]}
+        own_cats = _check_categories(path, obj)
+        card = self.card
+        for i, a in enumerate(obj["annotations"]):
+            _require(path, a, ("image_id", "file_name", "segments_info"), f"annotations[{i}]")
+            iid = int(a["image_id"])
+            if iid not in own_images:
+                raise DataError(path, f"annotations[{i}] ({a['file_name']}): image_id {iid} is "
+                                      "not in this file's images")
+            segments = []
+            for j, s in enumerate(a["segments_info"]):
+                where = f"annotations[{i}].segments_info[{j}]"
+                _require(path, s, ("id", "category_id"), where)
+                cid = int(s["category_id"])
+                if cid not in own_cats:
+                    raise DataError(path, f"{where}: category_id {cid} is not in this file's "
+                                          "categories")
+                try:
+                    label = card.index_of_category(cid)
+                except KeyError:
+                    raise DataError(path, f"{where}: category_id {cid} is not a class of the "
+                                          f"dataset card '{card.name}'") from None
+                segments.append({
+                    "id": int(s["id"]), "category_id": cid,
+                    "isthing": bool(card.classes[label].isthing),
+                    "iscrowd": bool(s.get("iscrowd", 0)), "label": label,
+                })
+            records[iid].panoptic = {"file_name": str(a["file_name"]), "segments": segments}
+
+    def _images_from_folder(self) -> dict[int, _ImageRecord]:
+        names = sorted(n for n in os.listdir(self.image_dir)
+                       if n.lower().endswith(IMAGE_SUFFIXES))
+        stems = [Path(n).stem for n in names]
+        numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
+        out: dict[int, _ImageRecord] = {}
+        for i, (n, s) in enumerate(zip(names, stems, strict=True)):
+            iid = int(s) if numeric else i + 1
+            out[iid] = _ImageRecord(iid, n, None, None, None)
+        return out
+
+    # -- access -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample index {index} out of range (dataset has {len(self)})")
+        sample = self.load(index)
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+    def index_of_image_id(self, image_id: int) -> int:
+        """Sample index of a COCO image id (KeyError if absent)."""
+        lookup = self.__dict__.get("_id_index")
+        if lookup is None:
+            lookup = {iid: i for i, iid in enumerate(self.image_ids)}
+            self.__dict__["_id_index"] = lookup
+        return lookup[image_id]
+
+    def load(self, index: int) -> Sample:
+        """The sample at ``index`` without transforms."""
+        rec = self._records[index]
+        img_path = self.image_dir / rec.file_name
+        image = read_image(img_path)
+        hw = (int(image.shape[0]), int(image.shape[1]))
+        if rec.height is not None and hw != (rec.height, rec.width):
+            raise DataError(img_path, f"image is {hw[0]}x{hw[1]} (HxW) but {rec.source} says "
+                                      f"{rec.height}x{rec.width}")
+        sample: Sample = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image_id": rec.id,
+            "file_name": rec.file_name,
+            "meta": {"orig_size": hw},
+        }
+        stem = Path(rec.file_name).stem + ".png"
+        files = self._label_files
+
+        if rec.anns is not None:
+            sample["instances"] = self._instances(rec, hw)
+        pan_ids: np.ndarray | None = None
+        if rec.panoptic is not None:
+            assert self.panoptic_dir is not None
+            rgb = _read_label(self.panoptic_dir / rec.panoptic["file_name"], "panoptic", hw)
+            ids = pan_ids = panoptic_rgb_to_ids(rgb)
+            segs = rec.panoptic["segments"]
+            sample["panoptic"] = {
+                "ids": torch.from_numpy(ids),
+                "segments": [{k: s[k] for k in ("id", "category_id", "isthing", "iscrowd")}
+                             for s in segs],
+            }
+        if stem in files.get("semantic", ()):
+            assert self.semantic_dir is not None
+            sem = _read_label(self.semantic_dir / stem, "semantic", hw)
+            sample["semantic"] = torch.from_numpy(sem.astype(np.int64))
+        elif rec.panoptic is not None and pan_ids is not None:
+            sample["semantic"] = torch.from_numpy(
+                _semantic_from_panoptic(pan_ids, rec.panoptic["segments"]))
+        if stem in files.get("depth", ()):
+            assert self.depth_dir is not None
+            mm = _read_label(self.depth_dir / stem, "depth", hw)
+            sample["depth"] = torch.from_numpy(mm.astype(np.float32) * np.float32(0.001))
+        if stem in files.get("normals", ()):
+            assert self.normals_dir is not None
+            enc = _read_label(self.normals_dir / stem, "normals", hw)
+            sample["normals"] = torch.from_numpy(_decode_normals(enc))
+        return sample
+
+    def _instances(self, rec: _ImageRecord, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        H, W = hw
+        anns = rec.anns or []
+        n = len(anns)
+        out: dict[str, torch.Tensor] = {}
+        boxes = np.zeros((n, 4), np.float32)
+        for i, a in enumerate(anns):
+            x, y, w, h = a["bbox"]
+            boxes[i] = (x, y, x + w, y + h)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, W)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, H)
+        out["boxes"] = torch.from_numpy(boxes)
+        out["labels"] = torch.tensor([a["label"] for a in anns], dtype=torch.int64)
+        out["masks"] = torch.from_numpy(self._masks(rec, anns, hw))
+        out["iscrowd"] = torch.tensor([a["iscrowd"] for a in anns], dtype=torch.bool)
+        out["ids"] = torch.tensor([a["id"] for a in anns], dtype=torch.int64)
+        if "keypoints" in self.label_kinds:
+            kp = np.zeros((n, self.num_keypoints, 3), np.float32)
+            for i, a in enumerate(anns):
+                if a["keypoints"]:
+                    k = np.asarray(a["keypoints"], np.float32).reshape(-1, 3)
+                    kp[i, : len(k)] = k
+            out["keypoints"] = torch.from_numpy(kp)
+        return out
+
+    def _masks(self, rec: _ImageRecord, anns: list[dict[str, Any]],
+               hw: tuple[int, int]) -> np.ndarray:
+        from pycocotools import mask as mask_utils
+
+        H, W = hw
+        if not anns:
+            return np.zeros((0, H, W), bool)
+        rles = []
+        for a in anns:
+            seg = a["segmentation"]
+            try:
+                rles.append(_to_rle(seg, a["bbox"], H, W, mask_utils))
+            except DataError as e:
+                raise DataError(a["source"], f"annotation id {a['id']}: {e.problem}") from None
+            except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
+                raise DataError(a["source"], f"annotation id {a['id']}: cannot decode "
+                                            f"segmentation ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():  # pycocotools vs numpy 2 `copy=` chatter
+            warnings.simplefilter("ignore", DeprecationWarning)
+            m = mask_utils.decode(rles)  # HxWxN uint8, Fortran order
+        return np.ascontiguousarray(m.transpose(2, 0, 1)).astype(bool, copy=False)
+
+
+def _to_rle(seg: Any, bbox: tuple[float, float, float, float], H: int, W: int,
+            mask_utils: Any) -> dict[str, Any]:
+    """One COCO segmentation (polygons, RLE, compressed RLE, or none) as a compressed RLE."""
+    if seg is None:  # no segmentation at all: the filled box
+        x, y, w, h = bbox
+        return mask_utils.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], H, W)[0]
+    if isinstance(seg, list):
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polys:  # empty mask
+            return mask_utils.encode(np.zeros((H, W, 1), np.uint8, order="F"))[0]
+        return mask_utils.merge(mask_utils.frPyObjects(polys, H, W))
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        size = [int(v) for v in seg["size"]]
+        if size != [H, W]:
+            raise DataError("", f"RLE size {size} differs from the image size [{H}, {W}] (HxW)")
+        if isinstance(seg["counts"], list):
+            return mask_utils.frPyObjects(seg, H, W)
+        return seg
+    raise DataError("", f"segmentation must be polygons or an RLE, got {type(seg).__name__}")
+
+
+def _semantic_from_panoptic(ids: np.ndarray, segments: Iterable[dict[str, Any]]) -> np.ndarray:
+    """Semantic map from a panoptic id map: segment -> its class index; void, crowd -> 255."""
+    segs = [s for s in segments if not s["iscrowd"]]
+    out = np.full(ids.shape, IGNORE_INDEX, np.int64)
+    if not segs:
+        return out
+    seg_ids = np.array([s["id"] for s in segs], np.int64)
+    labels = np.array([s["label"] for s in segs], np.int64)
+    order = np.argsort(seg_ids)
+    seg_ids, labels = seg_ids[order], labels[order]
+    pos = np.searchsorted(seg_ids, ids).clip(0, len(seg_ids) - 1)
+    hit = seg_ids[pos] == ids
+    out[hit] = labels[pos[hit]]
+    return out
+
+
+def _card_from_jsons(inst: dict[str, Any] | None, kps: dict[str, Any] | None,
+                     pan: dict[str, Any] | None, ds: CocoDataset) -> DatasetCard:
+    base = pan if pan is not None else inst if inst is not None else kps
+    if base is None:
+        raise DataError(ds.image_dir, "no dataset card: pass card= or an annotation JSON whose "
+                                      "categories define the classes")
+    source = ds.panoptic_json if pan is not None else (
+        ds.instances_json if inst is not None else ds.keypoints_json)
+    for i, c in enumerate(base["categories"]):
+        _require(Path(str(source)), c, ("id", "name"), f"categories[{i}]")
+    card = DatasetCard.from_coco_categories(base["categories"])
+    declared = {s.category_id for s in card.keypoints}
+    for extra in (inst, kps):
+        if extra is None or extra is base:
+            continue
+        cats = [c for c in extra["categories"] if isinstance(c, dict) and c.get("keypoints")]
+        for spec in DatasetCard.from_coco_categories(cats).keypoints:
+            if spec.category_id not in declared:
+                card.keypoints.append(spec)
+                declared.add(spec.category_id)
+    return card
+
+
+def open_dataset(root: str | os.PathLike[str], split: str,
+                 transforms: Callable[[Sample], Sample] | None = None) -> CocoDataset:
+    """Open split ``split`` of the dataset at ``root``, detecting its layout.
+
+    The densepipe layout (``meta.json`` / ``images/{split}/``) or a COCO 2017 folder
+    (``{split}2017/`` + ``annotations/``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "dataset folder not found (run `densepipe prepare`?)")
+    if (root / "meta.json").exists() or (root / "images").is_dir():
+        return CocoDataset.from_layout(root, split, transforms)
+    ann = root / "annotations"
+    if (root / f"{split}2017").is_dir() or any(
+        (ann / f"{k}_{split}2017.json").exists()
+        for k in ("instances", "person_keypoints", "panoptic")
+    ):
+        return CocoDataset.from_coco2017(root, split, transforms)
+    raise DataError(root, f"unknown dataset layout: expected densepipe's (meta.json, "
+                          f"images/{split}/) or COCO 2017's ({split}2017/, annotations/)")
