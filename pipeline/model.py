@@ -63,6 +63,7 @@ class MultiTaskModel(nn.Module):
         self.card = card
         self.loss_weights = {t.name: float((loss_weights or {}).get(t.name, 1.0)) for t in tasks}
         self.views = sorted({t.input_view for t in tasks if t.name in heads})
+        self.channels_last = False
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -70,6 +71,8 @@ class MultiTaskModel(nn.Module):
         images = batch["image"].to(self.pixel_mean.device, non_blocking=True)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         views = image_views(images, set(self.views), self.pixel_mean, self.pixel_std)
+        if self.channels_last:
+            views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
         features = {view: self.backbone(x) for view, x in views.items()}
         outputs: dict[str, Any] = {}
         for name, head in self.heads.items():
@@ -81,7 +84,8 @@ class MultiTaskModel(nn.Module):
         """``{"<task>/<term>": unweighted scalar}`` for every task with a head."""
         terms: dict[str, torch.Tensor] = {}
         for name, output in outputs.items():
-            for term, value in self.tasks[name].losses(output, batch).items():
+            task = self.tasks[name]
+            for term, value in task.losses(output, batch, options=self.options[name]).items():
                 terms[f"{name}/{term}"] = value
         return terms
 
@@ -98,8 +102,14 @@ class MultiTaskModel(nn.Module):
         predictions: dict[str, list[Any]] = {}
         for name, task in self.tasks.items():
             deps = {d: predictions[d] for d in task.depends_on}
-            predictions[name] = task.postprocess(outputs.get(name), batch=batch, predictions=deps)
+            predictions[name] = task.postprocess(outputs.get(name), batch=batch, predictions=deps,
+                                                 options=self.options[name])
         return predictions
+
+    def use_channels_last(self, enabled: bool = True) -> MultiTaskModel:
+        """Store weights and feed inputs in NHWC layout (``train.channels_last``)."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def architecture(self) -> dict[str, Any]:
         """What a checkpoint must match: tasks, their head parameter shapes."""
@@ -119,7 +129,7 @@ def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = 
     heads: dict[str, nn.Module] = {}
     options: dict[str, BaseModel] = {}
     for task in tasks:
-        opts = task.parse_options(cfg.model.heads.get(task.name))
+        opts = task.resolve_options(task.parse_options(cfg.model.heads.get(task.name)), card=card)
         options[task.name] = opts
         head = task.build_head(feature_spec=backbone.feature_spec, card=card, options=opts)
         if head is not None:

@@ -3,14 +3,16 @@
 A ``Task`` is a stateless description of one prediction task: which labels it needs, on which
 input view its head runs, how to build that head from the backbone's feature spec, its losses,
 postprocessing, evaluator and visualisation. Per-task options come from ``model.heads.<name>`` in
-the config and are validated by the task's ``Options`` model.
+the config and are validated by the task's ``Options`` model; the validated options reach
+``build_head``, ``losses``, ``postprocess`` and ``evaluator`` (a task object itself holds no
+per-model state, so one registry serves any number of models).
 
 Data flow in ``MultiTaskModel``::
 
     features = backbone(view(images))                 # once per distinct input view
     output   = head(features, image_size=(H, W))      # raw head output, any structure
-    losses   = task.losses(output, batch)             # {"<term>": scalar tensor}
-    preds    = task.postprocess(output, batch=batch, predictions=deps)   # one per image
+    losses   = task.losses(output, batch, options=opts)   # {"<term>": scalar tensor}
+    preds    = task.postprocess(output, batch=batch, predictions=deps, options=opts)
 
 A task with ``depends_on`` may have no head (``build_head`` returns ``None``): its
 ``postprocess`` combines the predictions of the tasks it depends on (``predictions``).
@@ -79,6 +81,11 @@ class Task(ABC):
                 f"model.heads.{self.name}.{loc}: {err['msg']}; options of {self.name}: {allowed}"
             ) from None
 
+    def resolve_options(self, options: BaseModel, *, card: DatasetCard) -> BaseModel:
+        """Fill in options that depend on the dataset (e.g. class weights from the card's class
+        frequencies); the result is what every other method receives. Default: unchanged."""
+        return options
+
     @abstractmethod
     def build_head(
         self, *, feature_spec: FeatureSpec, card: DatasetCard, options: BaseModel
@@ -88,14 +95,14 @@ class Task(ABC):
         need targets in training, like an RPN)."""
 
     @abstractmethod
-    def losses(self, output: Any, batch: Batch) -> dict[str, torch.Tensor]:
+    def losses(self, output: Any, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
         """Loss terms (scalar tensors, names without the task prefix). Samples lacking this
         task's labels (``batch["has"][kind]`` false) contribute nothing; with none in the batch,
         return zero-valued terms that keep the graph connected (``output.sum() * 0``)."""
 
     @abstractmethod
     def postprocess(
-        self, output: Any, *, batch: Batch, predictions: dict[str, list[Any]]
+        self, output: Any, *, batch: Batch, predictions: dict[str, list[Any]], options: BaseModel
     ) -> list[Any]:
         """One prediction per image at the input resolution. ``predictions`` holds those of the
         tasks in ``depends_on``."""

@@ -356,3 +356,14 @@ def panel_grid(panels: Sequence[tuple[str, Any]], ncols: int | None = None, *,
         draw.text((x, y), title, fill=(0, 0, 0), font=_font())
         canvas.paste(im, (x, y + th))
     return canvas
+
+
+def with_legend(image: Any, names: Sequence[str], colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """``image`` (HxWx3) with a legend of ``names``/``colors`` to its right, on white."""
+    img = as_hwc_uint8(image)
+    key = np.asarray(legend(names, colors, max_rows=max(1, img.shape[0] // 16)))
+    h = max(img.shape[0], key.shape[0])
+    out = np.full((h, img.shape[1] + key.shape[1], 3), 255, dtype=np.uint8)
+    out[: img.shape[0], : img.shape[1]] = img
+    out[: key.shape[0], img.shape[1]:] = key
+    return out

@@ -19,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
+from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.confusion import ConfusionMatrix
 from pipeline.nn.fpn_heads import SemanticFPNHead
 from pipeline.task import Batch, FeatureSpec, Task
-from pipeline.viz import colorize_labels, overlay
+from pipeline.viz import colorize_labels, overlay, with_legend
 
 
 class SemanticOptions(BaseModel):
@@ -31,6 +32,24 @@ class SemanticOptions(BaseModel):
     conv_dims: int = Field(128, ge=8)
     norm: Literal["GN", "BN", "none"] = "GN"
     in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
+    class_weights: list[float] | Literal["median_frequency"] | None = None
+    """Cross-entropy weight per class: a list (one per class), or ``median_frequency``
+    (Eigen and Fergus: median class frequency / class frequency, from the dataset card's
+    ``class_pixel_fraction`` of the train split, which the synthetic world records)."""
+
+
+def median_frequency_weights(card: DatasetCard, split: str = "train") -> list[float]:
+    """Median-frequency balancing: weight_c = median(f) / f_c over classes present (f > 0);
+    absent classes get weight 0. Frequencies from ``card.extra["class_pixel_fraction"][split]``."""
+    fractions = card.extra.get("class_pixel_fraction", {}).get(split)
+    if not fractions or len(fractions) != card.num_classes:
+        raise ConfigError(
+            f"model.heads.semantic.class_weights=median_frequency: the dataset card of {card.name} "
+            f"has no class_pixel_fraction for split {split!r}; give one weight per class instead")
+    present = sorted(f for f in fractions if f > 0)
+    median = present[len(present) // 2] if len(present) % 2 else \
+        0.5 * (present[len(present) // 2 - 1] + present[len(present) // 2])
+    return [round(median / f, 4) if f > 0 else 0.0 for f in fractions]
 
 
 class SemanticHead(nn.Module):
@@ -71,6 +90,16 @@ class SemanticTask(Task):
     input_view = "rgb"
     Options = SemanticOptions
 
+    def resolve_options(self, options: SemanticOptions, *,  # type: ignore[override]
+                        card: DatasetCard) -> SemanticOptions:
+        weights = options.class_weights
+        if weights == "median_frequency":
+            weights = median_frequency_weights(card)
+        if weights is not None and len(weights) != card.num_classes:
+            raise ConfigError(f"model.heads.semantic.class_weights: expected {card.num_classes} "
+                              f"values (one per class of {card.name}), got {len(weights)}")
+        return options.model_copy(update={"class_weights": weights})
+
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
                    options: SemanticOptions) -> nn.Module:  # type: ignore[override]
         branch = SemanticFPNHead(feature_spec, in_features=options.in_features,
@@ -78,17 +107,22 @@ class SemanticTask(Task):
                                  norm="" if options.norm == "none" else options.norm)
         return SemanticHead(branch)
 
-    def losses(self, output: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    def losses(self, output: torch.Tensor, batch: Batch, *,
+               options: BaseModel) -> dict[str, torch.Tensor]:
         target = batch.get("semantic")
         if target is None:
             return {"ce": output.sum() * 0.0}
         target = target.to(output.device)
         if not bool((target != 255).any()):
             return {"ce": output.sum() * 0.0}
-        return {"ce": F.cross_entropy(output, target, ignore_index=255)}
+        weight = None
+        if options.class_weights is not None:  # type: ignore[attr-defined]
+            weight = torch.tensor(options.class_weights, dtype=output.dtype,  # type: ignore[attr-defined]
+                                  device=output.device)
+        return {"ce": F.cross_entropy(output, target, ignore_index=255, weight=weight)}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch,
-                    predictions: dict[str, list[Any]]) -> list[torch.Tensor]:
+                    predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:
         return list(output.argmax(dim=1).to(torch.int64).cpu())
 
     def evaluator(self, *, card: DatasetCard, options: BaseModel) -> SemanticEvaluator:
@@ -96,8 +130,11 @@ class SemanticTask(Task):
 
     def visualize(self, image: np.ndarray, prediction: torch.Tensor, *,
                   card: DatasetCard) -> np.ndarray:
-        colors = colorize_labels(np.asarray(prediction), card.palette(), ignore=card.ignore_index)
-        return np.asarray(overlay(image, colors, 0.6))
+        labels = np.asarray(prediction)
+        colors = colorize_labels(labels, card.palette(), ignore=card.ignore_index)
+        present = [i for i in np.unique(labels).tolist() if i < card.num_classes]
+        return with_legend(overlay(image, colors, 0.6), [card.class_names[i] for i in present],
+                           [card.palette()[i] for i in present])
 
     def save_prediction(self, prediction: torch.Tensor, path_stem: str, *,
                         card: DatasetCard) -> list[str]:

@@ -78,3 +78,16 @@ def test_semseg_eval_bad_folders(tmp_path: Path) -> None:
                                      "--json", str(tmp_path / "m.json"), cwd=tmp_path))
     assert "a.png" in line and "7" in line
     assert not (tmp_path / "m.json").exists()
+
+
+def test_show_sample_draws_every_label_and_rejects_bad_index(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sample.png"
+    proc = densepipe("show-sample", "--root", str(tiny_dataset), "--index", "1", "--split", "val",
+                     "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as im:
+        assert im.width > 4 * 64 and im.mode == "RGB"  # six panels and a legend side by side
+    line = _one_error_line(densepipe("show-sample", "--root", str(tiny_dataset), "--index", "99",
+                                     "--split", "val", "--out", str(tmp_path / "x.png"), cwd=tmp_path))
+    assert "99" in line and "val" in line
+    assert not (tmp_path / "x.png").exists()

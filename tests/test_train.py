@@ -106,3 +106,15 @@ def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_p
     assert raw.size == Image.open(image).size
     card = DatasetCard.load(tiny_dataset / "meta.json")
     assert int(np.asarray(raw).max()) < card.num_classes
+
+
+def test_prepare_renders_once_then_skips_identical(tmp_path: Path) -> None:
+    over = [f"data.root={tmp_path / 'data'}", "data.synthetic.num_train=2",
+            "data.synthetic.num_val=1", "data.synthetic.image_size=32", "data.synthetic.workers=1"]
+    first = stages.prepare(load_config(None, over))
+    assert first["rendered"] is True
+    assert len(list((tmp_path / "data" / "images" / "train").iterdir())) == 2
+    again = stages.prepare(load_config(None, over))
+    assert again["rendered"] is False
+    changed = stages.prepare(load_config(None, [*over, "data.synthetic.seed=1"]))
+    assert changed["rendered"] is True

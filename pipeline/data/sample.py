@@ -3,7 +3,7 @@
 A sample is a plain dict (torch tensors, CHW):
 
 - ``image``: uint8 3xHxW, RGB.
-- ``image_id``: int (the COCO image id), ``file_name``: str.
+- ``image_id``: int (the COCO image id), ``file_name``: str, ``meta``: ``{"orig_size": (H, W)}``.
 - ``semantic``: int64 HxW class indices of the dataset card, ``IGNORE_INDEX`` (255) = ignore.
 - ``instances``: dict with ``boxes`` float32 Nx4 (x1, y1, x2, y2 in pixels, of the visible part),
   ``labels`` int64 N (class indices of the card, same space as ``semantic``), ``masks`` bool NxHxW,
@@ -15,8 +15,12 @@ A sample is a plain dict (torch tensors, CHW):
 - ``depth``: float32 HxW metres, 0 = unknown.
 - ``normals``: float32 3xHxW camera-frame unit vectors (x right, y down, z forward: OpenCV), 0 = unknown.
 
+Coordinates are COCO's continuous ones: pixel ``i`` spans ``[i, i + 1)``; a horizontal flip maps
+``x -> W - x``.
+
 A label kind missing for a sample is a missing key, never an error. Batches (``collate``) stack
-``image`` and the dense maps, keep ``instances``/``panoptic`` as lists, and carry ``has``: a dict
+``image`` and the dense maps, keep ``instances``/``panoptic`` as lists (``None`` where missing),
+carry ``image_ids``, ``file_names``, ``meta`` as lists, and ``has``: a dict
 ``{label kind: bool tensor B}`` telling which samples have which labels (a missing dense map is
 filled with its "unknown" value: 255, 0, 0).
 """

@@ -153,7 +153,7 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None,
     seed_everything(cfg.train.seed)
     train_ds = train_dataset(cfg)
     card = train_ds.card  # type: ignore[attr-defined]
-    model = build_model(cfg, card, registry).to(device)
+    model = build_model(cfg, card, registry).to(device).use_channels_last(cfg.train.channels_last)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(kind=cfg.train.schedule, total_steps=cfg.train.steps,

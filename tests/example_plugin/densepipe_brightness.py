@@ -66,11 +66,12 @@ class BrightnessTask(Task):
                    options: BrightnessOptions) -> nn.Module:  # type: ignore[override]
         return BrightnessHead(feature_spec, options.conv_dims)
 
-    def losses(self, output: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    def losses(self, output: torch.Tensor, batch: Batch, *,
+               options: BaseModel) -> dict[str, torch.Tensor]:
         return {"l1": F.l1_loss(output, luma(batch["image"]).to(output.device))}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch,
-                    predictions: dict[str, list[Any]]) -> list[torch.Tensor]:
+                    predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:
         return list(output.detach().cpu())
 
     def evaluator(self, *, card: DatasetCard, options: BaseModel) -> BrightnessEvaluator:

@@ -155,7 +155,7 @@ def _box(rng: np.random.Generator) -> Thing:
 
 def _cylinder(rng: np.random.Generator) -> Thing:
     r = rng.uniform(0.2, 0.5)
-    if rng.uniform() < 0.7:  # upright
+    if rng.uniform() < 0.85:  # upright
         h = rng.uniform(0.6, 1.8)
         base = np.zeros(3)
         axis = np.array([0.0, 0.0, 1.0])
@@ -325,7 +325,7 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> SceneSpec:
         cls = int(rng.choice(len(_CLASS_P), p=_CLASS_P)) + spec.SPHERE
         shape = _MAKERS[cls](rng)
         for _attempt in range(40):
-            dist = rng.uniform(2.2, 7.0 if cls != spec.FIGURE else 6.0)
+            dist = rng.uniform(2.0, 5.0 if cls != spec.FIGURE else 4.5)
             ang = yaw + rng.uniform(-0.9, 0.9) * hfov
             thing = shape.moved(dist * np.cos(ang), dist * np.sin(ang))
             if _fits(thing, things, room, camera):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.data.card import ClassInfo, DatasetCard, KeypointSpec
 
 GENERATOR = "densepipe.synthetic"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # class index = position; COCO category id = index + 1
 FLOOR, WALL, SKY, SPHERE, BOX, CYLINDER, FIGURE = range(7)

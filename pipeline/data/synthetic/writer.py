@@ -109,7 +109,9 @@ def write_synthetic_dataset(
             n_ann[split] = _write_split_json(tmp, split, results[split])
         card = spec.synthetic_card(size)
         card.extra.update(seed=seed, image_size=size, splits=dict(counts),
-                          min_visible_pixels=MIN_VISIBLE_PIXELS)
+                          min_visible_pixels=MIN_VISIBLE_PIXELS,
+                          class_pixel_fraction={split: _fractions(results[split])
+                                                for split in SPLITS})
         card.save(tmp / "meta.json")
     seconds = time.perf_counter() - start
     total = sum(counts.values())
@@ -123,6 +125,12 @@ def write_synthetic_dataset(
         "seconds": round(seconds, 3),
         "images_per_second": round(total / seconds, 2) if seconds > 0 else None,
     }
+
+
+def _fractions(results: list[dict[str, Any]]) -> list[float]:
+    """Share of labelled pixels per class over a split (rounded: stable JSON)."""
+    totals = np.sum([r["pixels"] for r in results], axis=0)
+    return [round(float(v), 6) for v in totals / max(int(totals.sum()), 1)]
 
 
 # -- one image ---------------------------------------------------------------------------------
@@ -216,6 +224,7 @@ def _render_one(job: tuple[str, int, str, int, int, int]) -> dict[str, Any]:
             ann["num_keypoints"] = int((rec.keypoints[:, 2] > 0).sum())
         anns.append(ann)
     return {
+        "pixels": np.bincount(scene.semantic.ravel(), minlength=256)[:len(spec.CLASSES)].tolist(),
         "image": {"id": image_id, "file_name": name, "width": size, "height": size},
         "annotations": anns,
         "panoptic": {"image_id": image_id, "file_name": name, "segments_info": segments},

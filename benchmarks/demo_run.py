@@ -1,0 +1,61 @@
+"""The demo's budget: `densepipe run` (the whole pipeline as a Prefect flow) on the default params.
+
+Runs in a fresh temporary folder (so the dataset is rendered and the model trained from scratch),
+times it and records the metrics. Targets: under 10 minutes on 2 CPU cores, semantic mIoU >= 0.75.
+
+    python benchmarks/demo_run.py [--out benchmarks/results/demo_run.json] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_run.json"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    densepipe = str(Path(sys.executable).parent / "densepipe")
+    with tempfile.TemporaryDirectory(prefix="densepipe-demo-") as tmp:
+        shutil.copy(ROOT / "params.yaml", tmp)
+        env = {**os.environ, "PREFECT_HOME": str(Path(tmp) / ".prefect"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        cmd = [densepipe, "run", *[a for o in args.overrides for a in ("--set", o)]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.exit(f"densepipe run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        metrics = json.loads((Path(tmp) / "metrics.json").read_text())
+    import torch
+
+    report = {
+        "benchmark": "demo_run", "command": "densepipe run (as make demo, install excluded)",
+        "overrides": args.overrides, "seconds": round(seconds, 1), "target_seconds": 600,
+        "metrics": {k: v for k, v in metrics.items() if k.count("/") == 1},
+        "per_class_iou": {k.split("/")[-1]: round(v, 4) for k, v in metrics.items() if "/IoU/" in k},
+        "target_mIoU": 0.75, "meets_time": seconds < 600,
+        "meets_quality": metrics.get("semantic/mIoU", 0.0) >= 0.75,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+        f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+        "torch": torch.__version__,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
