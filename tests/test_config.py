@@ -19,7 +19,7 @@ def test_repo_params_load_and_overrides_parse_as_yaml() -> None:
     assert cfg.model.tasks == ["semantic", "depth"]
     assert cfg.train.lr == 0.01 and isinstance(cfg.train.lr, float)
     assert cfg.train.device == "cpu"
-    assert cfg.model.heads == {"semantic": {"conv_dims": 64}}
+    assert cfg.model.heads["semantic"]["conv_dims"] == 64
     assert cfg.data.synthetic.image_size == 128
     assert cfg.flat()["train.lr"] == 0.01
 

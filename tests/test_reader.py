@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from pipeline.data.card import ClassInfo, DatasetCard, KeypointSpec
 from pipeline.data.reader import CocoDataset, open_dataset, read_png
 from pipeline.data.transforms import build_transforms, collate
+from pipeline.engine.loaders import worker_context
 from pipeline.errors import DataError
 
 H, W = 24, 32  # non-square on purpose
@@ -271,7 +272,8 @@ def test_dataloader_workers_reproducible(hand: tuple[Path, dict[str, Any]]) -> N
 
     def images() -> list[torch.Tensor]:
         loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate,
-                                             generator=torch.Generator().manual_seed(0))
+                                             generator=torch.Generator().manual_seed(0),
+                                             multiprocessing_context=worker_context())
         return [b["image"] for b in loader]
 
     a, b = images(), images()

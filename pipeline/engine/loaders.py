@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 from collections.abc import Iterator
 
 import torch
@@ -33,6 +35,14 @@ class ResumableRandomSampler(Sampler[int]):
         return 2**62
 
 
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """Start loader workers from a clean forkserver, not by forking this process: a fork inherits
+    the threads and handlers of whatever runs the training (a Prefect flow's workers made forked
+    loader workers exit with code 1 at shutdown), a forkserver child does not."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver") if "forkserver" in methods else None
+
+
 def _worker_init(worker_id: int) -> None:
     import random
 
@@ -61,9 +71,12 @@ def train_loader(cfg: Config, dataset: Dataset, *, start_step: int) -> DataLoade
                       num_workers=cfg.data.num_workers, collate_fn=collate, drop_last=True,
                       worker_init_fn=_worker_init, generator=g,
                       persistent_workers=cfg.data.num_workers > 0,
+                      multiprocessing_context=worker_context() if cfg.data.num_workers else None,
                       pin_memory=torch.cuda.is_available())
 
 
 def eval_loader(cfg: Config, dataset: Dataset, *, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                      num_workers=cfg.data.num_workers, collate_fn=collate)
+                      num_workers=cfg.data.num_workers, collate_fn=collate,
+                      persistent_workers=cfg.data.num_workers > 0,
+                      multiprocessing_context=worker_context() if cfg.data.num_workers else None)
