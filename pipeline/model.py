@@ -111,10 +111,6 @@ class MultiTaskModel(nn.Module):
         self.channels_last = enabled
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
-    def architecture(self) -> dict[str, Any]:
-        """What a checkpoint must match: tasks, their head parameter shapes."""
-        return {"tasks": list(self.tasks), "views": self.views}
-
 
 def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = None) -> MultiTaskModel:
     """Backbone from ``model.backbone`` (+ local ``model.weights``), heads of ``model.tasks`` and

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata as md
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -169,9 +168,3 @@ def default_registry() -> TaskRegistry:
     if _default is None:
         _default = TaskRegistry()
     return _default
-
-
-def plugin_module(task: Task) -> ModuleType | None:
-    import sys
-
-    return sys.modules.get(type(task).__module__)

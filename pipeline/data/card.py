@@ -15,7 +15,7 @@ Index conventions:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +206,3 @@ def _fallback_color(i: int) -> tuple[int, int, int]:
 
     r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
-
-
-def card_dict(card: DatasetCard) -> dict[str, Any]:
-    """Plain-dict view (for logging)."""
-    return asdict(card)

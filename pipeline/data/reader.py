@@ -211,6 +211,18 @@ def _load_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     return obj
 
 
+def _class_index(path: Path, where: str, category_id: int, own_categories: Iterable[int] | dict,
+                 card: DatasetCard) -> int:
+    """Class index of ``category_id``, which must be in the file's categories and in the card."""
+    if category_id not in own_categories:
+        raise DataError(path, f"{where}: category_id {category_id} is not in this file's categories")
+    try:
+        return card.index_of_category(category_id)
+    except KeyError:
+        raise DataError(path, f"{where}: category_id {category_id} is not a class of the "
+                              f"dataset card '{card.name}'") from None
+
+
 def _require(path: Path, rec: Any, fields: Sequence[str], where: str) -> None:
     if not isinstance(rec, dict):
         raise DataError(path, f"{where} must be an object with {', '.join(fields)}")
@@ -454,14 +466,7 @@ class CocoDataset(torch.utils.data.Dataset):
             where = f"annotation id {aid}"
             if iid not in own_images:
                 raise DataError(path, f"{where}: image_id {iid} is not in this file's images")
-            if cid not in own_cats:
-                raise DataError(path, f"{where}: category_id {cid} is not in this file's "
-                                      "categories")
-            try:
-                label = card.index_of_category(cid)
-            except KeyError:
-                raise DataError(path, f"{where}: category_id {cid} is not a class of the "
-                                      f"dataset card '{card.name}'") from None
+            label = _class_index(path, where, cid, own_cats, card)
             rec = records[iid]
             bbox = a["bbox"]
             if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
@@ -513,14 +518,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 where = f"annotations[{i}].segments_info[{j}]"
                 _require(path, s, ("id", "category_id"), where)
                 cid = int(s["category_id"])
-                if cid not in own_cats:
-                    raise DataError(path, f"{where}: category_id {cid} is not in this file's "
-                                          "categories")
-                try:
-                    label = card.index_of_category(cid)
-                except KeyError:
-                    raise DataError(path, f"{where}: category_id {cid} is not a class of the "
-                                          f"dataset card '{card.name}'") from None
+                label = _class_index(path, where, cid, own_cats, card)
                 segments.append({
                     "id": int(s["id"]), "category_id": cid,
                     "isthing": bool(card.classes[label].isthing),
