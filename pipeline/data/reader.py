@@ -211,7 +211,7 @@ def _load_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     return obj
 
 
-def _class_index(path: Path, where: str, category_id: int, own_categories: Iterable[int] | dict,
+def _class_index(path: Path, where: str, category_id: int, own_categories: set[int],
                  card: DatasetCard) -> int:
     """Class index of ``category_id``, which must be in the file's categories and in the card."""
     if category_id not in own_categories:
