@@ -95,8 +95,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if cfg.tracking.log_model:
             from pipeline.engine.trainer import load_trained_model
 
-            card = _card_of(result.best)
-            model, _ = load_trained_model(cfg, result.best, card)
+            model, _ = load_trained_model(cfg, result.best)
             tracker.log_model(model)
     return {"step": result.step, "out_dir": str(out_dir), "best": str(result.best),
             "last": str(result.last), "metrics": result.metrics, "run_id": result.run_id,
@@ -109,13 +108,6 @@ def _write_loss_curve(path: Path, rows: list[dict[str, float]], *, start: int) -
     for i, row in enumerate(rows):
         lines.append(",".join([str(start + i + 1), *(f"{row.get(k, float('nan')):.6g}" for k in keys)]))
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _card_of(checkpoint: Path | str):
-    from pipeline.data.card import DatasetCard
-    from pipeline.engine.checkpoint import load_checkpoint
-
-    return DatasetCard.from_json(load_checkpoint(checkpoint)["card"], source=str(checkpoint))
 
 
 def default_checkpoint(cfg: Config) -> Path:
@@ -175,16 +167,11 @@ def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path,
     Writes ``<stem>_<task>_vis.png`` and each task's raw outputs into ``out_dir``."""
     from PIL import Image, UnidentifiedImageError
 
-    from pipeline.config import config_from_dict
     from pipeline.engine.trainer import load_trained_model, resolve_device
 
-    ckpt_path = Path(checkpoint)
-    card = _card_of(ckpt_path)
-    from pipeline.engine.checkpoint import load_checkpoint
-
-    stored = config_from_dict(load_checkpoint(ckpt_path)["config"], source=str(ckpt_path))
     device = resolve_device(cfg.train.device)
-    model, _ = load_trained_model(stored, ckpt_path, card, device=device)
+    model, _ = load_trained_model(None, checkpoint, device=device)  # its own config and card
+    card = model.card
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[str] = []

@@ -240,11 +240,21 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None,
                        metrics=metrics, run_id=run_id, losses=history, images_per_s=images_per_s)
 
 
-def load_trained_model(cfg: Config, checkpoint: str | Path, card: Any, *,
+def load_trained_model(cfg: Config | None, checkpoint: str | Path, card: Any = None, *,
                        registry: TaskRegistry | None = None,
                        device: torch.device | None = None) -> tuple[MultiTaskModel, dict[str, Any]]:
-    """The model of ``cfg`` with the weights of ``checkpoint`` (mismatches named)."""
+    """The model of ``cfg`` with the weights of ``checkpoint`` (mismatches named).
+
+    ``cfg`` / ``card`` default to the config and dataset card stored in the checkpoint, which is
+    read once."""
+    from pipeline.config import config_from_dict
+    from pipeline.data.card import DatasetCard
+
     ckpt = load_checkpoint(checkpoint)
+    if cfg is None:
+        cfg = config_from_dict(ckpt["config"], source=str(checkpoint))
+    if card is None:
+        card = DatasetCard.from_json(ckpt["card"], source=str(checkpoint))
     model = build_model(cfg, card, registry)
     load_model_state(model, ckpt["model"], source=checkpoint)
     model.to(device or torch.device("cpu")).eval()
