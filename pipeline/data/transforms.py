@@ -165,6 +165,26 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes * rows.any(1, keepdim=True)
 
 
+def _cropped_instances(inst: dict[str, Any], masks: torch.Tensor, x0: int, y0: int, h: int, w: int,
+                       *, keypoint_scale: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Instances after a crop to the window at (x0, y0) of size h x w, given their cropped masks:
+    empty ones dropped, boxes from the masks, keypoints (scaled first by ``keypoint_scale`` (sx,
+    sy) if given) shifted, and (0, 0, 0) where they fall outside the window."""
+    keep = masks.flatten(1).any(1)
+    new = {k: v[keep] for k, v in inst.items() if isinstance(v, torch.Tensor)}
+    new["masks"] = masks[keep]
+    new["boxes"] = masks_to_boxes(new["masks"])
+    if "keypoints" in new:
+        kp = new["keypoints"].clone() if keypoint_scale is None else \
+            _scale_keypoints(new["keypoints"], *keypoint_scale)
+        kp[..., 0] -= x0
+        kp[..., 1] -= y0
+        inside = ((kp[..., 2] > 0) & (kp[..., 0] >= 0) & (kp[..., 0] < w)
+                  & (kp[..., 1] >= 0) & (kp[..., 1] < h))
+        new["keypoints"] = kp * inside[..., None]
+    return new
+
+
 def crop_sample(sample: Sample, y0: int, x0: int, h: int, w: int, *, image_fill: int = 0) -> Sample:
     """Crop window ``[x0, x0 + w) x [y0, y0 + h)`` (may extend past the image: padded).
 
@@ -185,18 +205,7 @@ def crop_sample(sample: Sample, y0: int, x0: int, h: int, w: int, *, image_fill:
     if "instances" in sample:
         inst = sample["instances"]
         masks = _crop_pad(inst["masks"], y0, x0, h, w, False)
-        keep = masks.flatten(1).any(1)
-        new = {k: v[keep] for k, v in inst.items() if isinstance(v, torch.Tensor)}
-        new["masks"] = masks[keep]
-        new["boxes"] = masks_to_boxes(new["masks"])
-        if "keypoints" in new:
-            kp = new["keypoints"].clone()
-            kp[..., 0] -= x0
-            kp[..., 1] -= y0
-            inside = ((kp[..., 2] > 0) & (kp[..., 0] >= 0) & (kp[..., 0] < w)
-                      & (kp[..., 1] >= 0) & (kp[..., 1] < h))
-            new["keypoints"] = kp * inside[..., None]
-        out["instances"] = new
+        out["instances"] = _cropped_instances(inst, masks, x0, y0, h, w)
     return out
 
 
@@ -255,18 +264,8 @@ def scale_crop_sample(sample: Sample, scaled: Sequence[int], y0: int, x0: int, h
     if "instances" in sample:
         inst = sample["instances"]
         masks = _gather_window(inst["masks"], ys, xs, False)
-        keep = masks.flatten(1).any(1)
-        new = {k: v[keep] for k, v in inst.items() if isinstance(v, torch.Tensor)}
-        new["masks"] = masks[keep]
-        new["boxes"] = masks_to_boxes(new["masks"])
-        if "keypoints" in new:
-            kp = _scale_keypoints(new["keypoints"], sw / W, sh / H)
-            kp[..., 0] -= x0
-            kp[..., 1] -= y0
-            inside = ((kp[..., 2] > 0) & (kp[..., 0] >= 0) & (kp[..., 0] < w)
-                      & (kp[..., 1] >= 0) & (kp[..., 1] < h))
-            new["keypoints"] = kp * inside[..., None]
-        out["instances"] = new
+        out["instances"] = _cropped_instances(inst, masks, x0, y0, h, w,
+                                              keypoint_scale=(sw / W, sh / H))
     return out
 
 
