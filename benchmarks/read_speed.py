@@ -27,6 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+
 from pipeline.data.reader import open_dataset  # noqa: E402
 from pipeline.data.transforms import build_transforms, collate  # noqa: E402
 from pipeline.io import atomic_write_json  # noqa: E402
@@ -95,13 +97,7 @@ def machine() -> dict[str, Any]:
         info["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     except OSError:
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info["cpu_model"] = cpu_model()
     return info
 
 

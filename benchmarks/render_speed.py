@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+
 from pipeline.data.synthetic import render_scene, write_synthetic_dataset  # noqa: E402
 from pipeline.data.synthetic.spec import GENERATOR_VERSION  # noqa: E402
 from pipeline.io import atomic_write_json  # noqa: E402
@@ -43,13 +45,7 @@ def _machine() -> dict[str, object]:
         "platform": platform.platform(),
         "machine": platform.machine(),
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info["cpu_model"] = cpu_model()
     if hasattr(os, "getloadavg"):
         info["loadavg_1min_at_start"] = round(os.getloadavg()[0], 2)
     return info
