@@ -126,6 +126,32 @@ def semseg_eval(
         atomic_write_json(json_out, metrics)
 
 
+@app.command("coco-eval")
+def coco_eval(
+    gt: Annotated[Path, typer.Option("--gt", help="COCO ground-truth JSON.")],
+    pred: Annotated[Path, typer.Option("--pred", help="COCO results JSON (a list of detections).")],
+    iou_type: Annotated[str, typer.Option("--type", help="bbox, segm or keypoints.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write {name: value} stats here.")] = None,
+    sigmas: Annotated[str | None, typer.Option(help="Keypoint OKS sigmas, comma-separated.")] = None,
+) -> None:
+    """COCO AP/AR of a results file against a ground truth (pycocotools)."""
+    from pipeline.errors import ConfigError
+    from pipeline.io import atomic_write_json
+    from pipeline.metrics.coco import evaluate_coco, format_coco_table
+
+    kpt_sigmas = None
+    if sigmas is not None:
+        try:
+            kpt_sigmas = [float(s) for s in sigmas.split(",")]
+        except ValueError:
+            raise ConfigError(f"--sigmas {sigmas!r}: expected comma-separated numbers, "
+                              f"e.g. 0.026,0.025,0.025") from None
+    result = evaluate_coco(gt, pred, iou_type, kpt_oks_sigmas=kpt_sigmas)  # type: ignore[arg-type]
+    sys.stdout.write(format_coco_table(result))
+    if json_out is not None:
+        atomic_write_json(json_out, result.named())
+
+
 @app.command("show-sample")
 def show_sample(
     index: Annotated[int, typer.Option(help="Sample index in the split.")] = 0,

@@ -77,7 +77,10 @@ class MultiTaskModel(nn.Module):
         outputs: dict[str, Any] = {}
         for name, head in self.heads.items():
             task = self.tasks[name]
-            outputs[name] = head(features[task.input_view], image_size=size, batch=batch)
+            extra = {}
+            if task.shares_with:
+                extra["upstream"] = {s: outputs[s] for s in task.shares_with if s in outputs}
+            outputs[name] = head(features[task.input_view], image_size=size, batch=batch, **extra)
         return outputs
 
     def losses(self, outputs: dict[str, Any], batch: Batch) -> dict[str, torch.Tensor]:
@@ -127,7 +130,10 @@ def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = 
     for task in tasks:
         opts = task.resolve_options(task.parse_options(cfg.model.heads.get(task.name)), card=card)
         options[task.name] = opts
-        head = task.build_head(feature_spec=backbone.feature_spec, card=card, options=opts)
+        extra = {}
+        if task.shares_with:
+            extra["shared_with"] = tuple(s for s in task.shares_with if s in heads)
+        head = task.build_head(feature_spec=backbone.feature_spec, card=card, options=opts, **extra)
         if head is not None:
             heads[task.name] = head
     return MultiTaskModel(backbone=backbone, tasks=tasks, heads=heads, options=options, card=card,

@@ -129,7 +129,14 @@ class TaskRegistry:
         raise ConfigError(f"unknown task {name!r}; allowed: {', '.join(self.names) or 'none'}")
 
     def resolve(self, names: Iterable[str]) -> list[Task]:
-        """The tasks named plus everything they depend on, dependencies first (stable order)."""
+        """The tasks named plus everything they depend on, dependencies first (stable order); a
+        task also comes after the enabled tasks it ``shares_with``."""
+        names = list(names)
+        enabled = {t.name for t in self._visit(names, lambda t: t.depends_on)}
+        return self._visit(names, lambda t: (*t.depends_on,
+                                             *(s for s in t.shares_with if s in enabled)))
+
+    def _visit(self, names: list[str], before: Any) -> list[Task]:
         order: list[Task] = []
         state: dict[str, str] = {}
 
@@ -140,7 +147,7 @@ class TaskRegistry:
                 raise PluginError(f"task dependency cycle: {' -> '.join((*chain, name))}")
             state[name] = "visiting"
             task = self.get(name)
-            for dep in task.depends_on:
+            for dep in before(task):
                 visit(dep, (*chain, name))
             state[name] = "done"
             order.append(task)

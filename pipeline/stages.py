@@ -137,12 +137,14 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, flo
     dataset = eval_dataset(cfg)
     model, ckpt = load_trained_model(cfg, path, dataset.card, device=device)  # type: ignore[attr-defined]
     loader = eval_loader(cfg, dataset, batch_size=cfg.evaluate.batch_size)
+    out_dir = Path(cfg.evaluate.out_dir)
+    artifacts: list[Path] = []
     metrics, drawings = evaluate_model(model, loader, device=device,
-                                       num_visualizations=cfg.evaluate.num_visualizations)
+                                       num_visualizations=cfg.evaluate.num_visualizations,
+                                       artifacts_dir=out_dir, saved=artifacts)
     metrics = dict(sorted(metrics.items()))
     metrics_path = Path(cfg.evaluate.metrics_file)
     atomic_write_json(metrics_path, metrics)
-    out_dir = Path(cfg.evaluate.out_dir)
     grid_path = out_dir / "vis_grid.png"
     if drawings:
         with atomic_path(grid_path) as tmp:
@@ -153,8 +155,9 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, flo
                       tags={"densepipe.stage": "evaluate"})
         tracker.log_metrics(metrics, int(ckpt["step"]))
         tracker.log_artifact(metrics_path)
-        if grid_path.exists():
-            tracker.log_artifact(grid_path)
+        for path in [grid_path, *artifacts]:
+            if path.exists():
+                tracker.log_artifact(path)
         tracker.finish()
     return metrics
 

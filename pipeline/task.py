@@ -14,6 +14,11 @@ Data flow in ``MultiTaskModel``::
     losses   = task.losses(output, batch, options=opts)   # {"<term>": scalar tensor}
     preds    = task.postprocess(output, batch=batch, predictions=deps, options=opts)
 
+A task with ``shares_with`` reuses the head output of those tasks when they are enabled too (it
+does not enable them): its ``build_head`` gets ``shared_with`` (the enabled ones), its head runs
+after theirs and its ``forward`` gets ``upstream={name: raw output}``. ``keypoints`` uses this to
+run on the ``instance`` detector's RoIs.
+
 A task with ``depends_on`` may have no head (``build_head`` returns ``None``): its
 ``postprocess`` combines the predictions of the tasks it depends on (``predictions``).
 """
@@ -61,6 +66,8 @@ class Task(ABC):
     """Label kinds a sample needs for this task's loss and metrics (``LABEL_KINDS``)."""
     depends_on: ClassVar[tuple[str, ...]] = ()
     """Tasks whose predictions this one combines; enabling it enables them."""
+    shares_with: ClassVar[tuple[str, ...]] = ()
+    """Tasks whose head outputs this task's head reuses when they are enabled (see module doc)."""
     input_view: ClassVar[str] = "rgb"
     """Which view of the image the head sees (``VIEWS``)."""
     Options: ClassVar[type[BaseModel]] = NoOptions
@@ -124,5 +131,6 @@ class Task(ABC):
             "name": self.name,
             "requires": list(self.requires),
             "depends_on": list(self.depends_on),
+            "shares_with": list(self.shares_with),
             "input_view": self.input_view,
         }

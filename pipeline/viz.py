@@ -367,3 +367,21 @@ def with_legend(image: Any, names: Sequence[str], colors: Sequence[Sequence[int]
     out[: img.shape[0], : img.shape[1]] = img
     out[: key.shape[0], img.shape[1]:] = key
     return out
+
+
+def draw_detections(image: Any, prediction: Mapping[str, Any], card: Any, *,
+                    min_score: float = 0.5) -> np.ndarray:
+    """``draw_instances`` for a detection task's prediction (``boxes``, ``scores``, ``labels`` as
+    card class indices, optional ``masks`` / ``keypoints`` N x K x 3 with scores): detections
+    scoring at least ``min_score``, labelled ``"<class> <score>"``, skeletons from the card."""
+    keep = _np(prediction["scores"]).reshape(-1) >= min_score
+    keypoints = prediction.get("keypoints")
+    if keypoints is not None:  # predicted keypoints have scores, not visibilities: draw them all
+        keypoints = _np(keypoints)[keep].astype(np.float64).copy()
+        keypoints[..., 2] = 2.0
+    masks = prediction.get("masks")
+    skeletons = {card.index_of_category(s.category_id): s.skeleton for s in card.keypoints}
+    return draw_instances(image, _np(prediction["boxes"])[keep], _np(prediction["labels"])[keep],
+                          masks=None if masks is None else _np(masks)[keep],
+                          scores=_np(prediction["scores"])[keep], keypoints=keypoints,
+                          class_names=card.class_names, palette=card.palette(), skeletons=skeletons)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,12 +13,15 @@ from pipeline.model import MultiTaskModel
 
 @torch.no_grad()
 def evaluate_model(
-    model: MultiTaskModel, loader: Any, *, device: torch.device, num_visualizations: int = 0
+    model: MultiTaskModel, loader: Any, *, device: torch.device, num_visualizations: int = 0,
+    artifacts_dir: str | Path | None = None, saved: list[Path] | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Run all evaluators; returns ``({"<task>/<metric>": float}, drawings)``.
 
     ``drawings`` holds up to ``num_visualizations`` (title, HxWx3 uint8) panels: each image and
-    every task's visualisation of its prediction."""
+    every task's visualisation of its prediction. With ``artifacts_dir``, evaluators that have a
+    ``save(out_dir, name)`` method (the COCO ones: ground truth and results JSON) write their files
+    there; their paths are appended to ``saved``."""
     was_training = model.training
     model.eval()
     evaluators = {name: task.evaluator(card=model.card, options=model.options[name])
@@ -40,5 +44,9 @@ def evaluate_model(
     for name, ev in evaluators.items():
         for key, value in ev.compute().items():
             metrics[f"{name}/{key}"] = float(value)
+        if artifacts_dir is not None and hasattr(ev, "save"):
+            paths = ev.save(artifacts_dir, name)
+            if saved is not None:
+                saved.extend(paths)
     model.train(was_training)
     return metrics, drawings

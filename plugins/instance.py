@@ -1,0 +1,115 @@
+"""Built-in task ``instance``: instance segmentation with Mask R-CNN heads on the shared FPN.
+
+Head: torchvision's RPN, RoIAlign box head (two FC layers) and mask head, assembled in
+``pipeline.nn.rcnn`` over the backbone's p2..p6. The detector classes are the dataset card's
+thing classes (detector label ``1 + position`` in ``card.thing_indices``). Losses: RPN objectness
+and box regression, Fast R-CNN classification and box regression, per-pixel mask BCE. Metrics:
+COCO bbox and segm AP through pycocotools (``bbox_AP``, ``segm_AP50``, ...).
+
+Options (``model.heads.instance``): ``preset: cpu | gpu`` (see ``pipeline.nn.rcnn.RCNN_PRESETS``)
+and any single setting of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from pipeline.data.card import DatasetCard
+from pipeline.hookspecs import hookimpl
+from pipeline.metrics.coco_evaluator import CocoEvaluator, save_detections_json
+from pipeline.nn.rcnn import (
+    Detector,
+    DetectorOptions,
+    MaskBranch,
+    RCNNOutput,
+    detector_targets,
+    label_lookup,
+    zero_loss,
+)
+from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.viz import draw_detections
+
+
+class InstanceOptions(DetectorOptions):
+    mask_head_dims: tuple[int, ...] | None = None
+    """Channels of the mask head's 3x3 convs (preset: cpu 2 x 64, gpu 4 x 256)."""
+    mask_threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class InstanceHead(nn.Module):
+    def __init__(self, *, feature_spec: FeatureSpec, card: DatasetCard, options: InstanceOptions) -> None:
+        super().__init__()
+        things = card.thing_indices
+        self.register_buffer("label_of_class", label_lookup(card.num_classes, things), persistent=False)
+        self.register_buffer("class_of_label", torch.tensor([-1, *things], dtype=torch.int64),
+                             persistent=False)
+        self.detector = Detector(feature_spec=feature_spec, num_classes=len(things) + 1, options=options)
+        assert options.mask_head_dims is not None
+        self.mask = MaskBranch(feature_spec=feature_spec, in_features=options.in_features,
+                               num_classes=len(things) + 1, head_dims=options.mask_head_dims,
+                               sampling_ratio=options.roi_sampling_ratio)
+        self.mask_threshold = options.mask_threshold
+
+    def forward(self, features: dict[str, torch.Tensor], *, image_size: tuple[int, int],
+                batch: Batch) -> RCNNOutput:
+        if not self.training:
+            det = self.detector(features, image_size=image_size)
+            masks = self.mask.predict(det, self.mask_threshold)
+            return RCNNOutput(det, self.class_of_label, extras=[{"masks": m} for m in masks])
+        device = self.label_of_class.device
+        targets = detector_targets(batch, label_of_class=self.label_of_class.cpu(), device=device)
+        det = self.detector(features, image_size=image_size, targets=targets)
+        if not det.image_index:
+            return RCNNOutput(det, self.class_of_label, losses={"rpn_objectness": zero_loss(self)})
+        gt_masks = [batch["instances"][i]["masks"][t["index"]].to(device)
+                    for i, t in zip(det.image_index, det.targets, strict=True)]
+        losses = {**det.losses, "mask": self.mask.loss(det, gt_masks)}
+        return RCNNOutput(det, self.class_of_label, losses=losses)
+
+
+class InstanceTask(Task):
+    name = "instance"
+    requires = ("instances",)
+    input_view = "rgb"
+    Options = InstanceOptions
+
+    def resolve_options(self, options: InstanceOptions, *,  # type: ignore[override]
+                        card: DatasetCard) -> InstanceOptions:
+        if not card.thing_indices:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"task instance: the dataset card of {card.name} has no thing classes")
+        return options.with_preset()  # type: ignore[return-value]
+
+    def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
+                   options: InstanceOptions) -> nn.Module:  # type: ignore[override]
+        return InstanceHead(feature_spec=feature_spec, card=card, options=options)
+
+    def losses(self, output: RCNNOutput, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
+        return output.losses
+
+    def postprocess(self, output: RCNNOutput, *, batch: Batch, predictions: dict[str, list[Any]],
+                    options: BaseModel) -> list[dict[str, torch.Tensor]]:
+        return output.predictions()
+
+    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> CocoEvaluator:
+        return CocoEvaluator(card, iou_types=("bbox", "segm"))
+
+    def visualize(self, image: np.ndarray, prediction: dict[str, torch.Tensor], *,
+                  card: DatasetCard) -> np.ndarray:
+        return draw_detections(image, prediction, card)
+
+    def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
+                        card: DatasetCard) -> list[str]:
+        return save_detections_json(prediction, Path(f"{path_stem}_{self.name}.json"), card)
+
+
+@hookimpl
+def densepipe_register_tasks() -> list[Task]:
+    return [InstanceTask()]
