@@ -92,7 +92,7 @@ def predict(
 
 @app.command()
 def tasks(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
-    """List task plugins: name, provider, requires, depends_on, input view, status."""
+    """List task plugins: name, provider, requires, depends_on, shares_with, input view, status."""
     from pipeline.registry import default_registry
 
     rows = [e.describe() for e in default_registry().entries()]
@@ -100,11 +100,12 @@ def tasks(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     table = Table(title="densepipe tasks")
-    for col in ("name", "provider", "requires", "depends_on", "input view", "status"):
+    for col in ("name", "provider", "requires", "depends_on", "shares_with", "input view", "status"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["provider"], ", ".join(r["requires"]) or "-",
-                      ", ".join(r["depends_on"]) or "-", r["input_view"] or "-", r["status"])
+                      ", ".join(r["depends_on"]) or "-", ", ".join(r.get("shares_with", [])) or "-",
+                      r["input_view"] or "-", r["status"])
     out.print(table)
 
 

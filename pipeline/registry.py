@@ -35,7 +35,7 @@ class TaskEntry:
 
     def describe(self) -> dict[str, Any]:
         base = self.task.describe() if self.task else {
-            "name": self.name, "requires": [], "depends_on": [], "input_view": None,
+            "name": self.name, "requires": [], "depends_on": [], "shares_with": [], "input_view": None,
         }
         return {**base, "provider": self.provider, "entry_point": self.entry_point,
                 "status": self.status}

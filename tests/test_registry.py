@@ -93,6 +93,20 @@ def test_depends_on_is_resolved_dependencies_first_and_cycles_named() -> None:
         TaskRegistry(entry_points=False, plugins=[Cyclic()]).resolve(["x"])
 
 
+def test_shares_with_orders_but_does_not_enable() -> None:
+    a = _task_class("a", ())
+    s = type("T_s", (_task_class("s", ()),), {"shares_with": ("a",)})
+
+    class Plugin:
+        @hookimpl
+        def densepipe_register_tasks(self):
+            return [s(), a()]
+
+    reg = TaskRegistry(entry_points=False, plugins=[Plugin()])
+    assert [t.name for t in reg.resolve(["s"])] == ["s"]  # sharing does not enable a
+    assert [t.name for t in reg.resolve(["s", "a"])] == ["a", "s"]  # but runs after it
+
+
 def test_hook_that_raises_and_duplicate_names_are_reported() -> None:
     class Raises:
         @hookimpl
