@@ -12,17 +12,13 @@ and any single setting of it.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
 from pipeline.hookspecs import hookimpl
-from pipeline.metrics.coco_evaluator import CocoEvaluator, save_detections_json
+from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.nn.rcnn import (
     Detector,
     DetectorOptions,
@@ -32,8 +28,8 @@ from pipeline.nn.rcnn import (
     label_lookup,
     zero_loss,
 )
+from pipeline.nn.rcnn_task import RCNNTask
 from pipeline.task import Batch, FeatureSpec, Task
-from pipeline.viz import draw_detections
 
 
 class InstanceOptions(DetectorOptions):
@@ -73,7 +69,7 @@ class InstanceHead(nn.Module):
         return RCNNOutput(det, self.class_of_label, losses=losses)
 
 
-class InstanceTask(Task):
+class InstanceTask(RCNNTask):
     name = "instance"
     requires = ("instances",)
     input_view = "rgb"
@@ -91,23 +87,8 @@ class InstanceTask(Task):
                    options: InstanceOptions) -> nn.Module:  # type: ignore[override]
         return InstanceHead(feature_spec=feature_spec, card=card, options=options)
 
-    def losses(self, output: RCNNOutput, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
-        return output.losses
-
-    def postprocess(self, output: RCNNOutput, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: BaseModel) -> list[dict[str, torch.Tensor]]:
-        return output.predictions()
-
     def evaluator(self, *, card: DatasetCard, options: BaseModel) -> CocoEvaluator:
         return CocoEvaluator(card, iou_types=("bbox", "segm"))
-
-    def visualize(self, image: np.ndarray, prediction: dict[str, torch.Tensor], *,
-                  card: DatasetCard) -> np.ndarray:
-        return draw_detections(image, prediction, card)
-
-    def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
-                        card: DatasetCard) -> list[str]:
-        return save_detections_json(prediction, Path(f"{path_stem}_{self.name}.json"), card)
 
 
 @hookimpl

@@ -14,10 +14,8 @@ inference), so RPN, box head and box losses are computed once. Alone (or with
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel
 from torch import nn
@@ -25,7 +23,7 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
-from pipeline.metrics.coco_evaluator import CocoEvaluator, save_detections_json
+from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.nn.rcnn import (
     Detector,
     DetectorOptions,
@@ -36,8 +34,8 @@ from pipeline.nn.rcnn import (
     label_lookup,
     zero_loss,
 )
+from pipeline.nn.rcnn_task import RCNNTask
 from pipeline.task import Batch, FeatureSpec, Task
-from pipeline.viz import draw_detections
 
 
 class KeypointOptions(DetectorOptions):
@@ -113,7 +111,7 @@ class KeypointHead(nn.Module):
         return out
 
 
-class KeypointsTask(Task):
+class KeypointsTask(RCNNTask):
     name = "keypoints"
     requires = ("instances", "keypoints")
     shares_with = ("instance",)
@@ -130,23 +128,8 @@ class KeypointsTask(Task):
         shared = "instance" in shared_with and options.share_detector
         return KeypointHead(feature_spec=feature_spec, card=card, options=options, shared=shared)
 
-    def losses(self, output: RCNNOutput, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
-        return output.losses
-
-    def postprocess(self, output: RCNNOutput, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: BaseModel) -> list[dict[str, torch.Tensor]]:
-        return output.predictions()
-
     def evaluator(self, *, card: DatasetCard, options: BaseModel) -> CocoEvaluator:
         return CocoEvaluator(card, iou_types=("keypoints",), class_indices=keypointed_classes(card)[0])
-
-    def visualize(self, image: np.ndarray, prediction: dict[str, torch.Tensor], *,
-                  card: DatasetCard) -> np.ndarray:
-        return draw_detections(image, prediction, card)
-
-    def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
-                        card: DatasetCard) -> list[str]:
-        return save_detections_json(prediction, Path(f"{path_stem}_{self.name}.json"), card)
 
 
 @hookimpl

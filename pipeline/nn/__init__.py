@@ -1,4 +1,5 @@
-"""Reusable network blocks: backbones with FPN (``backbones``), dense decoders (``fpn_heads``)."""
+"""Reusable network blocks: backbones with FPN (``backbones``), dense decoders (``fpn_heads``), R-CNN
+detector, mask and keypoint branches (``rcnn``) and the shared R-CNN task methods (``rcnn_task``)."""
 
 from __future__ import annotations
 
