@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
+from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.nn.rcnn import (
@@ -78,8 +79,6 @@ class InstanceTask(RCNNTask):
     def resolve_options(self, options: InstanceOptions, *,  # type: ignore[override]
                         card: DatasetCard) -> InstanceOptions:
         if not card.thing_indices:
-            from pipeline.errors import ConfigError
-
             raise ConfigError(f"task instance: the dataset card of {card.name} has no thing classes")
         return options.with_preset()  # type: ignore[return-value]
 

@@ -23,8 +23,11 @@ from pipeline.metrics.coco_results import detections_to_results, masks_to_rle
 
 
 def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(masks.shape[-2:]) == tuple(size) or masks.shape[0] == 0:
-        return masks.bool() if masks.shape[0] else masks.new_zeros((0, *size), dtype=torch.bool)
+    """N x h x w masks -> N x H x W bool (nearest neighbour; unchanged when already that size)."""
+    if masks.shape[0] == 0:
+        return torch.zeros((0, *size), dtype=torch.bool)
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks.bool()
     return F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
 
 
@@ -46,6 +49,7 @@ class CocoEvaluator:
             class_indices = ([card.index_of_category(k.category_id) for k in card.keypoints]
                              if iou_types == ("keypoints",) else card.thing_indices)
         self.class_indices = list(class_indices)
+        self._wanted = torch.tensor(self.class_indices, dtype=torch.int64)
         self.reset()
 
     def reset(self) -> None:
@@ -72,8 +76,7 @@ class CocoEvaluator:
                           orig: tuple[int, int]) -> None:
         sx, sy = scale
         labels = inst["labels"].tolist()
-        wanted = set(self.class_indices)
-        keep = [j for j, c in enumerate(labels) if c in wanted]
+        keep = [j for j, c in enumerate(labels) if c in self.class_indices]
         if not keep:
             return
         masks = _resize_masks(inst["masks"][keep], orig) if "masks" in inst else None
@@ -125,8 +128,7 @@ class CocoEvaluator:
                          orig: tuple[int, int]) -> None:
         sx, sy = scale
         labels = pred["labels"].to(torch.int64)
-        wanted = torch.tensor(self.class_indices, dtype=torch.int64)
-        keep = torch.isin(labels, wanted).nonzero().flatten()
+        keep = torch.isin(labels, self._wanted).nonzero().flatten()
         if len(keep) == 0:
             return
         boxes = pred["boxes"][keep].double() * torch.tensor([sx, sy, sx, sy], dtype=torch.float64)

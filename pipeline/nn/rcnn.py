@@ -31,6 +31,7 @@ from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, Keypoi
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
+    fastrcnn_loss,
     keypointrcnn_inference,
     keypointrcnn_loss,
     maskrcnn_inference,
@@ -40,6 +41,7 @@ from torchvision.models.detection.roi_heads import (
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from pipeline.errors import ConfigError
 from pipeline.nn.backbones import FeatureLevel
 
 Features = dict[str, torch.Tensor]
@@ -152,14 +154,10 @@ def detector_targets(batch: dict[str, Any], *, label_of_class: torch.Tensor, dev
 def _check_levels(feature_spec: dict[str, FeatureLevel], names: tuple[str, ...], what: str) -> int:
     missing = [n for n in names if n not in feature_spec]
     if missing:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(f"{what}: feature levels {missing} not produced by the backbone "
                           f"(it has {sorted(feature_spec)})")
     channels = {feature_spec[n].channels for n in names}
     if len(channels) != 1:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(f"{what}: levels {list(names)} have different channel counts {channels}")
     return channels.pop()
 
@@ -238,8 +236,6 @@ class Detector(nn.Module):
         assert o.anchor_sizes is not None and o.rpn_pre_nms_top_n is not None
         assert o.rpn_post_nms_top_n is not None and o.box_head_dim is not None
         if len(o.anchor_sizes) != len(o.rpn_features):
-            from pipeline.errors import ConfigError
-
             raise ConfigError(f"anchor_sizes {list(o.anchor_sizes)}: one size per RPN level "
                               f"{list(o.rpn_features)} expected")
         channels = _check_levels(feature_spec, o.rpn_features, "rpn_features")
@@ -294,8 +290,6 @@ class Detector(nn.Module):
             proposals, rpn_losses = self.rpn(images, rpn_levels, tgts)
             proposals, matched, labels, reg_targets = self.roi_heads.select_training_samples(
                 proposals, tgts)  # type: ignore[arg-type]
-            from torchvision.models.detection.roi_heads import fastrcnn_loss
-
             class_logits, box_regression = self._box_outputs(pool_levels, proposals, shapes)
             loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, reg_targets)
             out.losses = {"rpn_objectness": rpn_losses["loss_objectness"],
