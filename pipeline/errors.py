@@ -23,6 +23,9 @@ class DataError(DensepipeError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # survives a process pool
+        return (type(self), (self.path, self.problem))
+
 
 class PluginError(DensepipeError):
     """A task plugin failed to load or violates the plugin contract."""

@@ -117,6 +117,10 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])  # type: ignore[arg-type]
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():  # a folder keeps its name under artifact_path
+            sub = Path(path).name if artifact_path is None else f"{artifact_path}/{Path(path).name}"
+            self.client.log_artifacts(self.run_id, str(path), sub)  # type: ignore[arg-type]
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)  # type: ignore[arg-type]
 
     def set_tags(self, tags: dict[str, str]) -> None:

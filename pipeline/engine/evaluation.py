@@ -19,15 +19,19 @@ def evaluate_model(
     """Run all evaluators; returns ``({"<task>/<metric>": float}, drawings)``.
 
     ``drawings`` holds up to ``num_visualizations`` (title, HxWx3 uint8) panels: each image and
-    every task's visualisation of its prediction. With ``artifacts_dir``, evaluators that have a
-    ``save(out_dir, name)`` method (the COCO ones: ground truth and results JSON) write their files
-    there; their paths are appended to ``saved``."""
+    every task's visualisation of its prediction. With ``artifacts_dir``, evaluators that have an
+    ``export_to(out_dir, name)`` method are told before the first batch (the panoptic one writes
+    its PNGs as it goes), and those with a ``save(out_dir, name)`` method (COCO ground truth and
+    results JSON, COCO panoptic JSON + PNG folder) write their files there after the pass; the
+    paths (files or folders) are appended to ``saved``."""
     was_training = model.training
     model.eval()
     evaluators = {name: task.evaluator(card=model.card, options=model.options[name])
                   for name, task in model.tasks.items()}
-    for ev in evaluators.values():
+    for name, ev in evaluators.items():
         ev.reset()
+        if artifacts_dir is not None and hasattr(ev, "export_to"):
+            ev.export_to(artifacts_dir, name)
     drawings: list[tuple[str, np.ndarray]] = []
     for batch in loader:
         predictions = model.predict(batch)
