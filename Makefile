@@ -45,6 +45,7 @@ bench: install-test
 	$(BIN)/python benchmarks/render_speed.py
 	$(BIN)/python benchmarks/read_speed.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/panoptic_speed.py
 
 clean-demo:
 	rm -rf data runs mlruns mlflow.db metrics.json

@@ -277,11 +277,18 @@ def test_bad_prediction_files_name_the_image_and_segment(tmp_path: Path, conform
 
 def test_missing_png_and_missing_prediction_are_named(tmp_path: Path, conformance_dir: Path) -> None:
     case, pred_json = _broken_case(tmp_path, conformance_dir)
-    (case / "pred" / "fake_name1.png").unlink()
-    with pytest.raises(DataError, match=r"pred/fake_name1.png: panoptic PNG not found"):
-        evaluate_panoptic_files(case / "gt.json", case / "gt", pred_json, case / "pred")
+    for kind in ("gt", "pred"):  # a second image, so that two workers each get one
+        obj = json.loads((case / f"{kind}.json").read_text())
+        obj["annotations"].append(dict(obj["annotations"][0], image_id=2, file_name="fake_name2.png"))
+        (case / f"{kind}.json").write_text(json.dumps(obj))
+        shutil.copy(case / kind / "fake_name1.png", case / kind / "fake_name2.png")
+    (case / "pred" / "fake_name2.png").unlink()
+    for workers in (1, 2):  # the error crosses the process pool intact
+        with pytest.raises(DataError, match=r"pred/fake_name2.png: panoptic PNG not found"):
+            evaluate_panoptic_files(case / "gt.json", case / "gt", pred_json, case / "pred", workers=workers)
     obj = json.loads(pred_json.read_text())
     obj["annotations"][0]["image_id"] = 7
+    obj["annotations"][1]["image_id"] = 2
     pred_json.write_text(json.dumps(obj))
     with pytest.raises(DataError, match=r"pred.json: no prediction for image_id 1 \(fake_name1.png\)"):
         evaluate_panoptic_files(case / "gt.json", case / "gt", pred_json, case / "pred")

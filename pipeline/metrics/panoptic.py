@@ -26,13 +26,14 @@ Bad input (a predicted id missing from the segments or the reverse, a segment id
 category unknown to the ground truth, maps of different sizes) raises ``DataError`` naming the
 image and the segment.
 
-Speed: instead of ``np.unique`` over the combined 64-bit labels (a sort per image), each map is
-turned into segment positions with ``np.searchsorted`` against the sorted segment ids and the
-(ground truth, prediction) overlap table is one ``np.bincount``.
+Speed: instead of ``np.unique`` over each map and over the combined 64-bit labels (sorts), each
+map is turned into segment positions with one table lookup per pixel and the (ground truth,
+prediction) overlap table is one ``np.bincount``.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,6 @@ VOID = 0
 MATCH_IOU = 0.5  # a match needs IoU strictly above this
 IGNORED_SHARE = 0.5  # an unmatched prediction is forgiven above this share on VOID / own crowd
 _SHOWN = 5  # how many offending ids an error message lists
-_WIDE_INTS = (np.dtype(np.uint32), np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.uint64))
 
 Segment = Mapping[str, Any]
 
@@ -183,25 +183,48 @@ def _segment_ids(segments: Sequence[Segment], where: str, what: str) -> np.ndarr
     return ids
 
 
+_ID_LIMIT = 1 << 24  # RGB-encoded ids are below this
+_UNLISTED = np.iinfo(np.uint16).max
+_local = threading.local()
+
+
+def _id_lookup() -> np.ndarray:
+    """This thread's id -> position table (``uint16`` over all 2^24 ids, 32 MiB, made once):
+    ``_UNLISTED`` everywhere except while ``_positions`` uses it."""
+    lut = getattr(_local, "lut", None)
+    if lut is None:
+        lut = _local.lut = np.full(_ID_LIMIT, _UNLISTED, np.uint16)
+        lut[VOID] = 0
+    return lut
+
+
 def _positions(id_map: np.ndarray, seg_ids: np.ndarray) -> np.ndarray:
-    """Flat map of 0 (VOID), 1 + k (the pixel's id is ``seg_ids[k]``) or ``len + 1`` (unlisted)."""
+    """Flat map of 0 (VOID), 1 + k (the pixel's id is ``seg_ids[k]``) or ``len + 1`` (unlisted).
+
+    Ids below 2^24 (every RGB-encoded map) go through a lookup table, one gather per pixel; other
+    maps through ``searchsorted`` on the sorted ids."""
     flat = id_map.reshape(-1)
     n = len(seg_ids)
-    if n == 0:
-        return np.where(flat == VOID, 0, 1).astype(np.intp)
+    lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
+    if lo >= 0 and hi < _ID_LIMIT and n < _UNLISTED - 1 and (n == 0 or int(seg_ids.max()) < _ID_LIMIT):
+        lut = _id_lookup()
+        lut[seg_ids] = np.arange(1, n + 1, dtype=np.uint16)
+        try:
+            out = lut[flat]
+        finally:
+            lut[seg_ids] = _UNLISTED
+        np.minimum(out, n + 1, out=out)
+        return out.astype(np.intp)
     order = np.argsort(seg_ids, kind="stable")
-    sorted_ids = seg_ids[order]
-    if flat.dtype not in _WIDE_INTS or int(sorted_ids[-1]) > np.iinfo(flat.dtype).max \
-            or int(sorted_ids[0]) < np.iinfo(flat.dtype).min:
-        flat = flat.astype(np.int64)
-    sorted_ids = sorted_ids.astype(flat.dtype)  # searchsorted is fastest on one dtype
-    pos = np.searchsorted(sorted_ids, flat)
-    np.minimum(pos, n - 1, out=pos)
-    listed = sorted_ids[pos] == flat
-    lookup = np.append(order + 1, n + 1).astype(np.intp)
-    out = lookup[np.where(listed, pos, n)]
-    out[flat == VOID] = 0
-    return out
+    table = np.concatenate([[VOID], seg_ids[order]])  # VOID sorts first: ids are positive
+    flat = flat.astype(np.int64)
+    pos = np.searchsorted(table, flat)
+    np.minimum(pos, n, out=pos)
+    found = table[pos] == flat
+    rank = np.empty(n + 2, np.intp)  # sorted position -> 1 + original position
+    rank[0], rank[n + 1] = 0, n + 1
+    rank[1:n + 1] = 1 + order
+    return rank[np.where(found, pos, n + 1)]
 
 
 def _categories_of(segments: Sequence[Segment], categories: PanopticCategories, where: str,
