@@ -66,7 +66,7 @@ from pipeline.data.card import DatasetCard  # noqa: E402
 from pipeline.engine.loaders import train_dataset, train_loader  # noqa: E402
 from pipeline.engine.trainer import train_step  # noqa: E402
 from pipeline.model import PIXEL_MEAN, PIXEL_STD, build_model  # noqa: E402
-from pipeline.nn.backbones import build_backbone  # noqa: E402
+from pipeline.nn.backbones import FPN_LEVELS, build_backbone  # noqa: E402
 from pipeline.nn.fpn_heads import SemanticFPNHead  # noqa: E402
 from pipeline.nn.rcnn import RCNN_PRESETS, DetectorOptions, label_lookup  # noqa: E402
 
@@ -143,7 +143,8 @@ class FeatureBackbone(nn.Module):
         self.features: OrderedDict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        self.features = self.net(x)
+        feats = self.net(x)  # torchvision's RPN runs on every level it gets: the FPN levels only
+        self.features = OrderedDict((k, feats[k]) for k in FPN_LEVELS)
         return self.features
 
 
@@ -181,7 +182,7 @@ class Reference(nn.Module):
             mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=ratio),
             mask_head=MaskRCNNHeads(ch, list(p["mask_head_dims"]), dilation=1),
             mask_predictor=MaskRCNNPredictor(p["mask_head_dims"][-1], p["mask_head_dims"][-1], num_classes))
-        if list(o.rpn_features) != list(backbone.net.feature_spec):
+        if list(o.rpn_features) != list(FPN_LEVELS):
             raise ValueError("torchvision's RPN runs on every backbone level; the plugin's on rpn_features")
         self.num_keypoints = 0
         if keypoints:

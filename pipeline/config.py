@@ -50,6 +50,9 @@ class ModelConfig(Section):
     weights: str | None = None
     """Local path to backbone weights; ``None`` = random initialisation. Never downloaded."""
     fpn_channels: int = Field(128, ge=8)
+    output_stride: Literal[8, 16, 32] = 32
+    """Stride of the backbone's deepest level: 16 or 8 dilate the last stages (dense decoders
+    such as ``aspp``; backbones that cannot dilate refuse it). The R-CNN tasks need 32."""
     tasks: list[str] = Field(default_factory=lambda: ["semantic"])
     heads: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-task options, validated by each task's ``Options`` model (``model.heads.semantic``)."""

@@ -124,7 +124,7 @@ def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = 
     check_tasks(cfg, registry.names)
     tasks = registry.resolve(cfg.model.tasks)
     backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights,
-                              fpn_channels=cfg.model.fpn_channels)
+                              fpn_channels=cfg.model.fpn_channels, output_stride=cfg.model.output_stride)
     heads: dict[str, nn.Module] = {}
     options: dict[str, BaseModel] = {}
     for task in tasks:

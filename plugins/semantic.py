@@ -1,7 +1,10 @@
-"""Built-in task ``semantic``: semantic segmentation with the Panoptic FPN semantic branch.
+"""Built-in task ``semantic``: semantic segmentation with a decoder chosen by name.
 
-Head: ``pipeline.nn.fpn_heads.SemanticFPNHead`` over p2..p5 -> per-pixel class logits at the input
-resolution. Loss: cross-entropy, ignore index 255. Metrics: the FCN paper's pixel accuracy, mean
+Head: the decoder ``decoder`` of ``pipeline.nn.decoders`` (default ``panoptic_fpn``: the Panoptic
+FPN semantic branch, ``pipeline.nn.fpn_heads.SemanticFPNHead`` over p2..p5) -> per-pixel class
+logits at the input resolution. ``decoder_options`` go to the decoder; ``conv_dims`` and
+``in_features`` are ``panoptic_fpn``'s, ``norm`` goes to every decoder that has a norm.
+Loss: cross-entropy, ignore index 255. Metrics: the FCN paper's pixel accuracy, mean
 accuracy, mean IoU and frequency-weighted IoU, plus per-class IoU, from a dataset-level confusion
 matrix (``pipeline.metrics.confusion``).
 """
@@ -22,7 +25,7 @@ from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.confusion import ConfusionMatrix
-from pipeline.nn.fpn_heads import SemanticFPNHead
+from pipeline.nn.decoders import build_task_decoder
 from pipeline.task import Batch, FeatureSpec, Task
 from pipeline.viz import colorize_labels, overlay, with_legend
 
@@ -32,6 +35,12 @@ class SemanticOptions(BaseModel):
     conv_dims: int = Field(128, ge=8)
     norm: Literal["GN", "BN", "none"] = "GN"
     in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
+    decoder: str = "panoptic_fpn"
+    """Decoder name (``pipeline.nn.decoders.DECODERS``): fcn32s, fcn16s, fcn8s, unet, segnet,
+    context_basic, context_large, aspp, psp, panoptic_fpn, hypercolumns, or a plugin's."""
+    decoder_options: dict[str, Any] = Field(default_factory=dict)
+    """The decoder's own options (e.g. ``{rates: [6, 12, 18]}`` for aspp); for ``panoptic_fpn``
+    they override ``conv_dims`` / ``in_features`` / ``norm``."""
     class_weights: list[float] | Literal["median_frequency"] | None = None
     """Cross-entropy weight per class: a list (one per class), or ``median_frequency``
     (Eigen and Fergus: median class frequency / class frequency, from the dataset card's
@@ -55,13 +64,25 @@ def median_frequency_weights(card: DatasetCard, split: str = "train") -> list[fl
 class SemanticHead(nn.Module):
     """Logits B x num_classes x H x W at the input size."""
 
-    def __init__(self, branch: SemanticFPNHead) -> None:
+    def __init__(self, branch: nn.Module) -> None:
         super().__init__()
         self.branch = branch
 
     def forward(self, features: dict[str, torch.Tensor], *, image_size: tuple[int, int],
                 batch: Batch | None = None) -> torch.Tensor:
         return self.branch(features, output_size=image_size)
+
+
+def build_semantic_decoder(feature_spec: FeatureSpec, num_classes: int,
+                           options: SemanticOptions) -> nn.Module:
+    """The decoder of ``options`` over ``feature_spec`` (checked against the backbone's
+    capabilities, ``feature_spec.info``): unknown names, options or an incompatible backbone are
+    one-line ``ConfigError``s, raised when the model is built, before any training step."""
+    defaults: dict[str, Any] = {"norm": options.norm}
+    if options.decoder == "panoptic_fpn":  # exactly the head of earlier versions by default
+        defaults.update(in_features=options.in_features, conv_dims=options.conv_dims)
+    return build_task_decoder("semantic", options.decoder, options.decoder_options,
+                              feature_spec=feature_spec, num_outputs=num_classes, defaults=defaults)
 
 
 class SemanticEvaluator:
@@ -102,10 +123,7 @@ class SemanticTask(Task):
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
                    options: SemanticOptions) -> nn.Module:  # type: ignore[override]
-        branch = SemanticFPNHead(feature_spec, in_features=options.in_features,
-                                 num_outputs=card.num_classes, conv_dims=options.conv_dims,
-                                 norm="" if options.norm == "none" else options.norm)
-        return SemanticHead(branch)
+        return SemanticHead(build_semantic_decoder(feature_spec, card.num_classes, options))
 
     def losses(self, output: torch.Tensor, batch: Batch, *,
                options: BaseModel) -> dict[str, torch.Tensor]:

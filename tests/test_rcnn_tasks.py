@@ -231,3 +231,14 @@ def test_train_evaluate_writes_coco_files_that_coco_eval_scores_alike(
     run = client.search_runs([client.get_experiment_by_name("densepipe").experiment_id])[0]
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"instance_coco_results.json", "keypoints_coco_gt.json"} <= logged
+
+
+def test_a_dilated_backbone_is_refused_by_the_rcnn_heads(tiny_dataset: Path, card: DatasetCard) -> None:
+    from pipeline.config import config_from_dict
+
+    cfg = config_from_dict({"data": {"root": str(tiny_dataset), "image_size": 64},
+                            "model": {"backbone": "resnet18", "fpn_channels": 32, "output_stride": 8,
+                                      "tasks": ["instance"]}})
+    with pytest.raises(ConfigError, match=r"strides \[4, 8, 8, 8, 16\] \(backbone resnet18 at output "
+                                          r"stride 8\); use model.output_stride=32"):
+        build_model(cfg, card)  # type: ignore[arg-type]

@@ -1,25 +1,35 @@
-"""Reusable network blocks: backbones with FPN (``backbones``), dense decoders (``fpn_heads``), R-CNN
-detector, mask and keypoint branches (``rcnn``) and the shared R-CNN task methods (``rcnn_task``)."""
+"""Reusable network blocks: backbones with FPN (``backbones``), dense decoders (``decoders``, with
+the Panoptic FPN semantic branch in ``fpn_heads``), upsampling operators (``upsample``), dense losses
+(``dense_losses``), R-CNN detector, mask and keypoint branches (``rcnn``) and the shared R-CNN task
+methods (``rcnn_task``)."""
 
 from __future__ import annotations
 
 from pipeline.nn.backbones import (
     BACKBONES,
     Backbone,
+    BackboneInfo,
+    BackboneSpec,
     FeatureLevel,
     build_backbone,
     load_backbone_weights,
     register_backbone,
 )
+from pipeline.nn.decoders import DECODERS, build_decoder, register_decoder
 from pipeline.nn.fpn_heads import SemanticFPNHead, upsample_to
 
 __all__ = [
     "BACKBONES",
+    "DECODERS",
     "Backbone",
+    "BackboneInfo",
+    "BackboneSpec",
     "FeatureLevel",
     "SemanticFPNHead",
     "build_backbone",
+    "build_decoder",
     "load_backbone_weights",
     "register_backbone",
+    "register_decoder",
     "upsample_to",
 ]

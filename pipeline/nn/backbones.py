@@ -1,21 +1,33 @@
-"""Backbones with a feature pyramid: image in, FPN levels ``p2``..``p6`` out.
+"""Backbones with a feature pyramid: image in, body levels ``c1``..``c5`` and FPN levels out.
 
-A backbone is a torchvision classification network cut into a *body* (``IntermediateLayerGetter``
-returning ``c2``..``c5`` at strides 4, 8, 16, 32) followed by ``torchvision.ops``'
-``FeaturePyramidNetwork`` with ``LastLevelMaxPool`` (``p6``, stride 64, for an RPN).
+A backbone is a *body* (a torchvision classification network cut by ``IntermediateLayerGetter``,
+or the VGG encoder below) returning ``c1``..``c5`` (``c1`` where the body has a stride-2 map)
+followed by ``torchvision.ops``' ``FeaturePyramidNetwork`` over ``c2``..``c5`` with
+``LastLevelMaxPool`` (``p6``, for an RPN).
 
 Contract of every backbone's ``forward(x)``:
 
 - ``x``: float Bx3xHxW, already normalized; any H, W >= 1 (odd sizes included).
-- returns an ``OrderedDict`` ``{"p2", "p3", "p4", "p5", "p6"}`` of Bx``fpn_channels``xhxw maps,
-  finest first. Every stride-2 layer pads so its output is ``ceil(size / 2)``, hence the level of
-  stride ``s`` has ``h = ceil(H / s)``, ``w = ceil(W / s)`` (e.g. 97x131 gives p2 25x33,
-  p3 13x17, p4 7x9, p5 4x5, p6 2x3).
-- ``backbone.feature_spec`` describes exactly those outputs (channels, stride).
+- returns an ``OrderedDict``: first the FPN levels ``p2``..``p6`` (Bx``fpn_channels``xhxw), then
+  the body levels ``c1``..``c5`` (their own channels), then, for encoders that record them, the
+  max-pooling indices ``pool1_indices``.. (int64, see :class:`BackboneInfo`). Every stride-2
+  layer pads so its output is ``ceil(size / 2)``, hence a level of stride ``s`` has
+  ``h = ceil(H / s)``, ``w = ceil(W / s)`` (e.g. 97x131 gives p2 25x33, p3 13x17, p4 7x9, p5 4x5,
+  p6 2x3).
+- ``backbone.feature_spec`` describes exactly those outputs, in that order (channels and the true
+  stride of each); ``backbone.feature_spec.info`` (also ``backbone.info``) the capabilities that
+  decoders check: registered name, output stride, supported output strides, pooling-index keys.
 
-Builders are registered by name (``@register_backbone("name")``) and built with
-``build_backbone(name, weights=..., fpn_channels=..., norm=...)``. Builders never download:
-torchvision models are built with ``weights=None``; pretrained weights come only from a local file.
+Output stride: ``build_backbone(..., output_stride=16 or 8)`` replaces the stride of the last one
+or two stages by dilation (DeepLab). ``c4``/``c5`` (and ``p4``..``p6``) then have stride
+``min(16 or 32, output_stride)`` (``p6`` twice ``p5``'s): feature_spec reports those true strides.
+A dilated backbone is meant for dense decoders; the R-CNN heads assume FPN strides 4..64.
+Supported: resnet18/34/50 (8, 16, 32), mobilenet_v3_large (16, 32), vgg11_bn/vgg16_bn (32 only).
+
+Builders are registered by name (``@register_backbone("name", output_strides=(...))``) and built
+with ``build_backbone(name, weights=..., fpn_channels=..., norm=..., output_stride=...)``.
+Builders never download: torchvision models are built with ``weights=None``; pretrained weights
+come only from a local file.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -39,8 +51,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pipeline.errors import ConfigError
 
 NORMS = ("bn", "frozen_bn", "gn")
-BODY_LEVELS = ("c2", "c3", "c4", "c5")  # body outputs at strides 4, 8, 16, 32
-FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")  # backbone outputs at strides 4, 8, 16, 32, 64
+BODY_LEVELS = ("c2", "c3", "c4", "c5")  # the FPN's inputs, at strides 4, 8, 16, 32 (undilated)
+FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")  # backbone outputs at strides 4, 8, 16, 32, 64 (undilated)
+OUTPUT_STRIDES = (8, 16, 32)
 _SHOWN_KEYS = 3  # how many mismatching keys an error message names
 
 
@@ -52,19 +65,62 @@ class FeatureLevel:
     stride: int
 
 
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a backbone can do, for decoders to check before anything trains.
+
+    Attributes:
+        name: the registered name (``"unregistered"`` for a ``Backbone`` built by hand).
+        output_stride: stride of the deepest body level (32, or 16 / 8 when dilated).
+        output_strides: the output strides this backbone can be built with (``(32,)``: it
+            cannot dilate).
+        pool_indices: keys of the max-pooling indices among the outputs, in pooling order; empty
+            for most backbones. Each comes from a 2x2, stride-2 ``MaxPool2d(ceil_mode=True,
+            return_indices=True)``: ``pool{k}_indices`` (int64, the shape of the pooled map
+            ``c{k}``, stride ``2**k``) holds flat positions in the pooling's input, of stride
+            ``2**(k-1)``, so its size is ``ceil(H / 2**(k-1))`` x ``ceil(W / 2**(k-1))``: the
+            ``output_size`` to give ``MaxUnpool2d`` for odd sizes.
+    """
+
+    name: str = "unregistered"
+    output_stride: int = 32
+    output_strides: tuple[int, ...] = (32,)
+    pool_indices: tuple[str, ...] = ()
+
+    @property
+    def can_dilate(self) -> bool:
+        return any(s < 32 for s in self.output_strides)
+
+
+class BackboneSpec(dict[str, FeatureLevel]):
+    """``{level: FeatureLevel}`` (a plain dict to every existing consumer) plus ``info``: the
+    backbone's :class:`BackboneInfo`, so a task's ``build_head`` can check compatibility."""
+
+    def __init__(self, levels: Mapping[str, FeatureLevel] = (), *, info: BackboneInfo | None = None):
+        super().__init__(levels)
+        self.info = info or BackboneInfo()
+
+    def __reduce__(self):  # keep ``info`` through copy / pickle
+        return (self.__class__, (dict(self),), {"info": self.info})
+
+
 KeyMap = Callable[[str], "str | None"]
 
 
 class Backbone(nn.Module):
-    """A body returning ``c2``..``c5`` followed by an FPN returning ``p2``..``p6``.
+    """A body returning ``c2``..``c5`` (and optionally ``c1`` and pooling indices) followed by an
+    FPN over ``c2``..``c5`` returning ``p2``..``p6``.
 
     Args:
-        body: module mapping Bx3xHxW to an ordered dict with keys ``c2``..``c5`` (strides 4..32).
+        body: module mapping Bx3xHxW to a dict with at least the keys ``c2``..``c5``.
         body_channels: channels of ``c2``..``c5``, in that order.
-        fpn_channels: channels of every output level.
+        fpn_channels: channels of every FPN level.
         classifier_key_map: maps a key of the source classification network's state dict to the
             body's key, or ``None`` for keys the body does not use (the classifier head); used by
             :func:`load_backbone_weights`.
+        body_spec: every body output passed on (``c1``..``c5``, ``pool{k}_indices``) with its
+            channels and true stride, in output order; default ``c2``..``c5`` at strides 4..32.
+        pool_indices: which keys of ``body_spec`` are pooling indices (see :class:`BackboneInfo`).
     """
 
     def __init__(
@@ -74,10 +130,18 @@ class Backbone(nn.Module):
         body_channels: tuple[int, int, int, int],
         fpn_channels: int,
         classifier_key_map: KeyMap,
+        body_spec: Mapping[str, FeatureLevel] | None = None,
+        pool_indices: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         if len(body_channels) != len(BODY_LEVELS):
             raise ValueError(f"body_channels needs {len(BODY_LEVELS)} values, got {body_channels}")
+        if body_spec is None:
+            body_spec = {k: FeatureLevel(c, 2 ** (i + 2)) for i, (k, c) in
+                         enumerate(zip(BODY_LEVELS, body_channels, strict=True))}
+        missing = [k for k in (*BODY_LEVELS, *pool_indices) if k not in body_spec]
+        if missing:
+            raise ValueError(f"body_spec lacks {missing}")
         self.body = body
         self.fpn = FeaturePyramidNetwork(
             in_channels_list=list(body_channels),
@@ -85,22 +149,47 @@ class Backbone(nn.Module):
             extra_blocks=LastLevelMaxPool(),
         )
         self.classifier_key_map = classifier_key_map
-        self.feature_spec: dict[str, FeatureLevel] = {
-            name: FeatureLevel(channels=fpn_channels, stride=2 ** (i + 2))
-            for i, name in enumerate(FPN_LEVELS)
-        }
+        self.body_levels = tuple(body_spec)
+        strides = [body_spec[k].stride for k in BODY_LEVELS]
+        fpn_spec = {name: FeatureLevel(channels=fpn_channels, stride=s)
+                    for name, s in zip(FPN_LEVELS, [*strides, 2 * strides[-1]], strict=True)}
+        info = BackboneInfo(output_stride=strides[-1], output_strides=(strides[-1],),
+                            pool_indices=tuple(pool_indices))
+        self.feature_spec = BackboneSpec({**fpn_spec, **body_spec}, info=info)
+
+    @property
+    def info(self) -> BackboneInfo:
+        """Capabilities (name, output stride, pooling indices); see :class:`BackboneInfo`."""
+        return self.feature_spec.info
+
+    @info.setter
+    def info(self, value: BackboneInfo) -> None:
+        self.feature_spec.info = value
+
+    @property
+    def output_stride(self) -> int:
+        """Stride of the deepest body level ``c5``: 32, or 16 / 8 when dilated."""
+        return self.info.output_stride
+
+    @property
+    def pool_indices(self) -> tuple[str, ...]:
+        """Output keys holding max-pooling indices (empty unless the encoder records them)."""
+        return self.info.pool_indices
 
     @property
     def out_channels(self) -> int:
-        """Channels of every output level (``fpn_channels``)."""
+        """Channels of every FPN level (``fpn_channels``)."""
         return self.feature_spec["p2"].channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        """Bx3xHxW normalized image -> ``{"p2": ..., "p6": ...}`` (see module docstring)."""
+        """Bx3xHxW normalized image -> ``{"p2": ..., "p6": ..., "c1": ..., "c5": ...}`` (see
+        the module docstring)."""
         feats = self.body(x)
         pyramid = self.fpn(OrderedDict((k, feats[k]) for k in BODY_LEVELS))
         # FPN keeps the body's names and appends "pool" for the max-pooled level.
-        return OrderedDict(zip(FPN_LEVELS, pyramid.values(), strict=True))
+        out = OrderedDict(zip(FPN_LEVELS, pyramid.values(), strict=True))
+        out.update((k, feats[k]) for k in self.body_levels)
+        return out
 
 
 class BackboneBuilder(Protocol):
@@ -108,18 +197,35 @@ class BackboneBuilder(Protocol):
 
 
 BACKBONES: dict[str, BackboneBuilder] = {}
+BACKBONE_OUTPUT_STRIDES: dict[str, tuple[int, ...]] = {}
+"""Output strides each registered backbone supports (``(32,)`` unless registered otherwise)."""
 
 
-def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    """Decorator registering ``builder(*, fpn_channels, norm) -> Backbone`` under ``name``."""
+def register_backbone(
+    name: str, *, output_strides: Iterable[int] = (32,)
+) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator registering ``builder(*, fpn_channels, norm) -> Backbone`` under ``name``.
+
+    ``output_strides``: the strides it can be built with; a builder supporting more than 32 also
+    takes ``output_stride`` (passed only when it is not 32).
+    """
+    strides = tuple(sorted(set(output_strides)))
+    if 32 not in strides or not set(strides) <= set(OUTPUT_STRIDES):
+        raise ValueError(f"output_strides must include 32 and lie in {OUTPUT_STRIDES}, got {strides}")
 
     def decorator(builder: BackboneBuilder) -> BackboneBuilder:
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} is already registered")
         BACKBONES[name] = builder
+        BACKBONE_OUTPUT_STRIDES[name] = strides
         return builder
 
     return decorator
+
+
+def dilatable_backbones() -> list[str]:
+    """Registered backbones that can be built with an output stride below 32."""
+    return sorted(n for n in BACKBONES if min(BACKBONE_OUTPUT_STRIDES.get(n, (32,))) < 32)
 
 
 def build_backbone(
@@ -128,26 +234,29 @@ def build_backbone(
     weights: str | Path | None = None,
     fpn_channels: int = 128,
     norm: str = "bn",
+    output_stride: int = 32,
 ) -> Backbone:
     """Build the registered backbone ``name``, optionally loading weights from a local file.
 
     Args:
         name: a key of :data:`BACKBONES` (built-ins: resnet18, resnet34, resnet50,
-            mobilenet_v3_large).
+            mobilenet_v3_large, vgg11_bn, vgg16_bn).
         weights: ``None`` (random init) or a local path to either a torchvision classification
             state dict of the same network (loaded into the body; the FPN stays random) or a
             densepipe backbone state dict (``Backbone.state_dict()``: body and FPN).
-        fpn_channels: channels of every output level.
+        fpn_channels: channels of every FPN level.
         norm: normalization in the body: ``"bn"`` (BatchNorm, trained), ``"frozen_bn"``
             (``FrozenBatchNorm2d``: fixed statistics and affine, for fine-tuning on tiny batches)
             or ``"gn"`` (GroupNorm with ``gcd(32, channels)`` groups). BatchNorm uses PyTorch's
             momentum 0.1 everywhere (MobileNet keeps its eps 0.001); training with ``"bn"`` on
             batch 1 needs inputs over 32 px on a side (c5 must hold more than one value per
             channel). The FPN has no norm.
+        output_stride: 32, or 16 / 8 to dilate the last stages (``model.output_stride``); the
+            backbone must support it (:data:`BACKBONE_OUTPUT_STRIDES`).
 
     Raises:
-        ConfigError: unknown ``name`` or ``norm``, bad ``fpn_channels``, or ``weights`` missing,
-            unreadable or not fitting the network.
+        ConfigError: unknown ``name`` or ``norm``, bad ``fpn_channels``, an ``output_stride`` the
+            backbone does not support, or ``weights`` missing, unreadable or not fitting.
     """
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
@@ -155,7 +264,21 @@ def build_backbone(
         raise ConfigError(f"unknown backbone norm {norm!r}; allowed: {', '.join(NORMS)}")
     if fpn_channels < 1:
         raise ConfigError(f"fpn_channels must be a positive integer, got {fpn_channels}")
-    backbone = BACKBONES[name](fpn_channels=fpn_channels, norm=norm)
+    supported = BACKBONE_OUTPUT_STRIDES.get(name, (32,))
+    if output_stride not in supported:
+        if len(supported) == 1:
+            hint = (f"it cannot dilate; dilatable backbones: {', '.join(dilatable_backbones())}"
+                    if dilatable_backbones() else "it cannot dilate")
+        else:
+            hint = f"supported: {', '.join(map(str, supported))}"
+        raise ConfigError(f"model.output_stride={output_stride} is not supported by backbone "
+                          f"{name!r} ({hint})")
+    extra = {"output_stride": output_stride} if output_stride != 32 else {}
+    backbone = BACKBONES[name](fpn_channels=fpn_channels, norm=norm, **extra)
+    if backbone.output_stride != output_stride:
+        raise ValueError(f"backbone {name!r} built with output stride {backbone.output_stride}, "
+                         f"asked for {output_stride}")
+    backbone.info = replace(backbone.info, name=name, output_strides=supported)
     if weights is not None:
         load_backbone_weights(backbone, weights, name=name)
     return backbone
@@ -243,76 +366,213 @@ def _norm_layer(norm: str, *, eps: float) -> Callable[[int], nn.Module]:
 # built-ins
 
 
+def _check_output_stride(output_stride: int, supported: tuple[int, ...]) -> None:
+    if output_stride not in supported:
+        raise ValueError(f"output_stride must be one of {supported}, got {output_stride}")
+
+
+def dilate_stage(stage: nn.Module, dilation: int) -> None:
+    """Turn a stride-2 stage into a stride-1 stage with dilated 3x3 convs, in place (DeepLab).
+
+    The convolution that had stride 2 (and the 1x1 shortcut) gets stride 1; that 3x3 conv keeps
+    the previous stage's dilation ``dilation // 2``, every later 3x3 conv gets ``dilation`` (as
+    torchvision's ``replace_stride_with_dilation`` does for bottlenecks; this also works for basic
+    blocks, which torchvision refuses to dilate). Padding follows, so sizes are kept; no parameter
+    changes shape, so classification weights still load.
+    """
+    for conv in stage.modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        if conv.stride == (2, 2):
+            conv.stride = (1, 1)
+            if conv.kernel_size == (3, 3):
+                conv.dilation = conv.padding = (dilation // 2, dilation // 2)
+        elif conv.kernel_size == (3, 3):
+            conv.dilation = conv.padding = (dilation, dilation)
+
+
+def _strides(output_stride: int) -> dict[str, int]:
+    """True strides of c1..c5 for an output stride of 32, 16 or 8."""
+    return {f"c{k}": min(2**k, output_stride) for k in range(1, 6)}
+
+
 def _resnet_key_map(key: str) -> str | None:
     return None if key.startswith("fc.") else key
 
 
-def _resnet_backbone(arch: str, *, fpn_channels: int, norm: str) -> Backbone:
+def _resnet_backbone(arch: str, *, fpn_channels: int, norm: str, output_stride: int = 32) -> Backbone:
+    _check_output_stride(output_stride, OUTPUT_STRIDES)
     # zero-initialised last norm of each residual block: every block starts as the identity,
     # which trains faster from random initialisation (Goyal et al. 2017); loaded weights override it
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=_norm_layer(norm, eps=1e-5),
                                             zero_init_residual=True)
+    if output_stride <= 16:
+        dilate_stage(net.layer4, 32 // output_stride)  # 2 (OS 16) or 4 (OS 8)
+    if output_stride == 8:
+        dilate_stage(net.layer3, 2)
     body = IntermediateLayerGetter(
-        net, return_layers={"layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
+        net, return_layers={"relu": "c1", "layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
     )
     c5 = net.fc.in_features  # 512 (basic blocks) or 2048 (bottlenecks)
     channels = (c5 // 8, c5 // 4, c5 // 2, c5)
+    strides = _strides(output_stride)
+    spec = {"c1": FeatureLevel(64, 2)}
+    spec.update((f"c{k}", FeatureLevel(c, strides[f"c{k}"]))
+                for k, c in zip(range(2, 6), channels, strict=True))
     return Backbone(
         body=body,
         body_channels=channels,
         fpn_channels=fpn_channels,
         classifier_key_map=_resnet_key_map,
+        body_spec=spec,
     )
 
 
-@register_backbone("resnet18")
-def resnet18_fpn(*, fpn_channels: int, norm: str) -> Backbone:
-    """ResNet-18 body (c2..c5: 64, 128, 256, 512 channels) + FPN."""
-    return _resnet_backbone("resnet18", fpn_channels=fpn_channels, norm=norm)
+@register_backbone("resnet18", output_strides=OUTPUT_STRIDES)
+def resnet18_fpn(*, fpn_channels: int, norm: str, output_stride: int = 32) -> Backbone:
+    """ResNet-18 body (c1..c5: 64, 64, 128, 256, 512 channels) + FPN; output stride 8, 16 or 32."""
+    return _resnet_backbone("resnet18", fpn_channels=fpn_channels, norm=norm, output_stride=output_stride)
 
 
-@register_backbone("resnet34")
-def resnet34_fpn(*, fpn_channels: int, norm: str) -> Backbone:
-    """ResNet-34 body (c2..c5: 64, 128, 256, 512 channels) + FPN."""
-    return _resnet_backbone("resnet34", fpn_channels=fpn_channels, norm=norm)
+@register_backbone("resnet34", output_strides=OUTPUT_STRIDES)
+def resnet34_fpn(*, fpn_channels: int, norm: str, output_stride: int = 32) -> Backbone:
+    """ResNet-34 body (c1..c5: 64, 64, 128, 256, 512 channels) + FPN; output stride 8, 16 or 32."""
+    return _resnet_backbone("resnet34", fpn_channels=fpn_channels, norm=norm, output_stride=output_stride)
 
 
-@register_backbone("resnet50")
-def resnet50_fpn(*, fpn_channels: int, norm: str) -> Backbone:
-    """ResNet-50 body (c2..c5: 256, 512, 1024, 2048 channels) + FPN."""
-    return _resnet_backbone("resnet50", fpn_channels=fpn_channels, norm=norm)
+@register_backbone("resnet50", output_strides=OUTPUT_STRIDES)
+def resnet50_fpn(*, fpn_channels: int, norm: str, output_stride: int = 32) -> Backbone:
+    """ResNet-50 body (c1..c5: 64, 256, 512, 1024, 2048 channels) + FPN; output stride 8, 16, 32."""
+    return _resnet_backbone("resnet50", fpn_channels=fpn_channels, norm=norm, output_stride=output_stride)
 
 
 # Taps into ``mobilenet_v3_large().features``: the last block of each stride, i.e. the output just
-# before the next stride-2 block: 3 (24 ch, stride 4), 6 (40 ch, stride 8), 12 (112 ch, stride 16)
-# and 16 (the final 1x1 conv, 960 ch, stride 32).
-MOBILENET_V3_LARGE_TAPS = {"3": "c2", "6": "c3", "12": "c4", "16": "c5"}
+# before the next stride-2 block: 1 (16 ch, stride 2), 3 (24 ch, stride 4), 6 (40 ch, stride 8),
+# 12 (112 ch, stride 16) and 16 (the final 1x1 conv, 960 ch, stride 32).
+MOBILENET_V3_LARGE_TAPS = {"1": "c1", "3": "c2", "6": "c3", "12": "c4", "16": "c5"}
 
 
 def _mobilenet_key_map(key: str) -> str | None:
     return key.removeprefix("features.") if key.startswith("features.") else None
 
 
-@register_backbone("mobilenet_v3_large")
-def mobilenet_v3_large_fpn(*, fpn_channels: int, norm: str) -> Backbone:
-    """MobileNetV3-Large ``features`` (taps 3, 6, 12, 16: 24, 40, 112, 960 channels) + FPN."""
+@register_backbone("mobilenet_v3_large", output_strides=(16, 32))
+def mobilenet_v3_large_fpn(*, fpn_channels: int, norm: str, output_stride: int = 32) -> Backbone:
+    """MobileNetV3-Large ``features`` (taps 1, 3, 6, 12, 16: 16, 24, 40, 112, 960 channels) + FPN;
+    output stride 16 dilates the last stage (torchvision's ``dilated=True``)."""
+    _check_output_stride(output_stride, (16, 32))
     net = torchvision.models.mobilenet_v3_large(
-        weights=None, norm_layer=_norm_layer(norm, eps=0.001)
+        weights=None, norm_layer=_norm_layer(norm, eps=0.001), dilated=output_stride == 16
     )
     body = IntermediateLayerGetter(net.features, return_layers=MOBILENET_V3_LARGE_TAPS)
+    strides = _strides(output_stride)
+    spec = {k: FeatureLevel(c, strides[k]) for k, c in zip(strides, (16, 24, 40, 112, 960), strict=True)}
     return Backbone(
         body=body,
         body_channels=(24, 40, 112, 960),
         fpn_channels=fpn_channels,
         classifier_key_map=_mobilenet_key_map,
+        body_spec=spec,
     )
+
+
+# VGG with batch norm (Simonyan and Zisserman), the encoder of SegNet / DeconvNet: numbers are 3x3
+# conv widths, "M" a 2x2 max pooling. Module indices match torchvision's ``vgg*_bn().features``.
+VGG_CONFIGS: dict[str, list[int | str]] = {
+    "vgg11_bn": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGGEncoder(nn.Module):
+    """VGG ``features`` whose five max-poolings record their indices.
+
+    Every pooling is ``MaxPool2d(2, 2, ceil_mode=True, return_indices=True)`` (torchvision's has no
+    ``ceil_mode``: identical on even sizes, and odd sizes keep the last row / column instead of
+    dropping it, so the level of stride s is ``ceil(H / s)`` like every other backbone).
+    ``forward`` returns ``c1``..``c5`` (the output of pooling k, stride ``2**k``) and
+    ``pool1_indices``..``pool5_indices`` (see :class:`BackboneInfo`).
+    """
+
+    def __init__(self, config: list[int | str], norm_layer: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        self.channels: list[int] = []
+        for v in config:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True))
+                self.channels.append(in_ch)
+            else:
+                assert isinstance(v, int)
+                layers += [nn.Conv2d(in_ch, v, 3, padding=1), norm_layer(v), nn.ReLU(inplace=True)]
+                in_ch = v
+        self.features = nn.Sequential(*layers)
+        for m in self.modules():  # torchvision's VGG initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        levels: OrderedDict[str, Tensor] = OrderedDict()
+        indices: list[tuple[str, Tensor]] = []
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d):
+                x, idx = layer(x)
+                k = len(indices) + 1
+                levels[f"c{k}"] = x
+                indices.append((f"pool{k}_indices", idx))
+            else:
+                x = layer(x)
+        levels.update(indices)
+        return levels
+
+
+def _vgg_key_map(key: str) -> str | None:
+    return key if key.startswith("features.") else None
+
+
+def _vgg_backbone(arch: str, *, fpn_channels: int, norm: str) -> Backbone:
+    body = VGGEncoder(VGG_CONFIGS[arch], _norm_layer(norm, eps=1e-5))
+    ch = body.channels
+    spec = {f"c{k}": FeatureLevel(ch[k - 1], 2**k) for k in range(1, 6)}
+    pools = tuple(f"pool{k}_indices" for k in range(1, 6))
+    spec.update((name, FeatureLevel(ch[k - 1], 2**k)) for k, name in enumerate(pools, start=1))
+    return Backbone(
+        body=body,
+        body_channels=(ch[1], ch[2], ch[3], ch[4]),
+        fpn_channels=fpn_channels,
+        classifier_key_map=_vgg_key_map,
+        body_spec=spec,
+        pool_indices=pools,
+    )
+
+
+@register_backbone("vgg11_bn")
+def vgg11_bn_fpn(*, fpn_channels: int, norm: str) -> Backbone:
+    """VGG-11-BN encoder (c1..c5 = pool1..pool5: 64, 128, 256, 512, 512 channels) with pooling
+    indices + FPN; cannot dilate."""
+    return _vgg_backbone("vgg11_bn", fpn_channels=fpn_channels, norm=norm)
+
+
+@register_backbone("vgg16_bn")
+def vgg16_bn_fpn(*, fpn_channels: int, norm: str) -> Backbone:
+    """VGG-16-BN encoder (c1..c5 = pool1..pool5: 64, 128, 256, 512, 512 channels) with pooling
+    indices + FPN; cannot dilate."""
+    return _vgg_backbone("vgg16_bn", fpn_channels=fpn_channels, norm=norm)
 
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_OUTPUT_STRIDES",
     "Backbone",
+    "BackboneInfo",
+    "BackboneSpec",
     "FeatureLevel",
+    "VGGEncoder",
     "build_backbone",
+    "dilatable_backbones",
+    "dilate_stage",
     "load_backbone_weights",
     "register_backbone",
 ]

@@ -33,7 +33,8 @@ def _ceil_div(size: Sequence[int], factor: int) -> tuple[int, int]:
     return (-(-int(size[0]) // factor), -(-int(size[1]) // factor))
 
 
-def _norm(norm: str, channels: int) -> nn.Module:
+def norm_layer(norm: str, channels: int) -> nn.Module:
+    """``GN`` (GroupNorm, ``gcd(32, channels)`` groups), ``BN`` (BatchNorm), else identity."""
     if norm == "GN":
         return nn.GroupNorm(math.gcd(32, channels), channels)
     if norm == "BN":
@@ -109,7 +110,7 @@ class SemanticFPNHead(nn.Module):
                 blocks.append(
                     nn.Sequential(
                         nn.Conv2d(in_ch, conv_dims, 3, padding=1, bias=not norm),
-                        _norm(norm, conv_dims),
+                        norm_layer(norm, conv_dims),
                         nn.ReLU(inplace=True),
                     )
                 )

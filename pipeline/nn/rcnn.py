@@ -159,6 +159,12 @@ def _check_levels(feature_spec: dict[str, FeatureLevel], names: tuple[str, ...],
     channels = {feature_spec[n].channels for n in names}
     if len(channels) != 1:
         raise ConfigError(f"{what}: levels {list(names)} have different channel counts {channels}")
+    strides = [feature_spec[n].stride for n in names]
+    if any(b != 2 * a for a, b in zip(strides, strides[1:], strict=False)):
+        info = getattr(feature_spec, "info", None)
+        which = f"backbone {info.name} at output stride {info.output_stride}" if info else "the backbone"
+        raise ConfigError(f"{what}: the R-CNN heads need levels whose strides double, but {list(names)} "
+                          f"have strides {strides} ({which}); use model.output_stride=32")
     return channels.pop()
 
 
