@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.confusion import ConfusionMatrix
 from pipeline.nn.decoders import build_task_decoder
+from pipeline.nn.dense_losses import build_dense_loss
 from pipeline.task import Batch, FeatureSpec, Task
 from pipeline.viz import colorize_labels, overlay, with_legend
 
@@ -41,6 +42,11 @@ class SemanticOptions(BaseModel):
     decoder_options: dict[str, Any] = Field(default_factory=dict)
     """The decoder's own options (e.g. ``{rates: [6, 12, 18]}`` for aspp); for ``panoptic_fpn``
     they override ``conv_dims`` / ``in_features`` / ``norm``."""
+    loss: str = "cross_entropy"
+    """Dense loss (``pipeline.nn.dense_losses``): ``cross_entropy``, ``soft_dice``, ``focal`` or
+    ``combined`` (a weighted sum, e.g. ``loss_options: {weights: {cross_entropy: 1, soft_dice: 1}}``)."""
+    loss_options: dict[str, Any] = Field(default_factory=dict)
+    """The loss's own options (``gamma`` for focal, ``weights``/``options`` for combined, ...)."""
     class_weights: list[float] | Literal["median_frequency"] | None = None
     """Cross-entropy weight per class: a list (one per class), or ``median_frequency``
     (Eigen and Fergus: median class frequency / class frequency, from the dataset card's
@@ -119,25 +125,37 @@ class SemanticTask(Task):
         if weights is not None and len(weights) != card.num_classes:
             raise ConfigError(f"model.heads.semantic.class_weights: expected {card.num_classes} "
                               f"values (one per class of {card.name}), got {len(weights)}")
+        if options.loss != "cross_entropy" and weights is not None:
+            raise ConfigError("model.heads.semantic.class_weights apply to loss cross_entropy; with "
+                              f"loss {options.loss} give them in loss_options (e.g. combined's "
+                              "options.cross_entropy.class_weights, focal's alpha)")
+        try:
+            build_dense_loss(options.loss, **options.loss_options)
+        except ConfigError as e:
+            raise ConfigError(f"model.heads.semantic.loss={options.loss}: {e}") from None
         return options.model_copy(update={"class_weights": weights})
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
                    options: SemanticOptions) -> nn.Module:  # type: ignore[override]
         return SemanticHead(build_semantic_decoder(feature_spec, card.num_classes, options))
 
-    def losses(self, output: torch.Tensor, batch: Batch, *,
-               options: BaseModel) -> dict[str, torch.Tensor]:
+    def losses(self, output: torch.Tensor, batch: Batch, *,  # type: ignore[override]
+               options: SemanticOptions) -> dict[str, torch.Tensor]:
+        """``{"ce": ...}`` (the default cross-entropy) or ``{<loss name>: ...}``."""
+        plain = options.loss == "cross_entropy" and not options.loss_options
+        term = "ce" if plain else options.loss
         target = batch.get("semantic")
         if target is None:
-            return {"ce": output.sum() * 0.0}
+            return {term: output.sum() * 0.0}
         target = target.to(output.device)
         if not bool((target != 255).any()):
-            return {"ce": output.sum() * 0.0}
+            return {term: output.sum() * 0.0}
+        if not plain:
+            return {term: build_dense_loss(options.loss, **options.loss_options)(output, target)}
         weight = None
-        if options.class_weights is not None:  # type: ignore[attr-defined]
-            weight = torch.tensor(options.class_weights, dtype=output.dtype,  # type: ignore[attr-defined]
-                                  device=output.device)
-        return {"ce": F.cross_entropy(output, target, ignore_index=255, weight=weight)}
+        if options.class_weights is not None:
+            weight = torch.tensor(options.class_weights, dtype=output.dtype, device=output.device)
+        return {term: F.cross_entropy(output, target, ignore_index=255, weight=weight)}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch,
                     predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:

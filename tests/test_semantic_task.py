@@ -58,3 +58,30 @@ def test_visualisation_has_overlay_and_legend(card: DatasetCard) -> None:
     assert vis.shape[0] >= 64 and vis.shape[1] > 64 and vis.dtype == np.uint8
     left = vis[:64, :32].reshape(-1, 3)
     assert (left == (np.array(card.palette()[0]) * 0.6).astype(np.uint8)).all(axis=1).mean() > 0.9
+
+
+def test_the_loss_is_selectable_and_checked_at_config_time(card: DatasetCard) -> None:
+    from pipeline.nn.dense_losses import cross_entropy, soft_dice
+
+    task = SemanticTask()
+    torch.manual_seed(0)
+    logits = torch.randn(2, card.num_classes, 8, 8)
+    target = torch.randint(0, card.num_classes, (2, 8, 8))
+    target[0, :2] = 255
+    combined = {"loss": "combined", "loss_options": {"weights": {"cross_entropy": 1.0, "soft_dice": 0.5}}}
+    opts = task.resolve_options(task.parse_options(combined), card=card)
+    got = task.losses(logits, {"semantic": target}, options=opts)
+    expected = cross_entropy(logits, target) + 0.5 * soft_dice(logits, target)
+    assert list(got) == ["combined"] and float(got["combined"]) == pytest.approx(float(expected), rel=1e-6)
+    focal = task.resolve_options(task.parse_options({"loss": "focal", "loss_options": {"gamma": 0.0}}),
+                                 card=card)
+    # focal with gamma 0 is cross-entropy
+    assert float(task.losses(logits, {"semantic": target}, options=focal)["focal"]) == pytest.approx(
+        float(task.losses(logits, {"semantic": target}, options=task.parse_options({}))["ce"]), rel=1e-5)
+    with pytest.raises(ConfigError, match=r"model.heads.semantic.loss=dice: unknown dense loss 'dice'; "
+                                          r"allowed: combined, cross_entropy, focal, soft_dice"):
+        task.resolve_options(task.parse_options({"loss": "dice"}), card=card)
+    with pytest.raises(ConfigError, match=r"loss=focal: loss 'focal' got unknown options \['gama'\]"):
+        task.resolve_options(task.parse_options({"loss": "focal", "loss_options": {"gama": 2}}), card=card)
+    with pytest.raises(ConfigError, match="class_weights apply to loss cross_entropy"):
+        task.resolve_options(task.parse_options({"loss": "soft_dice", "class_weights": [1.0] * 7}), card=card)
