@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
+from pipeline.data.panoptic_ids import rgb_to_ids
 from pipeline.errors import DataError
 
 LABEL_KINDS = ("semantic", "instances", "panoptic", "depth", "normals", "keypoints")
@@ -159,8 +160,7 @@ def _read_label(path: Path, kind: str, hw: tuple[int, int]) -> np.ndarray:
 
 def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
     """COCO panoptic encoding: ``HxWx3 uint8`` -> ``HxW int64`` ids (R + 256 G + 256^2 B)."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    return rgb_to_ids(rgb).astype(np.int64)
 
 
 _NORMALS_LUT8 = np.arange(256, dtype=np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)

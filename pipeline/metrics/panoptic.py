@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.panoptic_ids import ID_LIMIT
 from pipeline.errors import DataError
 
 VOID = 0
@@ -183,7 +184,6 @@ def _segment_ids(segments: Sequence[Segment], where: str, what: str) -> np.ndarr
     return ids
 
 
-_ID_LIMIT = 1 << 24  # RGB-encoded ids are below this
 _UNLISTED = np.iinfo(np.uint16).max
 _local = threading.local()
 
@@ -193,7 +193,7 @@ def _id_lookup() -> np.ndarray:
     ``_UNLISTED`` everywhere except while ``_positions`` uses it."""
     lut = getattr(_local, "lut", None)
     if lut is None:
-        lut = _local.lut = np.full(_ID_LIMIT, _UNLISTED, np.uint16)
+        lut = _local.lut = np.full(ID_LIMIT, _UNLISTED, np.uint16)
         lut[VOID] = 0
     return lut
 
@@ -206,7 +206,7 @@ def _positions(id_map: np.ndarray, seg_ids: np.ndarray) -> np.ndarray:
     flat = id_map.reshape(-1)
     n = len(seg_ids)
     lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
-    if lo >= 0 and hi < _ID_LIMIT and n < _UNLISTED - 1 and (n == 0 or int(seg_ids.max()) < _ID_LIMIT):
+    if lo >= 0 and hi < ID_LIMIT and n < _UNLISTED - 1 and (n == 0 or int(seg_ids.max()) < ID_LIMIT):
         lut = _id_lookup()
         lut[seg_ids] = np.arange(1, n + 1, dtype=np.uint16)
         try:

@@ -21,28 +21,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.data.panoptic_ids import ids_to_rgb, rgb_to_ids
 from pipeline.errors import ConfigError, DataError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, atomic_write_json
 from pipeline.metrics.panoptic import PanopticCategories, PQResult, PQStats, pq_image_stats
 
 Pair = tuple[dict[str, Any], dict[str, Any]]
-
-
-def ids_to_rgb(ids: Any) -> np.ndarray:
-    """``HxW`` segment ids (0 .. 2^24 - 1) -> ``HxWx3 uint8`` (R + 256 G + 256^2 B)."""
-    a = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
-    if a.size and (int(a.min()) < 0 or int(a.max()) >= 1 << 24):
-        raise ValueError(f"panoptic ids must lie in 0..{(1 << 24) - 1}, got {int(a.min())}..{int(a.max())}")
-    a = a.astype(np.uint32)
-    return np.stack([a & 255, (a >> 8) & 255, (a >> 16) & 255], axis=-1).astype(np.uint8)
-
-
-def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
-    """``HxWx3 uint8`` -> ``HxW uint32`` ids (R + 256 G + 256^2 B)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected HxWx3, got {rgb.shape}")
-    a = rgb.astype(np.uint32)
-    return a[..., 0] | (a[..., 1] << 8) | (a[..., 2] << 16)
 
 
 def read_panoptic_png(path: str | os.PathLike[str]) -> np.ndarray:
@@ -173,8 +157,6 @@ def _evaluate_parallel(pairs: Sequence[Pair], gt_dir: str, pred_dir: str,
 def write_panoptic_json(path: str | os.PathLike[str], annotations: list[dict[str, Any]],
                         categories: list[dict[str, Any]], images: list[dict[str, Any]] | None = None) -> Path:
     """A COCO panoptic JSON (``images``, ``annotations``, ``categories``), written atomically."""
-    from pipeline.io import atomic_write_json
-
     path = Path(path)
     atomic_write_json(path, {"images": images or [], "annotations": annotations, "categories": categories})
     return path

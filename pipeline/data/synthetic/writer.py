@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline.data.panoptic_ids import ids_to_rgb
 from pipeline.data.synthetic import spec
 from pipeline.data.synthetic.render import MIN_VISIBLE_PIXELS, RenderedScene, render_scene
 from pipeline.errors import ConfigError
@@ -200,8 +201,7 @@ def _render_one(job: tuple[str, int, str, int, int, int]) -> dict[str, Any]:
     _save_png(encode_depth(scene.depth), root / "depth" / split / name)
     _save_png(encode_normals(scene.normals), root / "normals" / split / name)
     pan, segments = panoptic_from_scene(scene)
-    rgb = np.stack([pan % 256, (pan // 256) % 256, pan // 65536], -1).astype(np.uint8)
-    _save_png(rgb, root / "panoptic" / split / name)
+    _save_png(ids_to_rgb(pan), root / "panoptic" / split / name)
 
     anns = []
     for rec in scene.instances:
