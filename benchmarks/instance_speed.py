@@ -250,7 +250,7 @@ def build_reference(card: DatasetCard, keypoints: bool) -> tuple[Reference, Step
 
 
 # plugin state-dict prefix -> reference prefix
-PREFIXES = (("backbone.", "detector.backbone.net."), ("heads.semantic.branch.", "semantic."),
+PREFIXES = (("backbone.", "detector.backbone.net."), ("heads.semantic.decoder.", "semantic."),
             ("heads.instance.detector.rpn.", "detector.rpn."),
             ("heads.instance.detector.roi_heads.", "detector.roi_heads."),
             ("heads.instance.mask.head.", "detector.roi_heads.mask_head."),

@@ -18,30 +18,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.confusion import ConfusionMatrix
-from pipeline.nn.decoders import build_task_decoder
+from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.dense_losses import build_dense_loss
 from pipeline.task import Batch, FeatureSpec, Task
 from pipeline.viz import colorize_labels, overlay, with_legend
 
 
-class SemanticOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    conv_dims: int = Field(128, ge=8)
-    norm: Literal["GN", "BN", "none"] = "GN"
-    in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
-    decoder: str = "panoptic_fpn"
-    """Decoder name (``pipeline.nn.decoders.DECODERS``): fcn32s, fcn16s, fcn8s, unet, segnet,
-    context_basic, context_large, aspp, psp, panoptic_fpn, hypercolumns, or a plugin's."""
-    decoder_options: dict[str, Any] = Field(default_factory=dict)
-    """The decoder's own options (e.g. ``{rates: [6, 12, 18]}`` for aspp); for ``panoptic_fpn``
-    they override ``conv_dims`` / ``in_features`` / ``norm``."""
+class SemanticOptions(DecoderOptions):
+    """The decoder options (``DecoderOptions``) plus the loss."""
+
     loss: str = "cross_entropy"
     """Dense loss (``pipeline.nn.dense_losses``): ``cross_entropy``, ``soft_dice``, ``focal`` or
     ``combined`` (a weighted sum, e.g. ``loss_options: {weights: {cross_entropy: 1, soft_dice: 1}}``)."""
@@ -67,28 +59,12 @@ def median_frequency_weights(card: DatasetCard, split: str = "train") -> list[fl
     return [round(median / f, 4) if f > 0 else 0.0 for f in fractions]
 
 
-class SemanticHead(nn.Module):
-    """Logits B x num_classes x H x W at the input size."""
-
-    def __init__(self, branch: nn.Module) -> None:
-        super().__init__()
-        self.branch = branch
-
-    def forward(self, features: dict[str, torch.Tensor], *, image_size: tuple[int, int],
-                batch: Batch | None = None) -> torch.Tensor:
-        return self.branch(features, output_size=image_size)
-
-
 def build_semantic_decoder(feature_spec: FeatureSpec, num_classes: int,
                            options: SemanticOptions) -> nn.Module:
-    """The decoder of ``options`` over ``feature_spec`` (checked against the backbone's
-    capabilities, ``feature_spec.info``): unknown names, options or an incompatible backbone are
-    one-line ``ConfigError``s, raised when the model is built, before any training step."""
-    defaults: dict[str, Any] = {"norm": options.norm}
-    if options.decoder == "panoptic_fpn":  # exactly the head of earlier versions by default
-        defaults.update(in_features=options.in_features, conv_dims=options.conv_dims)
-    return build_task_decoder("semantic", options.decoder, options.decoder_options,
-                              feature_spec=feature_spec, num_outputs=num_classes, defaults=defaults)
+    """The semantic head: logits B x num_classes x H x W at the input size (see
+    ``pipeline.nn.dense_head``; unknown decoders, options or an incompatible backbone are
+    one-line ``ConfigError``s at model build)."""
+    return build_dense_head("semantic", options, feature_spec=feature_spec, num_outputs=num_classes)
 
 
 class SemanticEvaluator:
@@ -137,7 +113,7 @@ class SemanticTask(Task):
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
                    options: SemanticOptions) -> nn.Module:  # type: ignore[override]
-        return SemanticHead(build_semantic_decoder(feature_spec, card.num_classes, options))
+        return build_semantic_decoder(feature_spec, card.num_classes, options)
 
     def losses(self, output: torch.Tensor, batch: Batch, *,  # type: ignore[override]
                options: SemanticOptions) -> dict[str, torch.Tensor]:

@@ -29,9 +29,10 @@ from pipeline.nn.decoders import (
     receptive_fields,
     register_decoder,
 )
+from pipeline.nn.dense_head import DenseHead
 from pipeline.nn.fpn_heads import SemanticFPNHead
 from pipeline.nn.upsample import MaxUnpool, TransposedConvUpsample, bilinear_kernel
-from plugins.semantic import SemanticHead, SemanticTask
+from plugins.semantic import SemanticTask
 from tests.conftest import tiny_overrides
 
 BUILTINS = ("fcn32s", "fcn16s", "fcn8s", "unet", "segnet", "context_basic", "context_large", "aspp",
@@ -341,7 +342,7 @@ def test_default_semantic_head_is_unchanged(backbones: dict, card: DatasetCard) 
     torch.manual_seed(0)
     head = task.build_head(feature_spec=spec, card=card, options=options)
     torch.manual_seed(0)
-    before = SemanticHead(SemanticFPNHead(spec, in_features=("p2", "p3", "p4", "p5"),
+    before = DenseHead(SemanticFPNHead(spec, in_features=("p2", "p3", "p4", "p5"),
                                           num_outputs=card.num_classes, conv_dims=16, norm="BN"))
     assert list(head.state_dict()) == list(before.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), before.state_dict().values(),
@@ -365,7 +366,7 @@ def _config(tmp_path: Path, *overrides: str):
 def test_semantic_task_selects_its_decoder_in_config(tmp_path: Path, card: DatasetCard, overrides: list[str],
                                                      decoder_type: str) -> None:
     model = build_model(_config(tmp_path, *overrides), card)
-    branch = model.heads["semantic"].branch
+    branch = model.heads["semantic"].decoder
     assert type(branch).__name__ == decoder_type
     if decoder_type == "ASPPDecoder":  # norm of the semantic options reaches every decoder that has one
         assert branch.rates == (3, 6) and isinstance(branch.conv[1], nn.BatchNorm2d)
