@@ -77,6 +77,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     best_metric: str = "semantic/mIoU"
+    """Metric that picks ``best.pt``; maximised, or minimised when its task lists it in
+    ``lower_is_better`` (e.g. ``depth/rmse``)."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "runs/train"

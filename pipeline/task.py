@@ -72,6 +72,12 @@ class Task(ABC):
     """Which view of the image the head sees (``VIEWS``)."""
     Options: ClassVar[type[BaseModel]] = NoOptions
     """Pydantic model of ``model.heads.<name>`` (extra keys forbidden)."""
+    main_metric: ClassVar[str | None] = None
+    """The metric (name without the task prefix) that sums the task up: the multi-task delta
+    and the default model selection use it."""
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    """Metrics (names without the task prefix) where smaller is better (errors); every other
+    metric is maximised (``metric_goal``)."""
 
     def parse_options(self, raw: dict[str, Any] | None) -> BaseModel:
         from pydantic import ValidationError
@@ -133,4 +139,5 @@ class Task(ABC):
             "depends_on": list(self.depends_on),
             "shares_with": list(self.shares_with),
             "input_view": self.input_view,
+            "main_metric": self.main_metric,
         }

@@ -72,6 +72,7 @@ class InstanceHead(nn.Module):
 
 class InstanceTask(RCNNTask):
     name = "instance"
+    main_metric = "segm_AP"
     requires = ("instances",)
     input_view = "rgb"
     Options = InstanceOptions

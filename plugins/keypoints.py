@@ -113,6 +113,7 @@ class KeypointHead(nn.Module):
 
 class KeypointsTask(RCNNTask):
     name = "keypoints"
+    main_metric = "AP"
     requires = ("instances", "keypoints")
     shares_with = ("instance",)
     input_view = "rgb"

@@ -51,6 +51,7 @@ class ResolvedPanopticOptions(PanopticOptions):
 
 class PanopticTask(Task):
     name = "panoptic"
+    main_metric = "PQ"
     requires = ("panoptic",)
     depends_on = ("semantic", "instance")
     input_view = "rgb"

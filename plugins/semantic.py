@@ -89,6 +89,7 @@ class SemanticEvaluator:
 
 class SemanticTask(Task):
     name = "semantic"
+    main_metric = "mIoU"
     requires = ("semantic",)
     input_view = "rgb"
     Options = SemanticOptions

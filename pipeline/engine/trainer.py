@@ -31,6 +31,7 @@ from pipeline.engine.loaders import eval_dataset, eval_loader, train_dataset, tr
 from pipeline.engine.schedule import lr_factor
 from pipeline.errors import DensepipeError
 from pipeline.io import atomic_write_text
+from pipeline.metrics.multitask import metric_goal
 from pipeline.model import MultiTaskModel, build_model
 from pipeline.registry import TaskRegistry
 from pipeline.tracking import Tracker
@@ -163,6 +164,7 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None,
     atomic_write_text(out_dir / "config.yaml",
                       yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True))
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    best_goal = metric_goal(cfg.train.best_metric, model.tasks.values())  # "min" for errors
     step, best_value, run_id, metrics = 0, None, None, {}
     if last_path.exists():
         ckpt = load_checkpoint(last_path)
@@ -224,7 +226,7 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None,
                         tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
                     value = metrics.get(cfg.train.best_metric)
                     if value is not None and math.isfinite(value) and \
-                            _is_better(value, best_value, "max"):
+                            _is_better(value, best_value, best_goal):
                         best_value = value
                         save_checkpoint(best_path, payload())
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or do_eval:

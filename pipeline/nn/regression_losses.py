@@ -1,0 +1,165 @@
+"""Masked losses for dense regression (depth, surface normals, colour), registered by name.
+
+Contract of every loss ``loss(pred, target, valid, **options)``:
+
+- ``pred``, ``target``: float ``BxCxHxW`` (C >= 1; depth has C = 1 in metres, normals C = 3);
+  ``valid``: bool ``BxHxW``, the pixels that count. Values of ``pred`` and ``target`` at invalid
+  pixels are never used (they may be 0, NaN or inf).
+- returns a scalar: the per-pixel error (summed over channels) averaged over the valid pixels,
+  unless stated otherwise. With no valid pixel the result is an exact zero still connected to the
+  graph (the value of ``pred.sum() * 0``, never NaN): ``backward()`` works and gives zero gradients.
+  No loss reads a value back to the host.
+
+Built-ins (``REGRESSION_LOSSES``): ``l1``, ``l2`` (squared Euclidean distance), ``berhu`` (Laina et
+al., 2016), ``silog`` (Eigen et al., 2014, scale-invariant log error), ``cosine`` (1 - cos) and
+``angular`` (the angle itself, radians). Build one from config with
+``build_regression_loss(name, **options)`` -> ``callable(pred, target, valid)``; unknown names and
+options are one-line ``ConfigError``s.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.errors import ConfigError
+
+RegressionLoss = Callable[..., Tensor]
+
+LOG_EPS = 1e-6
+"""Depths below this (in the target's unit) are clamped before logs (``silog``)."""
+COS_EPS = 1e-6
+"""``angular`` clips cos to ``[-1 + COS_EPS, 1 - COS_EPS]`` so arccos keeps a finite gradient."""
+
+
+def _check(pred: Tensor, target: Tensor, valid: Tensor) -> None:
+    if pred.dim() != 4:
+        raise ValueError(f"pred: expected BxCxHxW, got shape {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
+    b, _, h, w = pred.shape
+    if valid.shape != (b, h, w) or valid.dtype != torch.bool:
+        raise ValueError(f"valid: expected a bool {b}x{h}x{w} mask, got {valid.dtype} {tuple(valid.shape)}")
+
+
+def _masked_mean(per_pixel: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``BxHxW`` ``per_pixel`` over ``valid`` (0 connected to the graph when none is)."""
+    total = torch.where(valid, per_pixel, torch.zeros_like(per_pixel)).sum()
+    return total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def _residual(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """``pred - target`` with invalid pixels set to 0 (so NaN/inf there cannot leak)."""
+    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    keep = valid[:, None].expand_as(pred)
+    return torch.where(keep, pred, zero) - torch.where(keep, target.to(pred.dtype), zero)
+
+
+def masked_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Mean over valid pixels of ``sum_c |pred - target|``."""
+    _check(pred, target, valid)
+    return _masked_mean(_residual(pred, target, valid).abs().sum(1), valid)
+
+
+def masked_l2(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Mean over valid pixels of the squared Euclidean distance ``sum_c (pred - target)^2``."""
+    _check(pred, target, valid)
+    return _masked_mean(_residual(pred, target, valid).square().sum(1), valid)
+
+
+def berhu(pred: Tensor, target: Tensor, valid: Tensor, *, threshold: float = 0.2) -> Tensor:
+    """Reverse Huber (Laina et al., 2016): ``|x|`` if ``|x| <= c`` else ``(x^2 + c^2) / (2c)``, per
+    element ``x = pred - target``, summed over channels and averaged over valid pixels;
+    ``c = threshold * max |x|`` over the valid pixels of the whole batch, detached."""
+    _check(pred, target, valid)
+    x = _residual(pred, target, valid).abs()
+    c = (threshold * x.detach().amax()).clamp_min(torch.finfo(x.dtype).tiny)
+    loss = torch.where(x <= c, x, (x.square() + c.square()) / (2 * c))
+    return _masked_mean(loss.sum(1), valid)
+
+
+def scale_invariant_log(pred: Tensor, target: Tensor, valid: Tensor, *, lam: float = 0.5) -> Tensor:
+    """Eigen et al. (2014) per image: ``mean(d^2) - lam * mean(d)^2`` with ``d = log pred - log
+    target`` over the image's valid pixels (``pred`` clamped to ``LOG_EPS``), then averaged over
+    the images that have a valid pixel. ``lam = 1`` is fully scale invariant, 0 the log MSE.
+    Expects C = 1 (one depth per pixel)."""
+    _check(pred, target, valid)
+    if pred.shape[1] != 1:
+        raise ValueError(f"pred: silog expects one channel (depth), got {pred.shape[1]}")
+    one = torch.ones((), dtype=pred.dtype, device=pred.device)
+    keep = valid[:, None]
+    d = torch.log(torch.where(keep, pred, one).clamp_min(LOG_EPS)) \
+        - torch.log(torch.where(keep, target.to(pred.dtype), one))
+    d = torch.where(keep, d, torch.zeros_like(d)).flatten(1)
+    n = valid.flatten(1).sum(1).to(pred.dtype)
+    mean_sq = d.square().sum(1) / n.clamp_min(1)
+    mean = d.sum(1) / n.clamp_min(1)
+    per_image = mean_sq - lam * mean.square()
+    has = (n > 0).to(pred.dtype)
+    return (per_image * has).sum() / has.sum().clamp_min(1)
+
+
+def _cosine(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Per-pixel ``BxHxW`` cosine between ``pred`` and ``target`` (both normalised; 0 if invalid)."""
+    keep = valid[:, None].expand_as(pred)
+    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+    p = F.normalize(torch.where(keep, pred, zero), dim=1)
+    t = F.normalize(torch.where(keep, target.to(pred.dtype), zero), dim=1)
+    return (p * t).sum(1)
+
+
+def cosine_loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Mean over valid pixels of ``1 - cos(pred, target)`` (vectors normalised first), in [0, 2]."""
+    _check(pred, target, valid)
+    return _masked_mean(1.0 - _cosine(pred, target, valid), valid)
+
+
+def angular_loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Mean over valid pixels of the angle ``arccos(cos(pred, target))`` in radians (cos clipped by
+    ``COS_EPS``, so identical vectors give ~1.4e-3 rad, not 0, and the gradient stays finite)."""
+    _check(pred, target, valid)
+    cos = _cosine(pred, target, valid).clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+    return _masked_mean(torch.arccos(cos), valid)
+
+
+REGRESSION_LOSSES: dict[str, RegressionLoss] = {
+    "l1": masked_l1,
+    "l2": masked_l2,
+    "berhu": berhu,
+    "silog": scale_invariant_log,
+    "cosine": cosine_loss,
+    "angular": angular_loss,
+}
+
+_RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
+    ("berhu", "threshold"): (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("silog", "lam"): (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),  # above 1 the loss can go negative
+}
+
+
+def _options_of(fn: RegressionLoss) -> list[str]:
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def build_regression_loss(name: str, **options: Any) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``callable(pred, target, valid)`` for loss ``name`` with ``options`` bound; one-line
+    ``ConfigError`` for an unknown name, an unknown option or a value out of range."""
+    if name not in REGRESSION_LOSSES:
+        raise ConfigError(f"unknown regression loss {name!r}; allowed: {', '.join(sorted(REGRESSION_LOSSES))}")
+    fn = REGRESSION_LOSSES[name]
+    allowed = _options_of(fn)
+    for key, value in options.items():
+        if key not in allowed:
+            raise ConfigError(f"loss {name!r} got unknown option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"loss {name!r} option {key}: expected a number, got {value!r}")
+        ok, expected = _RANGES.get((name, key), (lambda v: True, ""))
+        if not ok(float(value)):
+            raise ConfigError(f"loss {name!r} option {key}: expected a value {expected}, got {value}")
+    return functools.partial(fn, **options)
