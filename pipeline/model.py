@@ -1,4 +1,5 @@
-"""MultiTaskModel: one shared backbone pass per input view, then every enabled task head."""
+"""MultiTaskModel: one shared backbone pass (every input view stacked in one batch), then every
+enabled task head."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class MultiTaskModel(nn.Module):
         views = image_views(images, set(self.views), self.pixel_mean, self.pixel_std)
         if self.channels_last:
             views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
-        features = {view: self.backbone(x) for view, x in views.items()}
+        features = self._backbone_per_view(views)
         outputs: dict[str, Any] = {}
         for name, head in self.heads.items():
             task = self.tasks[name]
@@ -82,6 +83,19 @@ class MultiTaskModel(nn.Module):
                 extra["upstream"] = {s: outputs[s] for s in task.shares_with if s in outputs}
             outputs[name] = head(features[task.input_view], image_size=size, batch=batch, **extra)
         return outputs
+
+    def _backbone_per_view(self, views: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Backbone features per view. Several views go through the backbone as one stacked
+        batch (one call), so batch-norm layers normalise every view with the same statistics
+        in training as their running averages do in evaluation (two separate calls would train
+        each view on its own statistics and evaluate both on their mixture)."""
+        if len(views) == 1:
+            ((view, x),) = views.items()
+            return {view: self.backbone(x)}
+        names = list(views)
+        stacked = self.backbone(torch.cat([views[v] for v in names]))
+        n = next(iter(views.values())).shape[0]
+        return {v: {k: f[i * n:(i + 1) * n] for k, f in stacked.items()} for i, v in enumerate(names)}
 
     def losses(self, outputs: dict[str, Any], batch: Batch) -> dict[str, torch.Tensor]:
         """``{"<task>/<term>": unweighted scalar}`` for every task with a head."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import colorsys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,10 +19,13 @@ RGB = tuple[int, int, int]
 
 __all__ = [
     "as_hwc_uint8",
+    "COLORMAPS",
     "colorize_depth",
     "colorize_labels",
+    "colormap",
     "colorize_panoptic",
     "depth_colorbar",
+    "depth_with_colorbar",
     "draw_instances",
     "draw_panoptic",
     "fallback_color",
@@ -31,6 +34,7 @@ __all__ = [
     "overlay",
     "panel_grid",
     "turbo",
+    "viridis",
 ]
 
 _FONT: Any = None
@@ -209,20 +213,64 @@ _TURBO = (
     (0.87422, 0.24526, 0.03297), (0.81608, 0.18462, 0.01809), (0.74617, 0.13098, 0.00851),
     (0.66449, 0.08436, 0.00424), (0.57103, 0.04474, 0.00529), (0.47960, 0.01583, 0.01055),
 )
-_TURBO_LUT: np.ndarray | None = None
+# Matplotlib's viridis (S. van der Walt, N. Smith, E. Firing, 2015, CC0): perceptually uniform
+# (lightness rises linearly), readable in grey and by colour-blind viewers; the same sampling.
+_VIRIDIS = (
+    (0.26700, 0.00487, 0.32942), (0.27702, 0.05034, 0.37572), (0.28233, 0.09495, 0.41733),
+    (0.28288, 0.13592, 0.45343), (0.27883, 0.17549, 0.48340), (0.27059, 0.21407, 0.50705),
+    (0.25897, 0.25154, 0.52474), (0.24497, 0.28768, 0.53726), (0.22974, 0.32236, 0.54571),
+    (0.21430, 0.35562, 0.55118), (0.19943, 0.38761, 0.55464), (0.18556, 0.41857, 0.55675),
+    (0.17272, 0.44879, 0.55788), (0.16067, 0.47854, 0.55812), (0.14904, 0.50805, 0.55725),
+    (0.13777, 0.53749, 0.55491), (0.12757, 0.56695, 0.55056), (0.12057, 0.59642, 0.54361),
+    (0.12064, 0.62583, 0.53349), (0.13227, 0.65501, 0.51966), (0.15785, 0.68376, 0.50169),
+    (0.19657, 0.71183, 0.47922), (0.24607, 0.73891, 0.45202), (0.30415, 0.76470, 0.41994),
+    (0.36921, 0.78889, 0.38291), (0.44014, 0.81114, 0.34097), (0.51599, 0.83116, 0.29428),
+    (0.59584, 0.84872, 0.24333), (0.67849, 0.86374, 0.18950), (0.76237, 0.87642, 0.13706),
+    (0.84556, 0.88732, 0.09970), (0.92611, 0.89733, 0.10407), (0.99325, 0.90616, 0.14394),
+)
+_LUTS: dict[str, np.ndarray] = {}
+
+
+def _lut(name: str, table: Sequence[Sequence[float]]) -> np.ndarray:
+    """256x3 uint8 lookup table interpolated linearly from anchors at ``_TURBO_AT``."""
+    if name not in _LUTS:
+        pos = np.asarray(_TURBO_AT, np.float64)
+        tab = np.asarray(table, np.float64)
+        grid = np.arange(256, dtype=np.float64)
+        lut = np.stack([np.interp(grid, pos, tab[:, c]) for c in range(3)], axis=1)
+        _LUTS[name] = np.clip(np.rint(lut * 255.0), 0, 255).astype(np.uint8)
+    return _LUTS[name]
+
+
+def _apply(lut: np.ndarray, x: Any) -> np.ndarray:
+    t = np.nan_to_num(np.asarray(x, np.float64), nan=0.0)
+    return lut[np.rint(np.clip(t, 0.0, 1.0) * 255.0).astype(np.int64)]
 
 
 def turbo(x: Any) -> np.ndarray:
     """Turbo colormap of values in [0, 1] (clipped; NaN -> 0) -> ``...x3 uint8``."""
-    global _TURBO_LUT
-    if _TURBO_LUT is None:
-        pos = np.asarray(_TURBO_AT, np.float64)
-        tab = np.asarray(_TURBO, np.float64)
-        grid = np.arange(256, dtype=np.float64)
-        lut = np.stack([np.interp(grid, pos, tab[:, c]) for c in range(3)], axis=1)
-        _TURBO_LUT = np.clip(np.rint(lut * 255.0), 0, 255).astype(np.uint8)
-    t = np.nan_to_num(np.asarray(x, np.float64), nan=0.0)
-    return _TURBO_LUT[np.rint(np.clip(t, 0.0, 1.0) * 255.0).astype(np.int64)]
+    return _apply(_lut("turbo", _TURBO), x)
+
+
+def viridis(x: Any) -> np.ndarray:
+    """Viridis colormap of values in [0, 1] (clipped; NaN -> 0) -> ``...x3 uint8``: dark purple
+    (0) -> teal -> yellow (1), lightness increasing monotonically."""
+    return _apply(_lut("viridis", _VIRIDIS), x)
+
+
+COLORMAPS: dict[str, Callable[[Any], np.ndarray]] = {"viridis": viridis, "turbo": turbo}
+"""Colormaps by name for ``colorize_depth`` / ``depth_colorbar``."""
+
+Colormap = str | Callable[[Any], np.ndarray]
+
+
+def colormap(cmap: Colormap) -> Callable[[Any], np.ndarray]:
+    """The colormap function ``cmap`` names (``COLORMAPS``), or ``cmap`` itself if callable."""
+    if callable(cmap):
+        return cmap
+    if cmap not in COLORMAPS:
+        raise ValueError(f"cmap: expected one of {', '.join(COLORMAPS)} or a function, got {cmap!r}")
+    return COLORMAPS[cmap]
 
 
 def _depth_range(d: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
@@ -234,20 +282,22 @@ def _depth_range(d: np.ndarray, vmin: float | None, vmax: float | None) -> tuple
     return lo, hi
 
 
-def colorize_depth(depth: Any, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """Depth ``HxW`` (metres, 0 = unknown) -> ``HxWx3 uint8`` with Turbo (near blue, far red);
-    unknown pixels black. The range defaults to the known pixels' min/max."""
+def colorize_depth(depth: Any, vmin: float | None = None, vmax: float | None = None, *,
+                   cmap: Colormap = "viridis") -> np.ndarray:
+    """Depth ``HxW`` (metres, 0 = unknown) -> ``HxWx3 uint8`` with ``cmap`` (viridis: near dark
+    purple, far yellow; ``"turbo"``: near blue, far red); unknown pixels black. The range defaults
+    to the known pixels' min/max."""
     d = _np(depth).astype(np.float32)
     lo, hi = _depth_range(d, vmin, vmax)
-    out = turbo((d - lo) / (hi - lo))
+    out = colormap(cmap)((d - lo) / (hi - lo))
     out[~(d > 0)] = 0
     return out
 
 
 def depth_colorbar(vmin: float, vmax: float, height: int = 128, width: int = 14,
-                   ticks: int = 5) -> np.ndarray:
-    """Vertical colour bar for ``colorize_depth`` (``vmin`` at the bottom), labelled in metres:
-    ``height x (width + label margin) x 3 uint8``, white background."""
+                   ticks: int = 5, *, cmap: Colormap = "viridis") -> np.ndarray:
+    """Vertical colour bar for ``colorize_depth`` with the same ``cmap`` (``vmin`` at the bottom),
+    labelled in metres: ``height x (width + label margin) x 3 uint8``, white background."""
     height = max(int(height), 24)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [f"{vmin + (vmax - vmin) * i / max(ticks - 1, 1):.2f} m" for i in range(ticks)]
@@ -256,7 +306,7 @@ def depth_colorbar(vmin: float, vmax: float, height: int = 128, width: int = 14,
     pad = th // 2 + 2
     canvas = Image.new("RGB", (width + 6 + tw + 2, height), (255, 255, 255))
     bar_h = height - 2 * pad
-    ramp = turbo(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(width, axis=1)
+    ramp = colormap(cmap)(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(width, axis=1)
     canvas.paste(Image.fromarray(ramp), (0, pad))
     draw = ImageDraw.Draw(canvas)
     for i, s in enumerate(labels):
@@ -264,6 +314,22 @@ def depth_colorbar(vmin: float, vmax: float, height: int = 128, width: int = 14,
         draw.line([(width, y), (width + 3, y)], fill=(0, 0, 0))
         draw.text((width + 5, y - th // 2 - 1), s, fill=(0, 0, 0), font=_font())
     return np.asarray(canvas)
+
+
+def depth_with_colorbar(depth: Any, vmin: float | None = None, vmax: float | None = None, *,
+                        cmap: Colormap = "viridis", gap: int = 4) -> np.ndarray:
+    """``colorize_depth`` of ``depth`` with its ``depth_colorbar`` (same range and ``cmap``) to the
+    right after ``gap`` white columns: ``HxW'x3 uint8`` with ``W' > W``. The range defaults to the
+    known pixels' min/max."""
+    d = _np(depth).astype(np.float32)
+    lo, hi = _depth_range(d, vmin, vmax)
+    col = colorize_depth(d, lo, hi, cmap=cmap)
+    h = col.shape[0]
+    bar = depth_colorbar(lo, hi, height=h, cmap=cmap)
+    out = np.full((max(h, bar.shape[0]), col.shape[1] + gap + bar.shape[1], 3), 255, np.uint8)
+    out[:h, : col.shape[1]] = col
+    out[: bar.shape[0], col.shape[1] + gap:] = bar
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -151,12 +151,14 @@ def build_regression_loss(name: str, **options: Any) -> Callable[[Tensor, Tensor
     """``callable(pred, target, valid)`` for loss ``name`` with ``options`` bound; one-line
     ``ConfigError`` for an unknown name, an unknown option or a value out of range."""
     if name not in REGRESSION_LOSSES:
-        raise ConfigError(f"unknown regression loss {name!r}; allowed: {', '.join(sorted(REGRESSION_LOSSES))}")
+        names = ", ".join(sorted(REGRESSION_LOSSES))
+        raise ConfigError(f"unknown regression loss {name!r}; allowed: {names}")
     fn = REGRESSION_LOSSES[name]
     allowed = _options_of(fn)
     for key, value in options.items():
         if key not in allowed:
-            raise ConfigError(f"loss {name!r} got unknown option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+            raise ConfigError(f"loss {name!r} got unknown option {key!r}; "
+                              f"allowed: {', '.join(allowed) or 'none'}")
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ConfigError(f"loss {name!r} option {key}: expected a number, got {value!r}")
         ok, expected = _RANGES.get((name, key), (lambda v: True, ""))
