@@ -372,3 +372,19 @@ def test_flip_on_tiny_dataset(synthetic: Path) -> None:
         assert c["image"].shape == (3, 48, 48)
     batch = collate([build_transforms(True, 48, ds.card)(ds[i]) for i in range(4)])
     assert batch["image"].shape == (4, 3, 48, 48) and batch["has"]["depth"].all()
+
+
+@pytest.mark.parametrize("zoom", [0.5, 1.0, 1.6])
+def test_random_scale_crop_divides_depth_by_the_zoom(zoom: float) -> None:
+    """A zoom by s makes the scene look s times closer: depth / s (unknown stays 0); with
+    ``depth_follows_zoom=False`` the values are only resampled."""
+    s = make_sample()
+    s["depth"][0, 0] = 0.0
+    follow = RandomScaleCrop((zoom, zoom), (16, 24), generator=torch.Generator().manual_seed(3))(s)
+    plain = RandomScaleCrop((zoom, zoom), (16, 24), generator=torch.Generator().manual_seed(3),
+                            depth_follows_zoom=False)(s)
+    known = plain["depth"] > 0
+    assert torch.equal(follow["depth"] > 0, known)
+    assert torch.allclose(follow["depth"][known], plain["depth"][known] / zoom)
+    assert set(plain["depth"][known].unique().tolist()) <= set(s["depth"].unique().tolist())
+    assert torch.equal(follow["normals"], plain["normals"])

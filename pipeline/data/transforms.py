@@ -365,11 +365,19 @@ class RandomScaleCrop:
 
     The factor is ``s * base_size / max(H, W)`` with ``s ~ U(scale)`` when ``base_size`` is given
     (images of any size land near ``base_size``), else just ``s``. Where the scaled image is
-    smaller than the crop, it lands at a random position inside it and the rest is padding."""
+    smaller than the crop, it lands at a random position inside it and the rest is padding.
+
+    Scaling up by ``s`` and cropping is a zoom: the same camera with ``s`` times the focal length,
+    under which the scene looks ``s`` times closer. With ``depth_follows_zoom`` (default) the depth
+    map is divided by ``s`` so that depth stays consistent with the apparent size of things;
+    otherwise a scale jitter of +-25 % teaches the model contradicting depths for the same view
+    (and caps delta1, whose threshold is 1.25). Normals are left as they are."""
 
     def __init__(self, scale: tuple[float, float] = (0.75, 1.25),
                  crop: int | Sequence[int] = (512, 512), *, base_size: int | None = None,
-                 image_fill: int = 0, generator: torch.Generator | None = None) -> None:
+                 image_fill: int = 0, generator: torch.Generator | None = None,
+                 depth_follows_zoom: bool = True) -> None:
+        self.depth_follows_zoom = depth_follows_zoom
         self.scale = (float(scale[0]), float(scale[1]))
         self.crop = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
         self.base_size = base_size
@@ -378,14 +386,16 @@ class RandomScaleCrop:
 
     def __call__(self, sample: Sample) -> Sample:
         H, W = _hw(sample)
-        s = _uniform(*self.scale, self.generator)
-        if self.base_size:
-            s *= self.base_size / max(H, W)
+        zoom = _uniform(*self.scale, self.generator)
+        s = zoom * self.base_size / max(H, W) if self.base_size else zoom
         h, w = max(1, round(H * s)), max(1, round(W * s))
         ch, cw = self.crop
         y0 = _randint(min(0, h - ch), max(0, h - ch), self.generator)
         x0 = _randint(min(0, w - cw), max(0, w - cw), self.generator)
-        return scale_crop_sample(sample, (h, w), y0, x0, ch, cw, image_fill=self.image_fill)
+        out = scale_crop_sample(sample, (h, w), y0, x0, ch, cw, image_fill=self.image_fill)
+        if self.depth_follows_zoom and "depth" in out:
+            out["depth"] = out["depth"] / zoom  # unknown (0) stays 0
+        return out
 
     def __repr__(self) -> str:
         return f"RandomScaleCrop(scale={self.scale}, crop={self.crop}, base_size={self.base_size})"
@@ -460,7 +470,7 @@ class Normalize:
 def build_transforms(train: bool, image_size: int, card: DatasetCard | None) -> Compose:
     """Default transforms.
 
-    train: ``RandomScaleCrop(scale=(0.75, 1.25), crop=image_size, base_size=image_size)`` +
+    train: ``RandomScaleCrop(scale=(0.75, 1.25), crop=image_size, base_size=image_size)`` (depth / zoom) +
     ``RandomHorizontalFlip(card)`` + ``ColorJitter(0.2, 0.2, 0.2)``; eval: ``Resize(image_size)``
     (square; a no-op for images already that size). The image stays uint8."""
     if train:
