@@ -159,3 +159,22 @@ def test_multitask_delta_refuses_what_it_cannot_compare(registry) -> None:
         multitask_delta({"semantic/mIoU": 0.3}, {"semantic": {"semantic/mIoU": 0.0}}, tasks)
     with pytest.raises(ValueError, match=r"task 'keypoint': expected a registered task"):
         multitask_delta({}, {"keypoint": {}}, tasks)
+
+
+def test_stacked_views_give_each_view_its_own_features(tmp_path: Path, card: DatasetCard, registry) -> None:
+    """Both views go through the backbone as one batch; in evaluation (batch norm frozen) each
+    view's features equal those of a backbone call on that view alone."""
+    from pipeline.model import image_views
+
+    torch.manual_seed(0)
+    model = build_model(_config(tmp_path, ("semantic", "colorization")), card, registry).eval()
+    batch = _batch()
+    views = image_views(batch["image"], {"rgb", "gray"}, model.pixel_mean, model.pixel_std)
+    with torch.no_grad():
+        stacked = model._backbone_per_view(views)
+        for view, x in views.items():
+            alone = model.backbone(x)
+            assert stacked[view].keys() == alone.keys()
+            for level, f in alone.items():
+                assert torch.allclose(stacked[view][level], f, atol=1e-5), (view, level)
+    assert not torch.allclose(stacked["rgb"]["p2"], stacked["gray"]["p2"])
