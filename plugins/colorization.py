@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import BaseModel, Field
 from torch import nn
 
@@ -319,13 +317,9 @@ class ColorizationTask(Task):
     def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
                         card: DatasetCard) -> list[str]:
         """``<stem>_colorization.png``: the predicted colours as 8-bit RGB."""
-        from pipeline.io import atomic_path
+        from pipeline.io import atomic_write_png
 
-        rgb = lab_to_image(prediction["lab"])
-        path = Path(f"{path_stem}_colorization.png")
-        with atomic_path(path) as tmp:
-            Image.fromarray(rgb).save(tmp, format="PNG")
-        return [str(path)]
+        return [str(atomic_write_png(f"{path_stem}_colorization.png", lab_to_image(prediction["lab"])))]
 
 
 @hookimpl

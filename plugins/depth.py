@@ -22,13 +22,11 @@ factor); ``min_depth`` / ``max_depth`` cap the evaluated range (monodepth2's pro
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import Field
 from torch import nn
 
@@ -195,13 +193,10 @@ class DepthTask(Task):
         """``<stem>_depth.png``: uint16 millimetres, the dataset's format (at least 1 mm, since 0
         means unknown; at most 65.535 m)."""
         from pipeline.data.synthetic.writer import encode_depth
-        from pipeline.io import atomic_path
+        from pipeline.io import atomic_write_png
 
-        path = Path(f"{path_stem}_depth.png")
         mm = np.maximum(encode_depth(np.asarray(prediction, dtype=np.float32)), 1)
-        with atomic_path(path) as tmp:
-            Image.fromarray(mm).save(tmp, format="PNG")
-        return [str(path)]
+        return [str(atomic_write_png(f"{path_stem}_depth.png", mm))]
 
 
 @hookimpl

@@ -19,13 +19,11 @@ vectors, 2 - 2 cos). Metrics (``pipeline.metrics.normals``): ``mean_angle``, ``m
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import Field
 from torch import nn
 
@@ -158,13 +156,10 @@ class NormalsTask(Task):
     def save_prediction(self, prediction: torch.Tensor, path_stem: str, *, card: DatasetCard) -> list[str]:
         """``<stem>_normals.png``: uint8 RGB encoding (n + 1) / 2, the dataset's format."""
         from pipeline.data.synthetic.writer import encode_normals
-        from pipeline.io import atomic_path
+        from pipeline.io import atomic_write_png
 
-        path = Path(f"{path_stem}_normals.png")
         enc = encode_normals(np.asarray(prediction, dtype=np.float32).transpose(1, 2, 0))
-        with atomic_path(path) as tmp:
-            Image.fromarray(enc).save(tmp, format="PNG")
-        return [str(path)]
+        return [str(atomic_write_png(f"{path_stem}_normals.png", enc))]
 
 
 @hookimpl

@@ -11,13 +11,11 @@ matrix (``pipeline.metrics.confusion``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import BaseModel, Field
 from torch import nn
 
@@ -151,11 +149,9 @@ class SemanticTask(Task):
 
     def save_prediction(self, prediction: torch.Tensor, path_stem: str, *,
                         card: DatasetCard) -> list[str]:
-        from pipeline.io import atomic_path
+        from pipeline.io import atomic_write_png
 
-        path = Path(f"{path_stem}_semantic.png")
-        with atomic_path(path) as tmp:
-            Image.fromarray(np.asarray(prediction, dtype=np.uint8)).save(tmp, format="PNG")
+        path = atomic_write_png(f"{path_stem}_semantic.png", np.asarray(prediction, dtype=np.uint8))
         return [str(path)]
 
 
