@@ -55,8 +55,11 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train the configured tasks; resumes from <train.out_dir>/last.pt."""
     from pipeline import stages
+    from pipeline.engine.distributed import env_from_torchrun
 
     summary = stages.train(_config(params, set_))
+    if not env_from_torchrun().is_main:
+        return
     out.print(f"trained to step {summary['step']}: best {summary['best']} "
               f"({summary['images_per_s']:.1f} img/s), MLflow run {summary['run_id']}")
 

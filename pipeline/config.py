@@ -49,6 +49,10 @@ class ModelConfig(Section):
     backbone: str = "resnet18"
     weights: str | None = None
     """Local path to backbone weights; ``None`` = random initialisation. Never downloaded."""
+    backbone_norm: Literal["bn", "frozen_bn", "gn"] = "bn"
+    """Normalisation in the backbone body: BatchNorm, frozen BatchNorm (fine-tuning on tiny
+    batches) or GroupNorm (independent of the batch, so results do not depend on how a global
+    batch is split across DDP processes)."""
     fpn_channels: int = Field(128, ge=8)
     output_stride: Literal[8, 16, 32] = 32
     """Stride of the backbone's deepest level: 16 or 8 dilate the last stages (dense decoders
@@ -60,9 +64,37 @@ class ModelConfig(Section):
     """Weight of each task's summed loss; 1.0 where not given."""
 
 
+class LossWeightingConfig(Section):
+    method: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = "fixed"
+    """fixed: ``model.loss_weights``; uncertainty: Kendall et al. 2018 (learned log-variances);
+    dwa: dynamic weight average, Liu et al. 2019; gradnorm: Chen et al. 2018. Every method
+    multiplies the fixed weights; the weights in force are logged as ``train/weight/<task>``."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Method options (dwa: temperature, window; gradnorm: alpha; uncertainty: init)."""
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(0, ge=0)
+    """Stop after this many evaluations without improvement (0 = never stop early)."""
+    metric: str | None = None
+    """Metric watched; default ``train.best_metric`` (same direction rules)."""
+    min_delta: float = Field(0.0, ge=0)
+    """An improvement smaller than this does not count."""
+
+
+class EMAConfig(Section):
+    decay: float | None = Field(None, gt=0, lt=1)
+    """Exponential moving average of the weights (e.g. 0.999); ``None`` = off. With it,
+    evaluation, ``best.pt`` selection, ``evaluate`` and ``predict`` use the averaged weights."""
+    warmup: bool = True
+    """Use ``min(decay, (1 + n) / (10 + n))`` after n updates (TensorFlow's num_updates rule), so
+    early random weights fade quickly."""
+
+
 class TrainConfig(Section):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
+    """Global batch: under torchrun each of N processes takes batch_size / N images."""
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -72,6 +104,24 @@ class TrainConfig(Section):
     clip_grad_norm: float | None = Field(5.0, gt=0)
     channels_last: bool = True
     """NHWC memory format for the model and its inputs (faster convolutions on CPU and GPU)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype: ``auto`` = bf16 on CUDA, fp32 on CPU; ``fp16`` adds a gradient scaler."""
+    tf32: bool = True
+    """Allow TF32 matmuls and convolutions on GPUs that have them (Ampere and later)."""
+    compile: bool = False
+    """``torch.compile`` the backbone (first steps are slower while it compiles)."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms``, no cuDNN benchmarking: bit-exact reruns."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm under DDP (CUDA only; PyTorch has no CPU version)."""
+    loss_weighting: LossWeightingConfig = LossWeightingConfig()
+    skip_nonfinite: bool = False
+    """Skip a batch whose loss is NaN/inf (counted, logged as ``train/skipped_nonfinite``)
+    instead of stopping."""
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    ema: EMAConfig = EMAConfig()
+    disabled_hooks: list[str] = Field(default_factory=list)
+    """Names of installed ``densepipe.hooks`` plugins not to call in this run."""
     eval_every: int = Field(200, ge=0)
     """Evaluate on the val split every N steps (0 = only at the end); ``best.pt`` follows it."""
     checkpoint_every: int = Field(100, ge=1)

@@ -19,7 +19,28 @@ A task plugin is a module (or object) with ``@hookimpl`` functions, registered t
     [project.entry-points."densepipe.tasks"]
     my_task = "my_package.my_task"
 
-Hooks are documented here, where they are declared (pytest's convention).
+Training lifecycle hooks (``densepipe_train_start`` ... ``densepipe_train_end``) add behaviour to
+the training loop without editing it: an extra logger, an average of the weights. A module with
+any of them registered under the ``densepipe.hooks`` entry-point group is called in every training
+run (``train.disabled_hooks`` lists names to skip)::
+
+    # my_package/my_logger.py
+    from pipeline.hookspecs import hookimpl
+
+    @hookimpl
+    def densepipe_after_step(state, losses):
+        if state.is_main and state.step % 100 == 0:
+            print(state.step, losses["loss"])
+
+    # pyproject.toml
+    [project.entry-points."densepipe.hooks"]
+    my_logger = "my_package.my_logger"
+
+Every lifecycle hook gets ``state`` (``pipeline.engine.hooks.TrainState``: config, model,
+optimizer, step, rank, output folder, the checkpoint resumed from). Hooks run on every rank under
+DDP (``state.is_main`` is rank 0, the one that writes files) except ``densepipe_on_checkpoint``,
+which runs on rank 0 only. Hooks are documented here, where they are declared (pytest's
+convention).
 """
 
 from __future__ import annotations
@@ -29,10 +50,15 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+    from pipeline.engine.hooks import TrainState
     from pipeline.task import Task
 
 PROJECT = "densepipe"
 ENTRY_POINT_GROUP = "densepipe.tasks"
+HOOKS_ENTRY_POINT_GROUP = "densepipe.hooks"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -46,3 +72,42 @@ def densepipe_register_tasks() -> list[Task]:
     with a name already taken is reported as an error for that plugin and not used. Must not
     build models or read data: construction is cheap and side-effect free.
     """
+
+
+# -- training lifecycle --------------------------------------------------------------------------
+@hookspec
+def densepipe_train_start(state: TrainState) -> None:
+    """Once, after the model is built and any checkpoint is loaded (``state.resumed_from`` is that
+    checkpoint's dict, or ``None``; a hook restores what it saved with ``state.saved(name)``)."""
+
+
+@hookspec
+def densepipe_before_step(state: TrainState, batch: dict[str, Any]) -> None:
+    """Before the forward pass of step ``state.step + 1`` (``batch`` is this rank's share)."""
+
+
+@hookspec
+def densepipe_after_step(state: TrainState, losses: dict[str, float]) -> None:
+    """After the optimizer step; ``state.step`` is the step just done. ``losses``: every
+    ``<task>/<term>``, the weighted ``loss``, and ``weight/<task>`` (the weights in force)."""
+
+
+@hookspec
+def densepipe_before_evaluation(state: TrainState) -> None:
+    """Before an evaluation pass during training (the model is put in eval mode after this)."""
+
+
+@hookspec
+def densepipe_after_evaluation(state: TrainState, metrics: dict[str, float]) -> None:
+    """After an evaluation pass; ``metrics`` are reduced over all ranks (``task/metric``)."""
+
+
+@hookspec
+def densepipe_on_checkpoint(state: TrainState, payload: dict[str, Any], path: Path) -> None:
+    """Rank 0, before ``payload`` is written to ``path`` (``last.pt`` or ``best.pt``). A hook
+    keeps state across a resume by putting plain data under ``payload["hooks"][<its name>]``."""
+
+
+@hookspec
+def densepipe_train_end(state: TrainState) -> None:
+    """Once, after the last step (or an early stop), before the final checkpoint is used."""

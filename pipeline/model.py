@@ -106,6 +106,22 @@ class MultiTaskModel(nn.Module):
                 terms[f"{name}/{term}"] = value
         return terms
 
+    def task_losses(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{task: sum of its unweighted terms}`` (what multi-task weighting balances)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in terms.items():
+            task = key.split("/", 1)[0]
+            out[task] = out[task] + value if task in out else value
+        return out
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last layer every task shares: the FPN's output convolutions (GradNorm's W)."""
+        fpn = getattr(self.backbone, "fpn", None)
+        blocks = getattr(fpn, "layer_blocks", None)
+        if blocks is not None:
+            return [p for p in blocks.parameters() if p.requires_grad]
+        return [p for p in self.backbone.parameters() if p.requires_grad][-2:]
+
     def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of the loss terms, each scaled by its task's weight (``model.loss_weights``)."""
         total = sum(self.loss_weights[k.split("/", 1)[0]] * v for k, v in terms.items())
@@ -138,7 +154,8 @@ def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = 
     check_tasks(cfg, registry.names)
     tasks = registry.resolve(cfg.model.tasks)
     backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights,
-                              fpn_channels=cfg.model.fpn_channels, output_stride=cfg.model.output_stride)
+                              fpn_channels=cfg.model.fpn_channels, norm=cfg.model.backbone_norm,
+                              output_stride=cfg.model.output_stride)
     heads: dict[str, nn.Module] = {}
     options: dict[str, BaseModel] = {}
     for task in tasks:

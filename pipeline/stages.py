@@ -78,14 +78,28 @@ def check_config(cfg: Config) -> None:
 
 # -- train --------------------------------------------------------------------------------------
 def train(cfg: Config) -> dict[str, Any]:
-    """Train (resuming from ``last.pt``), log to MLflow; returns a summary dict."""
+    """Train (resuming from ``last.pt``), log to MLflow; returns a summary dict.
+
+    Under torchrun every process runs this; only rank 0 tracks, writes the loss curve and logs
+    the model, and the process group is closed at the end."""
+    from pipeline.engine import distributed
     from pipeline.engine.trainer import train as run_training
     from pipeline.tracking import make_tracker
 
     check_config(cfg)
     out_dir = Path(cfg.train.out_dir)
-    tracker = make_tracker(cfg.tracking)
-    result = run_training(cfg, tracker=tracker)
+    main = distributed.env_from_torchrun().is_main
+    tracker = make_tracker(cfg.tracking) if main else None
+    try:
+        result = run_training(cfg, tracker=tracker)
+    finally:
+        distributed.destroy()
+    summary = {"step": result.step, "out_dir": str(out_dir), "best": str(result.best),
+               "last": str(result.last), "metrics": result.metrics, "run_id": result.run_id,
+               "images_per_s": result.images_per_s, "skipped_nonfinite": result.skipped_nonfinite,
+               "stopped_early": result.stopped_early}
+    if not main:
+        return summary
     if result.losses:
         _write_loss_curve(out_dir / "train_log.csv", result.losses, start=result.step - len(result.losses))
     if tracker is not None:
@@ -97,9 +111,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
             model, _ = load_trained_model(cfg, result.best)
             tracker.log_model(model)
-    return {"step": result.step, "out_dir": str(out_dir), "best": str(result.best),
-            "last": str(result.last), "metrics": result.metrics, "run_id": result.run_id,
-            "images_per_s": result.images_per_s}
+    return summary
 
 
 def _write_loss_curve(path: Path, rows: list[dict[str, float]], *, start: int) -> None:

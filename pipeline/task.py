@@ -47,7 +47,20 @@ class NoOptions(BaseModel):
 
 
 class Evaluator(Protocol):
-    """detectron2's DatasetEvaluator protocol: reset, process batches, compute once."""
+    """detectron2's DatasetEvaluator protocol: reset, process batches, compute once.
+
+    Distributed evaluation (optional for third-party evaluators, every built-in one has it): each
+    rank processes its own shard, the evaluators are gathered to rank 0 (pickled, e.g. by
+    ``torch.distributed.all_gather_object``, so the state must pickle after ``process``) and merged
+    there with::
+
+        def merge(self, other: Self) -> None:
+            \"\"\"Add ``other``'s accumulated results (another rank's shard, same class and options)
+            into this evaluator. After merging every shard, ``compute()`` equals one pass over all
+            the data (bit for bit where the metric is a sum or a concatenation).\"\"\"
+
+    ``merge`` leaves ``other`` unchanged and raises a one-line ``TypeError`` naming both classes
+    when ``other`` is of another class (``pipeline.metrics.merge.check_mergeable``)."""
 
     def reset(self) -> None: ...
 

@@ -45,6 +45,7 @@ from pipeline.data.card import DatasetCard
 from pipeline.data.color import lab_to_rgb, rgb_to_lab
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.colorization import ab_accuracy, ab_error_auc, psnr
+from pipeline.metrics.merge import add_sums, check_mergeable
 from pipeline.nn.ab_bins import (
     RebalancingPrior,
     ab_gamut,
@@ -216,6 +217,8 @@ def lab_to_image(lab: torch.Tensor) -> np.ndarray:
 class ColorizationEvaluator:
     """Streaming colorization metrics (see the module doc); keeps only running sums."""
 
+    _SUMS = ("images", "skipped", "psnr_sum", "psnr_gray_sum", "pixels", "auc_sum", "acc_sum")
+
     def __init__(self) -> None:
         self.reset()
 
@@ -247,6 +250,11 @@ class ColorizationEvaluator:
         self.acc_sum += n * ab_accuracy(pred_ab, true_ab, ACC_THRESHOLD, channels_first=True)
         self.pixels += n
         self.images += 1
+
+    def merge(self, other: ColorizationEvaluator) -> None:
+        """Add ``other``'s running sums (another shard): counts exact, float sums up to summation order."""
+        check_mergeable(self, other)
+        add_sums(self, other, self._SUMS)
 
     def compute(self) -> dict[str, float]:
         """``psnr``, ``psnr_gray`` (dB), ``auc``, ``acc_ab_10`` (in [0, 1]; all NaN with no colour

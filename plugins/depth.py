@@ -34,6 +34,7 @@ from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.depth import DepthMetricAccumulator
+from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_task_decoder_from_options
 from pipeline.nn.regression_losses import build_regression_loss
 from pipeline.task import Batch, FeatureSpec, Task
@@ -132,6 +133,12 @@ class DepthEvaluator:
         for i, pred in enumerate(predictions):
             if has is None or bool(has[i]):
                 self.accumulator.update(pred.cpu(), batch["depth"][i].cpu())
+
+    def merge(self, other: DepthEvaluator) -> None:
+        """Add ``other``'s running sums (another shard, same options): the pixel count exact, the
+        error sums and the per-image scale sum up to float summation order."""
+        check_mergeable(self, other)
+        self.accumulator.merge(other.accumulator)
 
     def compute(self) -> dict[str, float]:
         metrics = self.accumulator.compute()

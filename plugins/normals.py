@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.data.card import DatasetCard
 from pipeline.hookspecs import hookimpl
+from pipeline.metrics.merge import check_mergeable
 from pipeline.metrics.normals import NormalsMetricAccumulator
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.regression_losses import build_regression_loss
@@ -93,6 +94,12 @@ class NormalsEvaluator:
         for i, pred in enumerate(predictions):
             if bool(valid[i].any()):
                 self.accumulator.update(pred.cpu(), target[i])
+
+    def merge(self, other: NormalsEvaluator) -> None:
+        """Add ``other``'s angle histogram, counts and sums (another shard, same thresholds): the
+        median and the ``within_*`` shares exact, mean and RMSE up to float summation order."""
+        check_mergeable(self, other)
+        self.accumulator.merge(other.accumulator)
 
     def compute(self) -> dict[str, float]:
         metrics = self.accumulator.compute()

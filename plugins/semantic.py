@@ -23,6 +23,7 @@ from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.confusion import ConfusionMatrix
+from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.dense_losses import build_dense_loss
 from pipeline.task import Batch, FeatureSpec, Task
@@ -80,6 +81,11 @@ class SemanticEvaluator:
         for i, pred in enumerate(predictions):
             if bool(has[i]):
                 self.matrix.update(pred.cpu(), batch["semantic"][i].cpu())
+
+    def merge(self, other: SemanticEvaluator) -> None:
+        """Add ``other``'s confusion matrix (another shard) into this one; exact."""
+        check_mergeable(self, other)
+        self.matrix.merge(other.matrix)
 
     def compute(self) -> dict[str, float]:
         return self.matrix.compute(class_names=self.card.class_names)

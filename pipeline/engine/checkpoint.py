@@ -1,8 +1,11 @@
 """Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` only.
 
-A checkpoint is a dict: ``format``, ``step``, ``model`` (state dict), ``optimizer``, ``scheduler``,
-``rng`` (torch CPU/CUDA and Python states), ``config`` (the full config as plain data), ``card``
-(dataset card JSON), ``metrics`` (last evaluation) and ``mlflow_run_id``.
+A checkpoint is a dict: ``format``, ``step``, ``epoch``, ``samples_seen`` (the sampler position),
+``world_size``, ``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler`` (fp16 gradient
+scaler), ``loss_weighting`` (its state dict), ``rng`` (torch CPU/CUDA, Python and NumPy states),
+``config`` (the full config as plain data), ``card`` (dataset card JSON), ``metrics`` (last
+evaluation), ``best_value``, ``early_stopping``, ``skipped_nonfinite``, ``mlflow_run_id``,
+``hooks`` (per-hook plain data) and, with ``train.ema``, ``model_ema`` (the averaged weights).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,15 +25,27 @@ FORMAT = "densepipe-checkpoint/1"
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Torch CPU (+ every CUDA device), Python and NumPy generator states."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": _numpy_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_python_state(state["python"]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -15,6 +15,7 @@ from pipeline.model import MultiTaskModel
 def evaluate_model(
     model: MultiTaskModel, loader: Any, *, device: torch.device, num_visualizations: int = 0,
     artifacts_dir: str | Path | None = None, saved: list[Path] | None = None,
+    distributed: bool = False,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Run all evaluators; returns ``({"<task>/<metric>": float}, drawings)``.
 
@@ -23,7 +24,10 @@ def evaluate_model(
     ``export_to(out_dir, name)`` method are told before the first batch (the panoptic one writes
     its PNGs as it goes), and those with a ``save(out_dir, name)`` method (COCO ground truth and
     results JSON, COCO panoptic JSON + PNG folder) write their files there after the pass; the
-    paths (files or folders) are appended to ``saved``."""
+    paths (files or folders) are appended to ``saved``.
+
+    ``distributed``: each rank ran its shard of the data; the evaluators are merged on rank 0
+    (``Evaluator.merge``), which computes the metrics and sends them to every rank."""
     was_training = model.training
     model.eval()
     evaluators = {name: task.evaluator(card=model.card, options=model.options[name])
@@ -45,6 +49,15 @@ def evaluate_model(
             for name, task in model.tasks.items():
                 drawings.append((name, task.visualize(image, predictions[name][i], card=model.card)))
     metrics: dict[str, float] = {}
+    if distributed:
+        from pipeline.engine import distributed as dist
+
+        evaluators = dist.merge_evaluators(evaluators)
+        if dist.current().is_main:
+            metrics = {f"{name}/{key}": float(value) for name, ev in evaluators.items()
+                       for key, value in ev.compute().items()}
+        model.train(was_training)
+        return dist.broadcast_object(metrics), drawings
     for name, ev in evaluators.items():
         for key, value in ev.compute().items():
             metrics[f"{name}/{key}"] = float(value)

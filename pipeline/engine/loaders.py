@@ -13,26 +13,80 @@ from pipeline.config import Config
 from pipeline.data import build_transforms, collate, open_dataset
 
 
-class ResumableRandomSampler(Sampler[int]):
-    """Endless random order: epoch ``e`` is ``randperm(n)`` seeded by ``seed + e``.
+class ResumableRandomSampler(Sampler[tuple[int, int]]):
+    """Endless random order as ``(index, position)`` pairs, for one rank of a global batch.
 
-    ``start`` is the number of indices already consumed (``step * batch_size``), so a resumed run
-    sees exactly the samples an uninterrupted run would."""
+    The stream is the concatenation of epochs, epoch ``e`` being ``randperm(n)`` seeded by
+    ``seed + e``; ``position`` counts samples from the start of training. Step ``s`` covers the
+    positions ``[s * global_batch, (s + 1) * global_batch)``, of which rank ``r`` of ``world``
+    takes the ``r``-th equal slice. ``start_step`` resumes, so a resumed run, and a run on any
+    number of processes, sees exactly the samples of an uninterrupted single-process run."""
 
-    def __init__(self, n: int, *, seed: int, start: int = 0) -> None:
-        self.n, self.seed, self.start = n, seed, start
+    def __init__(self, n: int, *, seed: int, global_batch: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} not divisible by {world_size} ranks")
+        self.n, self.seed, self.start_step = n, seed, start_step
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self._perm: tuple[int, list[int]] | None = None
 
-    def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.n)
-        while True:
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if self._perm is None or self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-            yield from perm[offset:]
-            offset = 0
-            epoch += 1
+            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._perm[1][offset]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        share = self.global_batch // self.world_size
+        step = self.start_step
+        while True:
+            first = step * self.global_batch + self.rank * share
+            for position in range(first, first + share):
+                yield self._index(position), position
+            step += 1
 
     def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader)
         return 2**62
+
+
+class PositionSeeded(Dataset):
+    """``dataset[index]`` with torch's CPU generator seeded by ``(seed, position)`` around it.
+
+    Augmentation draws from torch's global generator (``pipeline.data.transforms``); seeding it
+    per stream position makes each sample's augmentation independent of the number of processes,
+    of loader workers and of where a run was resumed. The caller's generator state is restored."""
+
+    def __init__(self, dataset: Dataset, *, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + position) % 2**63)
+            return self.dataset[index]
+
+    def __getattr__(self, name: str):  # card, transforms, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` of ``n``: one pass split across ranks, no padding,
+    so every image is evaluated exactly once."""
+
+    def __init__(self, n: int, *, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def worker_context() -> multiprocessing.context.BaseContext | None:
@@ -63,20 +117,29 @@ def eval_dataset(cfg: Config, split: str | None = None) -> Dataset:
     return ds
 
 
-def train_loader(cfg: Config, dataset: Dataset, *, start_step: int) -> DataLoader:
+def train_loader(cfg: Config, dataset: Dataset, *, start_step: int, rank: int = 0,
+                 world_size: int = 1) -> DataLoader:
+    """Endless loader of this rank's share of each global batch (``train.batch_size``)."""
     sampler = ResumableRandomSampler(len(dataset), seed=cfg.train.seed,  # type: ignore[arg-type]
-                                     start=start_step * cfg.train.batch_size)
-    g = torch.Generator().manual_seed(cfg.train.seed * 1000003 + start_step)
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
+                                     global_batch=cfg.train.batch_size, start_step=start_step,
+                                     rank=rank, world_size=world_size)
+    return DataLoader(PositionSeeded(dataset, seed=cfg.train.seed),
+                      batch_size=cfg.train.batch_size // world_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, collate_fn=collate, drop_last=True,
-                      worker_init_fn=_worker_init, generator=g,
+                      worker_init_fn=_worker_init,
+                      # its own generator: creating the iterator draws a seed, which must not
+                      # come from torch's global generator (a resumed run would be shifted)
+                      generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + start_step),
                       persistent_workers=cfg.data.num_workers > 0,
                       multiprocessing_context=worker_context() if cfg.data.num_workers else None,
                       pin_memory=torch.cuda.is_available())
 
 
-def eval_loader(cfg: Config, dataset: Dataset, *, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+def eval_loader(cfg: Config, dataset: Dataset, *, batch_size: int, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """One ordered pass; under DDP each rank takes every ``world_size``-th image."""
+    sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, collate_fn=collate,
                       persistent_workers=cfg.data.num_workers > 0,
                       multiprocessing_context=worker_context() if cfg.data.num_workers else None)

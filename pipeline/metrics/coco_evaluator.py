@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pipeline.data.card import DatasetCard
 from pipeline.metrics.coco import evaluate_coco, write_results_json
 from pipeline.metrics.coco_results import detections_to_results, masks_to_rle
+from pipeline.metrics.merge import check_mergeable, check_same_options
 
 
 def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -141,6 +142,22 @@ class CocoEvaluator:
             keypoints[..., 1] *= sy
         self.results += detections_to_results(image_id, boxes=boxes, scores=pred["scores"][keep],
                                               category_ids=cat_ids, masks=masks, keypoints=keypoints)
+
+    def merge(self, other: CocoEvaluator) -> None:
+        """Append ``other``'s images, ground truth and results (another shard, same ``iou_types``
+        and classes). Images this evaluator has already seen are skipped, as ``process`` skips a
+        repeated image id (e.g. DDP padding); ``other``'s annotations get fresh ids continuing
+        ``1..N`` so they stay unique. ``compute()`` then equals one pass over both shards exactly
+        (COCOeval orders images by id)."""
+        check_mergeable(self, other)
+        check_same_options(self, other, ("iou_types", "class_indices"))
+        new = {img["id"] for img in other.images if img["id"] not in self._seen}
+        self.images += [img for img in other.images if img["id"] in new]
+        for ann in other.annotations:
+            if ann["image_id"] in new:
+                self.annotations.append({**ann, "id": len(self.annotations) + 1})
+        self.results += [r for r in other.results if r["image_id"] in new]
+        self._seen |= new
 
     def ground_truth(self) -> dict[str, Any]:
         return {"images": self.images, "annotations": self.annotations, "categories": self.categories()}

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.metrics.arrays import as_float64
+from pipeline.metrics.merge import add_sums, check_mergeable, check_same_options
 
 EPS = 1e-6
 """Predictions ``<= 0`` are clamped to this value (depth units) before ratios and logs."""
@@ -191,6 +192,13 @@ class DepthMetricAccumulator:
             return
         for p_img, t_img in zip(p, t, strict=True):
             self._add(p_img, t_img)
+
+    def merge(self, other: DepthMetricAccumulator) -> None:
+        """Add ``other``'s running sums (another shard, same options): the pixel count exact, the
+        error sums and the per-image scale sum up to float summation order."""
+        check_mergeable(self, other)
+        check_same_options(self, other, ("median_scaling", "min_depth", "max_depth"))
+        add_sums(self, other, ("_sums", "_num_pixels", "_scale_sum", "_num_scaled"))
 
     def compute(self) -> dict[str, float]:
         """The metrics over everything seen (see class doc); ``{}`` if no valid pixel."""

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.metrics.arrays import as_float64
+from pipeline.metrics.merge import add_sums, check_mergeable, check_same_options
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
 HIST_BIN_DEG = 0.01
@@ -130,6 +131,13 @@ class NormalsMetricAccumulator:
         """Bin centre of the ``k``-th smallest angle (0-based)."""
         b = int(np.searchsorted(cum, k + 1))
         return (b + 0.5) * HIST_BIN_DEG
+
+    def merge(self, other: NormalsMetricAccumulator) -> None:
+        """Add ``other``'s angle histogram, counts and sums (another shard, same thresholds): the
+        median and the ``within_*`` shares exact, mean and RMSE up to float summation order."""
+        check_mergeable(self, other)
+        check_same_options(self, other, ("thresholds", "_num_bins"))
+        add_sums(self, other, ("_hist", "_n", "_sum", "_sq_sum", "_hits"))
 
     def compute(self) -> dict[str, float]:
         """The metrics over everything seen (see class doc); ``{}`` if no valid pixel."""

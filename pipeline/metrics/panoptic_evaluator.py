@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.data.card import DatasetCard
 from pipeline.io import atomic_dir
+from pipeline.metrics.merge import check_mergeable, check_same_options
 from pipeline.metrics.panoptic import PanopticCategories, PQStats, pq_image_stats
 from pipeline.metrics.panoptic_files import write_panoptic_json, write_panoptic_png
 
@@ -102,6 +103,16 @@ class PanopticEvaluator:
                                  "segments_info": segment_info(ids, pred["segments"])})
         self.images.append({"id": image_id, "file_name": batch["file_names"][i],
                             "height": orig[0], "width": orig[1]})
+
+    def merge(self, other: PanopticEvaluator) -> None:
+        """Add ``other``'s per-category counts (another shard, same categories) and append its
+        exported ``annotations`` / ``images``: TP/FP/FN exact, the IoU sums up to float summation
+        order."""
+        check_mergeable(self, other)
+        check_same_options(self, other, ("categories",))
+        self.stats += other.stats
+        self.annotations += other.annotations
+        self.images += other.images
 
     def compute(self) -> dict[str, float]:
         return self.stats.summarize(self.categories).named()
