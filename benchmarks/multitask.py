@@ -17,7 +17,7 @@ model: with ``B`` the cost of a backbone pass, ``h`` of a head and ``L`` of read
 ratio is about ``(L + 2B + 4h) / (4L + 4B + 4h)``, which is above 0.5 unless ``L >= 2h``.
 
     python benchmarks/multitask.py [--steps 300] [--tasks semantic,depth,normals,colorization]
-        [--set KEY=VALUE ...] [--out FILE] [--smoke]
+        [--set KEY=VALUE ...] [--multi-set KEY=VALUE ...] [--out FILE] [--smoke]
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--multi-set", dest="multi_overrides", action="append", default=[],
+                    help="KEY=VALUE for the multi-task model only (e.g. train.loss_weighting.method=dwa)")
     ap.add_argument("--data-root", default=None, help="a rendered synthetic dataset to reuse")
     ap.add_argument("--out", default=None, help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})")
     ap.add_argument("--smoke", action="store_true", help="seconds: 16 images at 64x64, the steps you give")
@@ -99,7 +101,7 @@ def main() -> None:
         stages.prepare(load_config(ROOT / "params.yaml", [*base, *args.overrides]))
         prepare_s = time.perf_counter() - t0
         print(f"== multi-task: {', '.join(tasks)}", flush=True)
-        multi = train_one(base, tasks, Path(tmp) / "multi", args.overrides)
+        multi = train_one(base, tasks, Path(tmp) / "multi", [*args.overrides, *args.multi_overrides])
         print(json.dumps(multi), flush=True)
         singles: dict[str, dict[str, Any]] = {}
         for task in tasks:
@@ -114,6 +116,7 @@ def main() -> None:
         "benchmark": "multitask",
         "command": "python benchmarks/multitask.py " + " ".join(sys.argv[1:]),
         "smoke": args.smoke, "tasks": tasks, "steps": args.steps, "overrides": args.overrides,
+        "multi_overrides": args.multi_overrides,
         "settings": "params.yaml (the demo's backbone, heads and loss weights), tracking off, "
                     "evaluation once at the end; every model trained for the same steps",
         "prepare_seconds": round(prepare_s, 1),

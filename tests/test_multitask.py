@@ -73,7 +73,8 @@ def test_a_training_step_runs_with_any_subset_of_the_dense_tasks(tmp_path: Path,
     before = [p.detach().clone() for p in model.parameters()]
     row = train_step(model, _batch(), optimizer, clip_grad_norm=5.0)
     assert math.isfinite(row["loss"]) and row["loss"] > 0
-    assert {k.split("/")[0] for k in row if k != "loss"} == set(tasks)
+    assert {k.split("/")[0] for k in row if k != "loss" and not k.startswith("weight/")} == set(tasks)
+    assert {k.split("/", 1)[1] for k in row if k.startswith("weight/")} == set(tasks)  # weights in force
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     model.eval()
     predictions = model.predict(_batch())
