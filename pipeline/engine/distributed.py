@@ -100,8 +100,15 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (keeps ranks in lockstep on skips/stops)."""
     if not current().enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     return bool(all_reduce_(t, op="max").item() > 0)
+
+
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: the GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def average_gradients(parameters: Any) -> None:

@@ -133,12 +133,12 @@ def train_step(model: MultiTaskModel, batch: dict[str, Any], optimizer: torch.op
     else:
         loss = weighting.combine(model.task_losses(terms),
                                  shared_parameters=model.last_shared_parameters()
-                                 if getattr(weighting, "needs_shared_parameters", False) else ())
+                                 if weighting.needs_shared_parameters else ())
         weights = weighting.weights()
     if distributed.any_rank(not bool(torch.isfinite(loss))):
         bad = [f"{k} = {float(v.detach())}" for k, v in terms.items() if not torch.isfinite(v)]
-        raise NonFiniteLoss(", ".join(bad) or (f"total = {float(loss.detach())}" if not torch.isfinite(loss)
-                                               else "another process's loss"))
+        own = f"total = {float(loss.detach())}" if not torch.isfinite(loss) else "another process's loss"
+        raise NonFiniteLoss(", ".join(bad) or own)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if weighting is not None:
         distributed.average_gradients(weighting.parameters())
