@@ -11,7 +11,7 @@ using every core is reported too, as what a user without torchrun gets.
 dense bf16 peak.
 
     python benchmarks/engine_speed.py --mode ddp [--steps 40]
-    python benchmarks/engine_speed.py --mode precision [--steps 30] [--batch 8]
+    python benchmarks/engine_speed.py --mode precision [--steps 30] [--batch 8] [--smoke]
 Results: benchmarks/results/engine_<mode>.json
 """
 
@@ -108,33 +108,38 @@ def ddp_scaling(steps: int) -> dict:
     }
 
 
-def precision(steps: int, batch: int, size: int) -> dict:
-    if not torch.cuda.is_available():
+def precision(steps: int, batch: int, size: int, *, smoke: bool = False) -> dict:
+    """``smoke``: run the same code on the CPU in seconds (64 px, 2 steps) to check it works."""
+    if not torch.cuda.is_available() and not smoke:
         raise SystemExit("--mode precision needs a CUDA GPU (it measures bf16 against fp32 there)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     from pipeline.config import config_from_dict
     from pipeline.engine.loaders import train_dataset, train_loader
     from pipeline.engine.precision import configure_backends, resolve_precision
     from pipeline.engine.trainer import TrainingModule, build_optimizer, train_step
     from pipeline.model import build_model
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if cuda else f"cpu (smoke): {cpu_model()}"
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
     work = Path(tempfile.mkdtemp(prefix="engine-prec-"))
     data = work / "data"
-    _render(data, num_train=64, image_size=size)
+    _render(data, num_train=16 if smoke else 64, image_size=size)
     variants = {"fp32": ("fp32", False, False), "bf16 + channels_last": ("bf16", True, False),
                 "bf16 + channels_last + compile": ("bf16", True, True)}
+    if smoke:  # compiling takes minutes on a CPU
+        variants.pop("bf16 + channels_last + compile")
     results = {}
     flops_per_step = None
     for label, (prec, cl, compile_) in variants.items():
         params = _params(data, work / "out", steps=steps, batch_size=batch, precision=prec,
                          channels_last=cl, compile=compile_)
         params["data"]["image_size"] = size
-        params["data"]["num_workers"] = 4
-        params["model"]["heads"]["instance"] = {"preset": "gpu"}
-        params["model"]["heads"]["keypoints"] = {"preset": "gpu", "share_detector": True}
+        params["data"]["num_workers"] = 0 if smoke else 4
+        preset = "cpu" if smoke else "gpu"
+        params["model"]["heads"]["instance"] = {"preset": preset}
+        params["model"]["heads"]["keypoints"] = {"preset": preset, "share_detector": True}
         cfg = config_from_dict(params)
-        device = torch.device("cuda")
         configure_backends(device=device, tf32=True, deterministic=False)
         torch.manual_seed(0)
         ds = train_dataset(cfg)
@@ -153,23 +158,26 @@ def precision(steps: int, batch: int, size: int) -> dict:
             with counter:
                 train_step(model, batches[0], opt, forward=forward, precision=p)
             flops_per_step = counter.get_total_flops()
-        for i in range(5):  # warm-up (and compilation)
+        for i in range(1 if smoke else 5):  # warm-up (and compilation)
             train_step(model, batches[i % 4], opt, forward=forward, precision=p)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for i in range(steps):
             train_step(model, batches[i % 4], opt, forward=forward, precision=p)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         achieved = flops_per_step * steps / seconds
         results[label] = {"images_per_s": steps * batch / seconds,
-                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                           "achieved_tflops": achieved / 1e12,
                           "mfu_vs_bf16_peak": achieved / peak if peak else None}
         print(label, json.dumps(results[label]), flush=True)
         del model, opt
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return {"benchmark": "engine_precision", "device": name, "torch": torch.__version__,
             "image_size": size, "batch": batch, "steps": steps, "tasks": ALL_TASKS,
             "flops_per_train_step": flops_per_step, "bf16_peak_flops": peak, "results": results,
@@ -186,11 +194,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="precision mode on the CPU in seconds (checks the script, measures nothing)")
     args = ap.parse_args()
     if args.mode == "ddp":
         report = ddp_scaling(args.steps or 40)
     else:
-        report = precision(args.steps or 30, args.batch, args.size)
+        if args.smoke:
+            report = precision(args.steps or 2, 2, 64, smoke=True)
+            args.out = args.out or str(Path(tempfile.mkdtemp()) / "smoke.json")
+        else:
+            report = precision(args.steps or 30, args.batch, args.size)
     report["python"] = platform.python_version()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"engine_{args.mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
