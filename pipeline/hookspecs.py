@@ -36,6 +36,9 @@ run (``train.disabled_hooks`` lists names to skip)::
     [project.entry-points."densepipe.hooks"]
     my_logger = "my_package.my_logger"
 
+A task plugin that also wants lifecycle hooks lists its module under both groups: the task
+registry only calls ``densepipe_register_tasks``, the training loop only the lifecycle hooks.
+
 Every lifecycle hook gets ``state`` (``pipeline.engine.hooks.TrainState``: config, model,
 optimizer, step, rank, output folder, the checkpoint resumed from). Hooks run on every rank under
 DDP (``state.is_main`` is rank 0, the one that writes files) except ``densepipe_on_checkpoint``,
