@@ -33,3 +33,7 @@ class PluginError(DensepipeError):
 
 class CheckpointError(DensepipeError):
     """A checkpoint is truncated, unreadable or belongs to another model configuration."""
+
+
+class TrackingError(DensepipeError):
+    """The MLflow tracking store cannot be reached or written; the message names the URI."""

@@ -90,6 +90,8 @@ def train(cfg: Config) -> dict[str, Any]:
     out_dir = Path(cfg.train.out_dir)
     main = distributed.env_from_torchrun().is_main
     tracker = make_tracker(cfg.tracking) if main else None
+    if tracker is not None:
+        tracker.check_reachable()  # before any training: no GPU hours go untracked
     try:
         result = run_training(cfg, tracker=tracker)
     finally:

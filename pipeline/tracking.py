@@ -51,6 +51,31 @@ class Tracker:
             self._client = self.mlflow.MlflowClient(tracking_uri=self.uri)
         return self._client
 
+    def check_reachable(self, *, timeout_s: float = 10.0) -> None:
+        """Fail fast, before any training, when the store cannot take this run: an HTTP(S)
+        tracking server that does not answer within ``timeout_s`` seconds, or a SQLite file whose
+        folder does not exist. ``TrackingError`` names the URI (no GPU hours go untracked)."""
+        import urllib.error
+        import urllib.request
+
+        from pipeline.errors import TrackingError
+
+        if self.uri.startswith(("http://", "https://")):
+            url = self.uri.rstrip("/") + "/health"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the user's URI
+                    pass
+            except urllib.error.HTTPError:
+                return  # the server answered (an old server without /health, a proxy's 404)
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                raise TrackingError(f"tracking.uri {self.uri}: MLflow server not reachable "
+                                    f"within {timeout_s:g} s ({reason}); start it or fix the URI, "
+                                    "or set tracking.enabled=false") from None
+        folder = _sqlite_dir(self.uri)
+        if folder is not None and not folder.is_dir():
+            raise TrackingError(f"tracking.uri {self.uri}: folder {folder} does not exist")
+
     # -- runs -----------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)

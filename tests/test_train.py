@@ -118,3 +118,25 @@ def test_prepare_renders_once_then_skips_identical(tmp_path: Path) -> None:
     assert again["rendered"] is False
     changed = stages.prepare(load_config(None, [*over, "data.synthetic.seed=1"]))
     assert changed["rendered"] is True
+
+
+def test_unreachable_mlflow_server_fails_before_training(tiny_dataset: Path, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from pipeline.errors import TrackingError
+
+    with socket.socket() as s:  # a free loopback port: nothing listens there once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path, uri))
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"tracking.uri {uri}: MLflow server not reachable"):
+        stages.train(cfg)
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "train").exists()  # nothing trained, nothing written
+
+    missing = f"sqlite:///{tmp_path / 'no' / 'such' / 'mlflow.db'}"
+    with pytest.raises(TrackingError, match=r"folder .*no/such does not exist"):
+        stages.train(load_config(None, tiny_overrides(tiny_dataset, tmp_path, missing)))
