@@ -187,7 +187,7 @@ def load_config(
             try:
                 loaded = yaml.safe_load(p.read_text()) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: not valid YAML ({_one_line(e)})") from e
+                raise ConfigError(f"{p}: not valid YAML {_yaml_problem(e)}") from e
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
             tree = loaded
@@ -259,6 +259,18 @@ def _describe(e: ValidationError) -> str:
         msg = msg.replace("Input should be", "expected one of")
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return f"{loc}: {msg}, got {got!r}{more}"
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``line L, column C: <problem> (<context> at line L')``: where the parser gave up, 1-based."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return f"({_one_line(e)})"
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', None) or 'error'}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None:
+        where += f" ({context} started at line {start.line + 1})"
+    return where
 
 
 def _one_line(e: Exception) -> str:

@@ -53,9 +53,11 @@ def test_missing_explicit_file_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    bad.write_text("train:\n  lr: 0.1\n  steps: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError) as err:
         load_config(bad)
+    assert str(err.value) == (f"{bad}: not valid YAML at line 4, column 6: expected ',' or ']', "
+                              "but got ':' (while parsing a flow sequence started at line 3)")
 
 
 def test_unknown_task_name_lists_registered_tasks() -> None:
