@@ -48,22 +48,18 @@ def evaluate_model(
             drawings.append((f"image {batch['image_ids'][i]}", image))
             for name, task in model.tasks.items():
                 drawings.append((name, task.visualize(image, predictions[name][i], card=model.card)))
-    metrics: dict[str, float] = {}
-    if distributed:
-        from pipeline.engine import distributed as dist
+    from pipeline.engine import distributed as dist
 
+    if distributed:
         evaluators = dist.merge_evaluators(evaluators)
-        if dist.current().is_main:
-            metrics = {f"{name}/{key}": float(value) for name, ev in evaluators.items()
-                       for key, value in ev.compute().items()}
-        model.train(was_training)
-        return dist.broadcast_object(metrics), drawings
-    for name, ev in evaluators.items():
-        for key, value in ev.compute().items():
-            metrics[f"{name}/{key}"] = float(value)
-        if artifacts_dir is not None and hasattr(ev, "save"):
-            paths = ev.save(artifacts_dir, name)
-            if saved is not None:
-                saved.extend(paths)
+    metrics: dict[str, float] = {}
+    if not distributed or dist.current().is_main:  # merged evaluators live on rank 0
+        for name, ev in evaluators.items():
+            for key, value in ev.compute().items():
+                metrics[f"{name}/{key}"] = float(value)
+            if artifacts_dir is not None and hasattr(ev, "save"):
+                paths = ev.save(artifacts_dir, name)
+                if saved is not None:
+                    saved.extend(paths)
     model.train(was_training)
-    return metrics, drawings
+    return (dist.broadcast_object(metrics) if distributed else metrics), drawings

@@ -127,11 +127,12 @@ def train_step(model: MultiTaskModel, batch: dict[str, Any], optimizer: torch.op
     with precision.autocast() if precision is not None else contextlib.nullcontext():
         terms = forward(batch) if forward is not None else model.losses(model(batch), batch)
     terms = {k: v.float() for k, v in terms.items()}
+    per_task = model.task_losses(terms)
     if weighting is None:
         loss = model.total_loss(terms)
         weights = {t: w for t, w in model.loss_weights.items() if t in model.heads}
     else:
-        loss = weighting.combine(model.task_losses(terms),
+        loss = weighting.combine(per_task,
                                  shared_parameters=model.last_shared_parameters()
                                  if weighting.needs_shared_parameters else ())
         weights = weighting.weights()
@@ -155,7 +156,7 @@ def train_step(model: MultiTaskModel, batch: dict[str, Any], optimizer: torch.op
         scheduler.step()
     row = {k: float(v.detach()) for k, v in terms.items()}
     if weighting is not None:
-        weighting.after_step({k: float(v.detach()) for k, v in model.task_losses(terms).items()})
+        weighting.after_step({k: float(v.detach()) for k, v in per_task.items()})
     row.update({f"weight/{k}": float(v) for k, v in weights.items()})
     row["loss"] = float(loss.detach())
     return row
