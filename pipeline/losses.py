@@ -36,9 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from pipeline.engine import distributed
 from pipeline.errors import ConfigError
 
 GRADNORM_MIN_WEIGHT = 1e-4
@@ -53,14 +53,9 @@ def _mean_over_ranks(values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     Without an initialised process group this is the identity (absent columns zeroed). Under
     ``torch.distributed`` it is one ``all_reduce``: every rank must call it at the same point."""
     values = torch.where(present, values, torch.zeros_like(values))
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed.current().enabled:
         return values, present
-    device = values.device
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    packed = torch.cat([values, present.to(values.dtype)[None]]).to(device)
-    dist.all_reduce(packed)  # sum over ranks
-    packed = packed.to(values.device)
+    packed = distributed.all_reduce_(torch.cat([values, present.to(values.dtype)[None]]), op="sum")
     count = packed[-1]
     return packed[:-1] / count.clamp_min(1), count > 0
 

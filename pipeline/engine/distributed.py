@@ -85,14 +85,19 @@ def per_rank_batch(global_batch: int, env: DistEnv) -> int:
 
 
 def all_reduce_(tensor: torch.Tensor, *, op: str = "mean") -> torch.Tensor:
-    """In-place sum / mean / max over ranks (a no-op in one process)."""
+    """In-place sum / mean / max over ranks (a no-op in one process). A tensor on a device the
+    backend cannot reduce (a CPU tensor under NCCL) goes through one that it can."""
     env = current()
     if not env.enabled:
         return tensor
     reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    dist.all_reduce(tensor, op=reduce_op)
+    device = _collective_device()
+    work = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(work, op=reduce_op)
     if op == "mean":
-        tensor /= env.world_size
+        work /= env.world_size
+    if work is not tensor:
+        tensor.copy_(work)
     return tensor
 
 
@@ -100,12 +105,11 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (keeps ranks in lockstep on skips/stops)."""
     if not current().enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    return bool(all_reduce_(t, op="max").item() > 0)
+    return bool(all_reduce_(torch.tensor([1.0 if flag else 0.0]), op="max").item() > 0)
 
 
 def _collective_device() -> torch.device:
-    """Where a small tensor for a collective must live: the GPU under NCCL, else the CPU."""
+    """Where a tensor for a collective must live: the GPU under NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -69,11 +69,6 @@ class PositionSeeded(Dataset):
             torch.manual_seed((self.seed * 1_000_003 + position) % 2**63)
             return self.dataset[index]
 
-    def __getattr__(self, name: str):  # card, transforms, ... of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
 
 class ShardSampler(Sampler[int]):
     """Indices ``rank, rank + world, ...`` of ``n``: one pass split across ranks, no padding,

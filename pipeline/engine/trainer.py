@@ -127,7 +127,7 @@ def train_step(model: MultiTaskModel, batch: dict[str, Any], optimizer: torch.op
     with precision.autocast() if precision is not None else contextlib.nullcontext():
         terms = forward(batch) if forward is not None else model.losses(model(batch), batch)
     terms = {k: v.float() for k, v in terms.items()}
-    per_task = model.task_losses(terms)
+    per_task = model.task_losses(terms) if weighting is not None else {}
     if weighting is None:
         loss = model.total_loss(terms)
         weights = {t: w for t, w in model.loss_weights.items() if t in model.heads}
@@ -253,8 +253,9 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None, tracker: Tracker
     Under torchrun every process calls this; rank 0 alone writes checkpoints and logs (pass
     ``tracker`` only there). ``hooks``: extra ``(name, plugin)`` lifecycle hook plugins (see
     ``pipeline.hookspecs``) besides the ``densepipe.hooks`` entry points and built-ins."""
-    env = distributed.init_distributed(resolve_device(cfg.train.device))
-    device = distributed.local_device(resolve_device(cfg.train.device), env)
+    device = resolve_device(cfg.train.device)
+    env = distributed.init_distributed(device)
+    device = distributed.local_device(device, env)
     distributed.per_rank_batch(cfg.train.batch_size, env)  # divisible, or a ConfigError
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     configure_backends(device=device, tf32=cfg.train.tf32, deterministic=cfg.train.deterministic)
