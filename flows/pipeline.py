@@ -1,8 +1,9 @@
-"""Prefect flows over ``pipeline.stages``: prepare -> train -> evaluate.
+"""Prefect flows over ``pipeline.stages``: ``prepare``, ``train``, ``evaluate`` and ``pipeline``.
 
-Flow parameters are the config file and ``--set``-style overrides, so a deployment or a schedule
-runs exactly what ``densepipe`` would. Deeper orchestration (schedules, caching, artifacts) builds
-on these.
+Flow parameters are the config file and ``--set``-style overrides (``["train.lr=0.01"]``), so a
+deployment or a schedule runs exactly what ``densepipe`` would. The ``pipeline`` flow is one MLflow
+parent run with a nested run per stage, registers the model and leaves a markdown artifact
+(``densepipe-metrics``) with the metrics and the MLflow links. Retry and cache policies: ``flows.tasks``.
 """
 
 from __future__ import annotations
@@ -12,35 +13,66 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow, task  # noqa: E402
+from prefect import flow  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 
-from pipeline import stages  # noqa: E402
+from flows.report import metrics_markdown, publish_report  # noqa: E402
+from flows.tasks import evaluate_task, register_task, run_prepare, train_task  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.tracking import parent_run  # noqa: E402
+
+REPORT_KEY = "densepipe-metrics"
 
 
-def _cfg(params: str, overrides: list[str]) -> Config:
-    return load_config(params, overrides)
+def _cfg(params: str, overrides: list[str] | None) -> Config:
+    return load_config(params, list(overrides or []))
 
 
-@task(name="prepare", retries=2, retry_delay_seconds=5)
-def prepare_task(cfg: Config) -> dict[str, Any]:
-    return stages.prepare(cfg)
+@flow(name="densepipe-prepare", log_prints=True)
+def prepare_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Render (or check) the dataset; cached on its parameters and code."""
+    return run_prepare(_cfg(params, overrides))
 
 
-@task(name="train")
-def train_task(cfg: Config) -> dict[str, Any]:
-    return stages.train(cfg)
+@flow(name="densepipe-train", log_prints=True)
+def train_flow(params: str = "params.yaml", overrides: list[str] | None = None,
+               nproc_per_node: int = 1) -> dict[str, Any]:
+    """Train (resuming from ``last.pt``); ``nproc_per_node > 1`` runs torchrun on this machine."""
+    return train_task(_cfg(params, overrides), params=params, overrides=list(overrides or []),
+                      nproc_per_node=nproc_per_node)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5)
-def evaluate_task(cfg: Config) -> dict[str, float]:
-    return stages.evaluate(cfg)
+@flow(name="densepipe-evaluate", log_prints=True)
+def evaluate_flow(params: str = "params.yaml", overrides: list[str] | None = None,
+                  model: str | None = None) -> dict[str, float]:
+    """Evaluate the best checkpoint, or the MLflow model ``model`` (``models:/densepipe/latest``)."""
+    return evaluate_task(_cfg(params, overrides), model_uri=model)
 
 
 @flow(name="densepipe-pipeline", log_prints=True)
-def pipeline_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, float]:
-    """prepare, train, evaluate in order; returns the metrics dict."""
-    cfg = _cfg(params, list(overrides or []))
-    prepare_task(cfg)
-    train_task(cfg)
-    return evaluate_task(cfg)
+def pipeline_flow(params: str = "params.yaml", overrides: list[str] | None = None,
+                  register_model: bool = True, nproc_per_node: int = 1) -> dict[str, float]:
+    """prepare, train, evaluate and (with tracking on and ``register_model``) register, in order;
+    returns the metrics dict."""
+    overrides = list(overrides or [])
+    cfg = _cfg(params, overrides)
+    run_name = f"pipeline-{flow_run.get_name() or 'local'}"
+    with parent_run(cfg.tracking, run_name=run_name, params=cfg.flat(),
+                    tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}) as tracker:
+        parent_id = tracker.run_id if tracker is not None else None
+        run_prepare(cfg, parent_id)
+        trained = train_task(cfg, params=params, overrides=overrides, parent_run_id=parent_id,
+                             nproc_per_node=nproc_per_node)
+        metrics = evaluate_task(cfg, parent_run_id=parent_id)
+        links: dict[str, str] = {}
+        notes = [f"checkpoint `{trained['best']}` at step {trained['step']}"]
+        if tracker is not None:
+            links[f"MLflow pipeline run {parent_id}"] = tracker.run_link()
+            if register_model:
+                version = register_task(cfg, model_uri=trained.get("model_uri"), metrics=metrics,
+                                        parent_run_id=parent_id)
+                notes.append(f"registered `{version['model_uri']}`: "
+                             f"`densepipe evaluate --model models:/{version['name']}/latest`")
+        publish_report(metrics_markdown(metrics, title=f"densepipe {run_name}", links=links, notes=notes),
+                       key=REPORT_KEY, description="densepipe pipeline metrics")
+    return metrics

@@ -51,13 +51,21 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     out.print(json.dumps(summary, indent=2, sort_keys=True))
 
 
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="MLflow model URI, e.g. models:/densepipe/latest (instead of --checkpoint).")]
+
+
 @app.command()
-def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def train(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+    parent_run_id: Annotated[str | None, typer.Option(
+        help="Nest the MLflow run under this run (a pipeline run).")] = None,
+) -> None:
     """Train the configured tasks; resumes from <train.out_dir>/last.pt."""
     from pipeline import stages
     from pipeline.engine.distributed import env_from_torchrun
 
-    summary = stages.train(_config(params, set_))
+    summary = stages.train(_config(params, set_), parent_run_id=parent_run_id)
     if not env_from_torchrun().is_main:
         return
     out.print(f"trained to step {summary['step']}: best {summary['best']} "
@@ -68,12 +76,13 @@ def train(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 def evaluate(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Default: best.pt of train.out_dir.")] = None,
+    model: ModelOpt = None,
 ) -> None:
-    """Evaluate a checkpoint on the val split; writes metrics.json."""
+    """Evaluate a checkpoint (or a registered MLflow model) on the val split; writes metrics.json."""
     from pipeline import stages
 
     cfg = _config(params, set_)
-    metrics = stages.evaluate(cfg, checkpoint)
+    metrics = stages.evaluate(cfg, checkpoint, model_uri=model)
     out.print(_metrics_table({k: v for k, v in metrics.items() if k.count("/") == 1}))
     out.print(f"wrote {cfg.evaluate.metrics_file}")
 
@@ -81,7 +90,9 @@ def evaluate(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint (its own model config is used).")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Checkpoint (its own model config is used).")] = None,
+    model: ModelOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 ) -> None:
@@ -89,8 +100,20 @@ def predict(
     from pipeline import stages
 
     files = stages.predict(_config(params, set_), list(images), checkpoint=checkpoint,
-                           out_dir=out_dir)
+                           model_uri=model, out_dir=out_dir)
     out.print(f"wrote {len(files)} files to {out_dir}")
+
+
+@app.command()
+def register(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Default: best.pt of train.out_dir.")] = None,
+) -> None:
+    """Add the trained model to the MLflow model registry (tracking.registered_model)."""
+    from pipeline import stages
+
+    result = stages.register(_config(params, set_), checkpoint=checkpoint)
+    out.print(f"registered {result['model_uri']} (load it with --model models:/{result['name']}/latest)")
 
 
 @app.command()
@@ -201,6 +224,29 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     metrics = pipeline_flow(params=str(params), overrides=list(set_ or []))
     out.print(_metrics_table({k: v for k, v in metrics.items() if k.count("/") == 1},
                              title=f"metrics ({cfg.evaluate.metrics_file})"))
+
+
+@app.command()
+def serve(
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 3 * * *".')] = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between runs.")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    timezone: Annotated[str | None, typer.Option(help="IANA time zone of the schedule (UTC).")] = None,
+    api_timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the Prefect server's health check.")] = 10.0,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+) -> None:
+    """Serve the pipeline flow on a schedule against the Prefect server at PREFECT_API_URL.
+
+    Prefect's temporary server cannot schedule: `make serve` starts a local server when none is set.
+    Runs execute here, one at a time, until Ctrl-C (which pauses the schedule).
+    """
+    from flows.serve import serve_pipeline, validate_schedule
+
+    validate_schedule(cron=cron, interval=interval, timezone=timezone)
+    _config(params, set_)  # fail fast on a bad config, before contacting Prefect
+    serve_pipeline(cron=cron, interval=interval, name=name, timezone=timezone,
+                   params=str(params), overrides=list(set_ or []), api_timeout_s=api_timeout)
 
 
 @app.command("config")

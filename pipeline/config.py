@@ -150,6 +150,8 @@ class TrackingConfig(Section):
     """Any MLflow tracking URI; default ``sqlite:///<working folder>/mlflow.db``."""
     experiment: str = "densepipe"
     log_model: bool = True
+    registered_model: str = "densepipe"
+    """Model-registry name the ``register`` stage adds a version to."""
 
 
 class Config(Section):

@@ -2,13 +2,17 @@
 
 - ``prepare(cfg)``: render the synthetic world into ``data.root`` (or check a user's folder).
 - ``train(cfg)``: train or resume; checkpoints in ``train.out_dir``; MLflow run.
-- ``evaluate(cfg)``: every task's evaluator on the val split; ``metrics.json``; same MLflow run.
-- ``predict(cfg, images, checkpoint, out_dir)``: visualisations and raw outputs per image.
+- ``evaluate(cfg)``: every task's evaluator on the val split; ``metrics.json``; MLflow run.
+- ``register(cfg)``: the trained model as a new version in the MLflow model registry.
+- ``predict(cfg, images, checkpoint | model_uri, out_dir)``: visualisations and raw outputs per image.
+
+Each takes ``parent_run_id`` (except predict) so a pipeline run nests one MLflow run per stage.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,48 +21,90 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, DataError
+from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+TRAIN_SUMMARY = "train_summary.json"
+"""Written by ``train`` into ``train.out_dir`` (rank 0): the summary it returns."""
+
 
 # -- prepare ------------------------------------------------------------------------------------
-def prepare(cfg: Config) -> dict[str, Any]:
-    """Make ``data.root`` ready. Synthetic: render it unless an identical render is there."""
+def _wanted_synthetic(cfg: Config) -> dict[str, Any]:
+    syn = cfg.data.synthetic
+    return {"seed": syn.seed, "image_size": syn.image_size,
+            "num_train": syn.num_train, "num_val": syn.num_val}
+
+
+def dataset_ready(cfg: Config) -> bool:
+    """True when ``data.root`` already holds what ``prepare`` would make: for the synthetic
+    source, a render with the same seed, sizes and generator version; for a folder, its card."""
+    root = Path(cfg.data.root)
+    if not (root / "meta.json").exists():
+        return False
+    if cfg.data.source != "synthetic":
+        return True
+    from pipeline.data.card import DatasetCard
+    from pipeline.data.synthetic.spec import GENERATOR_VERSION
+
+    extra = DatasetCard.load(root / "meta.json").extra
+    have = {"seed": extra.get("seed"), "image_size": extra.get("image_size"),
+            "num_train": extra.get("splits", {}).get("train"),
+            "num_val": extra.get("splits", {}).get("val")}
+    return have == _wanted_synthetic(cfg) and extra.get("generator_version") == GENERATOR_VERSION
+
+
+def prepare(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Make ``data.root`` ready. Synthetic: render it unless an identical render is there.
+
+    With ``parent_run_id`` (a pipeline run), the stage is a nested MLflow run with the data params."""
     from pipeline.data import open_dataset
 
     root = Path(cfg.data.root)
     if cfg.data.source == "synthetic":
-        from pipeline.data.card import DatasetCard
-        from pipeline.data.synthetic import write_synthetic_dataset
+        wanted = _wanted_synthetic(cfg)
+        if dataset_ready(cfg):
+            log.info("%s already holds this synthetic dataset; nothing to do", root)
+            summary: dict[str, Any] = {"root": str(root), "rendered": False, **wanted}
+        else:
+            from pipeline.data.synthetic import write_synthetic_dataset
 
-        syn = cfg.data.synthetic
-        wanted = {"seed": syn.seed, "image_size": syn.image_size,
-                  "num_train": syn.num_train, "num_val": syn.num_val}
-        if (root / "meta.json").exists():
-            from pipeline.data.synthetic.spec import GENERATOR_VERSION
+            t0 = time.perf_counter()
+            rendered = write_synthetic_dataset(root, num_train=wanted["num_train"],
+                                               num_val=wanted["num_val"],
+                                               image_size=wanted["image_size"], seed=wanted["seed"],
+                                               workers=cfg.data.synthetic.workers)
+            summary = {"root": str(root), "rendered": True, "seconds": time.perf_counter() - t0,
+                       **wanted,
+                       **{k: v for k, v in rendered.items() if isinstance(v, int | float | str)}}
+    else:
+        counts = {}
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            ds = open_dataset(root, split)
+            counts[split] = len(ds)
+            if len(ds) == 0:
+                raise DataError(root, f"split {split!r} has no images")
+        summary = {"root": str(root), "rendered": False, "images": counts}
+    if parent_run_id is not None:
+        _log_stage_run(cfg, "prepare", parent_run_id=parent_run_id,
+                       params={k: v for k, v in cfg.flat().items() if k.startswith("data.")},
+                       metrics={k: float(v) for k, v in summary.items()
+                                if isinstance(v, int | float) and not isinstance(v, bool)})
+    return summary
 
-            extra = DatasetCard.load(root / "meta.json").extra
-            have = {"seed": extra.get("seed"), "image_size": extra.get("image_size"),
-                    "num_train": extra.get("splits", {}).get("train"),
-                    "num_val": extra.get("splits", {}).get("val")}
-            if have == wanted and extra.get("generator_version") == GENERATOR_VERSION:
-                log.info("%s already holds this synthetic dataset; nothing to do", root)
-                return {"root": str(root), "rendered": False, **wanted}
-        t0 = time.perf_counter()
-        summary = write_synthetic_dataset(root, num_train=syn.num_train, num_val=syn.num_val,
-                                          image_size=syn.image_size, seed=syn.seed,
-                                          workers=syn.workers)
-        return {"root": str(root), "rendered": True, "seconds": time.perf_counter() - t0,
-                **wanted, **{k: v for k, v in summary.items() if isinstance(v, int | float | str)}}
-    counts = {}
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        ds = open_dataset(root, split)
-        counts[split] = len(ds)
-        if len(ds) == 0:
-            raise DataError(root, f"split {split!r} has no images")
-    return {"root": str(root), "rendered": False, "images": counts}
+
+def _log_stage_run(cfg: Config, name: str, *, parent_run_id: str, params: dict[str, Any],
+                   metrics: dict[str, float]) -> None:
+    from pipeline.tracking import make_tracker
+
+    tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id)
+    if tracker is None:
+        return
+    tracker.start(run_name=name, tags={"densepipe.stage": name})
+    tracker.log_params(params)
+    tracker.log_metrics(metrics, 0)
+    tracker.finish()
 
 
 def check_config(cfg: Config) -> None:
@@ -77,11 +123,13 @@ def check_config(cfg: Config) -> None:
 
 
 # -- train --------------------------------------------------------------------------------------
-def train(cfg: Config) -> dict[str, Any]:
-    """Train (resuming from ``last.pt``), log to MLflow; returns a summary dict.
+def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train (resuming from ``last.pt``), log to MLflow; returns a summary dict (``model_uri``:
+    the logged MLflow model, when ``tracking.log_model``).
 
-    Under torchrun every process runs this; only rank 0 tracks, writes the loss curve and logs
-    the model, and the process group is closed at the end."""
+    ``parent_run_id``: nest a new training run under this pipeline run. Under torchrun every
+    process runs this; only rank 0 tracks, writes the loss curve and logs the model, and the
+    process group is closed at the end."""
     from pipeline.engine import distributed
     from pipeline.engine.trainer import train as run_training
     from pipeline.tracking import make_tracker
@@ -89,17 +137,21 @@ def train(cfg: Config) -> dict[str, Any]:
     check_config(cfg)
     out_dir = Path(cfg.train.out_dir)
     main = distributed.env_from_torchrun().is_main
-    tracker = make_tracker(cfg.tracking) if main else None
+    tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id) if main else None
     if tracker is not None:
         tracker.check_reachable()  # before any training: no GPU hours go untracked
     try:
         result = run_training(cfg, tracker=tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
     finally:
         distributed.destroy()
     summary = {"step": result.step, "out_dir": str(out_dir), "best": str(result.best),
                "last": str(result.last), "metrics": result.metrics, "run_id": result.run_id,
                "images_per_s": result.images_per_s, "skipped_nonfinite": result.skipped_nonfinite,
-               "stopped_early": result.stopped_early}
+               "stopped_early": result.stopped_early, "model_uri": None}
     if not main:
         return summary
     if result.losses:
@@ -109,11 +161,21 @@ def train(cfg: Config) -> dict[str, Any]:
         if result.best is not None and result.best.exists():
             tracker.log_artifact(result.best, "checkpoints")
         if cfg.tracking.log_model:
-            from pipeline.engine.trainer import load_trained_model
-
-            model, _ = load_trained_model(cfg, result.best)
-            tracker.log_model(model)
+            summary["model_uri"] = log_trained_model(cfg, tracker, result.best)
+        tracker.finish()
+    atomic_write_json(out_dir / TRAIN_SUMMARY, summary)
     return summary
+
+
+def log_trained_model(cfg: Config, tracker: Any, checkpoint: Path) -> str:
+    """Log the checkpoint's model (EMA weights when kept) in the tracker's run as an MLflow
+    PyTorch model whose metadata holds the step, the tasks and the config; returns its URI."""
+    from pipeline.engine.trainer import load_trained_model
+
+    model, ckpt = load_trained_model(cfg, checkpoint)
+    metadata = {"step": int(ckpt["step"]), "tasks": list(model.tasks),
+                "train_run_id": tracker.run_id, "config": cfg.model_dump(mode="json")}
+    return tracker.log_model(model, metadata=metadata)
 
 
 def _write_loss_curve(path: Path, rows: list[dict[str, float]], *, start: int) -> None:
@@ -135,21 +197,48 @@ def default_checkpoint(cfg: Config) -> Path:
 
 
 # -- evaluate -----------------------------------------------------------------------------------
-def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, float]:
-    """Evaluate a checkpoint on ``data.val_split``; write ``evaluate.metrics_file`` and log it.
+def load_model_to_evaluate(cfg: Config, *, checkpoint: str | Path | None = None,
+                           model_uri: str | None = None, card: Any = None,
+                           device: torch.device | None = None) -> tuple[Any, int, str | None, str]:
+    """The model to evaluate or predict with: from the MLflow ``model_uri`` (``models:/...``) when
+    given, else from ``checkpoint`` (default ``default_checkpoint``), built with ``cfg`` and the
+    dataset ``card`` when a card is given, else with the checkpoint's own config and card.
+    Returns ``(model, step, training run id, source)``; ``source`` names where it came from."""
+    from pipeline.engine.trainer import load_trained_model
 
-    Returns the flat ``{"task/metric": float}`` dict (ratios in [0, 1])."""
+    if model_uri is not None:
+        if checkpoint is not None:
+            raise ConfigError(f"--model {model_uri} and --checkpoint {checkpoint}: give one of them")
+        from pipeline.tracking import load_registered_model, resolve_uri
+
+        model, meta = load_registered_model(model_uri, tracking_uri=resolve_uri(cfg.tracking),
+                                            device=device)
+        run_id = meta.get("train_run_id") or meta.get("run_id")
+        return model, int(meta.get("step", 0)), run_id, model_uri
+    path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
+    model, ckpt = load_trained_model(cfg if card is not None else None, path, card, device=device)
+    return model, int(ckpt["step"]), ckpt.get("mlflow_run_id"), str(path)
+
+
+def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: str | None = None,
+             parent_run_id: str | None = None) -> dict[str, float]:
+    """Evaluate a checkpoint (or the MLflow model ``model_uri``) on ``data.val_split``; write
+    ``evaluate.metrics_file``, the visualisations and plot data under ``evaluate.out_dir``.
+
+    MLflow: a run named ``evaluate`` nested under ``parent_run_id`` (a pipeline run) or else under
+    the run that trained the model; the metrics are also logged on that parent so the runs table
+    compares them. Returns the flat ``{"task/metric": float}`` dict (ratios in [0, 1])."""
     from pipeline.engine.evaluation import evaluate_model
     from pipeline.engine.loaders import eval_dataset, eval_loader
-    from pipeline.engine.trainer import load_trained_model, resolve_device
+    from pipeline.engine.trainer import resolve_device
     from pipeline.tracking import make_tracker
     from pipeline.viz import panel_grid
 
     check_config(cfg)
-    path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
     device = resolve_device(cfg.train.device)
     dataset = eval_dataset(cfg)
-    model, ckpt = load_trained_model(cfg, path, dataset.card, device=device)  # type: ignore[attr-defined]
+    model, step, train_run_id, source = load_model_to_evaluate(
+        cfg, checkpoint=checkpoint, model_uri=model_uri, card=dataset.card, device=device)  # type: ignore[attr-defined]
     loader = eval_loader(cfg, dataset, batch_size=cfg.evaluate.batch_size)
     out_dir = Path(cfg.evaluate.out_dir)
     artifacts: list[Path] = []
@@ -163,11 +252,18 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, flo
     if drawings:
         with atomic_path(grid_path) as tmp:
             panel_grid(drawings, ncols=1 + len(model.tasks)).save(tmp, format="PNG")
-    tracker = make_tracker(cfg.tracking)
+    parent = parent_run_id or train_run_id
+    tracker = make_tracker(cfg.tracking, parent_run_id=parent)
     if tracker is not None:
-        tracker.start(run_id=ckpt.get("mlflow_run_id"), run_name="evaluate",
-                      tags={"densepipe.stage": "evaluate"})
-        tracker.log_metrics(metrics, int(ckpt["step"]))
+        if parent is not None and _run_exists(tracker, parent):
+            tracker.run_id = parent
+            tracker.log_metrics(metrics, step)
+        else:
+            tracker.parent_run_id = None  # a model from another store: a top-level run
+        tracker.start(run_name="evaluate", tags={"densepipe.stage": "evaluate"})
+        tracker.log_params({"evaluate.model": source, "data.val_split": cfg.data.val_split,
+                            "data.root": cfg.data.root})
+        tracker.log_metrics(metrics, step)
         tracker.log_artifact(metrics_path)
         for path in [grid_path, *artifacts]:
             if path.exists():
@@ -176,18 +272,75 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, flo
     return metrics
 
 
+def _run_exists(tracker: Any, run_id: str) -> bool:
+    try:
+        tracker.client.get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - a run of another store
+        return False
+
+
+# -- register -----------------------------------------------------------------------------------
+def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: str | None = None,
+             metrics: dict[str, float] | None = None, parent_run_id: str | None = None) -> dict[str, str]:
+    """Add the trained model to the MLflow model registry as a new version of
+    ``tracking.registered_model``, tagged with its metrics (``metrics.json`` when not given) and
+    described by them; the model's metadata holds the config.
+
+    ``model_uri``: the model ``train`` logged; otherwise the checkpoint's model (default
+    ``default_checkpoint``) is logged first, in its training run. Returns ``{"name", "version",
+    "model_uri": "models:/<name>/<version>", "run_id"}``."""
+    import json
+
+    from pipeline.engine.checkpoint import load_checkpoint
+    from pipeline.errors import TrackingError
+    from pipeline.tracking import make_tracker
+
+    tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id)
+    if tracker is None:
+        raise ConfigError("register: tracking.enabled is false; the model registry is MLflow's")
+    if metrics is None:
+        path = Path(cfg.evaluate.metrics_file)
+        metrics = json.loads(path.read_text()) if path.exists() else {}
+    if model_uri is None:
+        path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
+        train_run_id = load_checkpoint(path).get("mlflow_run_id")
+        if train_run_id is None or not _run_exists(tracker, train_run_id):
+            raise TrackingError(f"{path}: its training run ({train_run_id}) is not in {tracker.uri}; "
+                                "register from the store that tracked the training")
+        tracker.run_id = train_run_id
+        model_uri = log_trained_model(cfg, tracker, path)
+    tracker.start(run_name="register", tags={"densepipe.stage": "register"})
+    name = cfg.tracking.registered_model
+    headline = {k: v for k, v in metrics.items() if k.count("/") == 1}
+    lines = [f"| {k} | {v:.4f} |" for k, v in headline.items()]
+    description = "\n".join(["densepipe model, validation metrics:", "", "| metric | value |",
+                              "|---|---|", *lines])
+    tags = {f"metric.{k}": f"{v:.6g}" for k, v in headline.items()}
+    tags["tasks"] = ",".join(cfg.model.tasks)
+    version = tracker.register_model(model_uri, name=name, tags=tags, description=description)
+    tracker.log_params({"register.name": name, "register.version": version,
+                        "register.source": model_uri})
+    tracker.finish()
+    return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}",
+            "run_id": tracker.run_id or ""}
+
+
 # -- predict ------------------------------------------------------------------------------------
-def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path,
-            out_dir: str | Path) -> list[str]:
-    """Run the checkpoint's model (its own stored config) on image files.
+def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path | None = None,
+            model_uri: str | None = None, out_dir: str | Path) -> list[str]:
+    """Run a trained model on image files: the checkpoint's (with its own stored config) or the
+    MLflow model ``model_uri`` (``models:/densepipe/latest``); one of them is required.
 
     Writes ``<stem>_<task>_vis.png`` and each task's raw outputs into ``out_dir``."""
     from PIL import Image, UnidentifiedImageError
 
-    from pipeline.engine.trainer import load_trained_model, resolve_device
+    from pipeline.engine.trainer import resolve_device
 
+    if checkpoint is None and model_uri is None:
+        raise ConfigError("predict: give --checkpoint PATH or --model models:/<name>/<version>")
     device = resolve_device(cfg.train.device)
-    model, _ = load_trained_model(None, checkpoint, device=device)  # its own config and card
+    model, *_ = load_model_to_evaluate(cfg, checkpoint=checkpoint, model_uri=model_uri, device=device)
     card = model.card
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,8 @@
-"""MLflow tracking: one run per training, resumed by the evaluate stage and by resumed training.
+"""MLflow tracking: runs, nested runs and the model registry.
+
+A pipeline run (``densepipe run``, the Prefect ``pipeline`` flow) is a parent run with one nested
+run per stage (prepare, train, evaluate, register). A stage run on its own is a top-level run, except
+``evaluate``, which nests under the run that trained its model. Resumed training continues its run.
 
 Default store: ``sqlite:///<working folder>/mlflow.db`` with artifacts in ``<working folder>/mlruns``
 (``MLFLOW_TRACKING_URI`` is honoured when ``tracking.uri`` is unset). Any MLflow URI works.
@@ -7,6 +11,8 @@ Default store: ``sqlite:///<working folder>/mlflow.db`` with artifacts in ``<wor
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +41,14 @@ def _sqlite_dir(uri: str) -> Path | None:
 class Tracker:
     """Thin MLflow wrapper owning one active run (started or resumed by id)."""
 
-    def __init__(self, cfg: TrackingConfig) -> None:
+    def __init__(self, cfg: TrackingConfig, *, parent_run_id: str | None = None) -> None:
         import mlflow
 
         self.cfg = cfg
         self.mlflow = mlflow
         self.uri = resolve_uri(cfg)
+        self.parent_run_id = parent_run_id
+        """New runs nest under this run (MLflow's ``mlflow.parentRunId`` tag)."""
         self._client = None
         self.run_id: str | None = None
 
@@ -48,7 +56,7 @@ class Tracker:
     def client(self):
         """The MLflow client, created on first use (creating a SQLite store writes the file)."""
         if self._client is None:
-            self._client = self.mlflow.MlflowClient(tracking_uri=self.uri)
+            self._client = self.mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client
 
     def check_reachable(self, *, timeout_s: float = 10.0) -> None:
@@ -89,7 +97,8 @@ class Tracker:
 
     def start(self, *, run_id: str | None = None, run_name: str | None = None,
               tags: dict[str, str] | None = None) -> str:
-        """Resume ``run_id`` when it exists in this store, else create a new run."""
+        """Resume ``run_id`` when it exists in this store, else create a new run (nested under
+        ``parent_run_id`` when one is set)."""
         if run_id is not None:
             try:
                 self.client.get_run(run_id)
@@ -97,7 +106,10 @@ class Tracker:
                 return run_id
             except Exception:  # noqa: BLE001 - run from another store: start a new one
                 pass
-        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags or {})
+        tags = dict(tags or {})
+        if self.parent_run_id is not None:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         return self.run_id
 
@@ -105,10 +117,13 @@ class Tracker:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
-    @property
-    def run_url(self) -> str:
-        run = self.client.get_run(self.run_id)  # type: ignore[arg-type]
-        return f"{self.uri} experiment {run.info.experiment_id} run {self.run_id}"
+    def run_link(self, run_id: str | None = None, *, ui_url: str = "http://127.0.0.1:5000") -> str:
+        """Where to see a run: the server's page for an HTTP store, else the page ``make ui``
+        (``ui_url``) serves over this store."""
+        run_id = run_id or self.run_id
+        experiment = self.client.get_run(run_id).info.experiment_id  # type: ignore[arg-type]
+        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else ui_url
+        return f"{base}/#/experiments/{experiment}/runs/{run_id}"
 
     # -- logging --------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -152,16 +167,83 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)  # type: ignore[arg-type]
 
-    def log_model(self, model: Any, *, name: str = "model") -> None:
-        """The model as an MLflow PyTorch model (pickle format: dict outputs do not export)."""
+    def log_model(self, model: Any, *, name: str = "model", metadata: dict[str, Any] | None = None) -> str:
+        """Log the model as an MLflow PyTorch model in the active run; returns its model URI.
+
+        Pickle format: dict outputs and data-dependent control flow do not ``torch.export``.
+        ``metadata`` (JSON-able) lands in the model's MLmodel file."""
+        import logging
+
         import torch
 
-        self.mlflow.set_tracking_uri(self.uri)
-        with self.mlflow.start_run(run_id=self.run_id):
-            self.mlflow.pytorch.log_model(
-                model, name=name, serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "densepipe"],
-            )
+        pickle_warning = logging.getLogger("mlflow.pytorch")  # "pickle needs caution": we chose it
+        level = pickle_warning.level
+        pickle_warning.setLevel(logging.ERROR)
+        try:
+            with store_uri(self.uri), self.mlflow.start_run(run_id=self.run_id):
+                info = self.mlflow.pytorch.log_model(
+                    model, name=name, serialization_format="pickle", metadata=metadata,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "densepipe"],
+                )
+        finally:
+            pickle_warning.setLevel(level)
+        return info.model_uri
+
+    def register_model(self, model_uri: str, *, name: str, tags: dict[str, str],
+                       description: str) -> str:
+        """Register ``model_uri`` as a new version of ``name`` (created on first use); returns the
+        version number as a string."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(
+                name, description="densepipe multi-task models (shared backbone, task heads).")
+        with store_uri(self.uri):  # the registry resolves models:/m-... through the global client
+            version = self.client.create_model_version(name, model_uri, run_id=self.run_id, tags=tags,
+                                                       description=description)
+        return str(version.version)
+
+
+@contextmanager
+def store_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking and registry URIs at ``uri`` for the block, then restore
+    them: parts of MLflow (logging a model, registering ``models:/m-...``) use the global client."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def load_registered_model(model_uri: str, *, tracking_uri: str, device: Any = None) -> tuple[Any, dict]:
+    """Load a model logged by densepipe (``models:/<name>/<version|latest|@alias>``, ``runs:/...``
+    or ``models:/m-...``) and its metadata (``step``, ``run_id``, ``config``).
+
+    Raises:
+        TrackingError: the URI names nothing in this store (the message names the URI and store).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import TrackingError
+
+    try:
+        with store_uri(tracking_uri):  # models:/ URIs resolve through the global store
+            info = mlflow.models.get_model_info(model_uri)
+            model = mlflow.pytorch.load_model(model_uri, map_location=device)
+    except (MlflowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(f"--model {model_uri}: cannot load it from {tracking_uri} ({first})") from None
+    meta = dict(info.metadata or {})
+    meta.setdefault("run_id", info.run_id)
+    return model.eval(), meta
 
 
 def _metric_key(name: str) -> str:
@@ -171,5 +253,26 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
 
 
-def make_tracker(cfg: TrackingConfig) -> Tracker | None:
-    return Tracker(cfg) if cfg.enabled else None
+def make_tracker(cfg: TrackingConfig, *, parent_run_id: str | None = None) -> Tracker | None:
+    return Tracker(cfg, parent_run_id=parent_run_id) if cfg.enabled else None
+
+
+@contextmanager
+def parent_run(cfg: TrackingConfig, *, run_name: str, params: dict[str, Any],
+               tags: dict[str, str] | None = None) -> Iterator[Tracker | None]:
+    """A parent run for a whole pipeline run (``None`` when tracking is off): checked reachable,
+    started with ``params``, ended FINISHED, or FAILED (KILLED on Ctrl-C) when the body raises.
+    Stages given its ``run_id`` as ``parent_run_id`` nest under it."""
+    tracker = make_tracker(cfg)
+    if tracker is None:
+        yield None
+        return
+    tracker.check_reachable()
+    tracker.start(run_name=run_name, tags={"densepipe.stage": "pipeline", **(tags or {})})
+    tracker.log_params(params)
+    try:
+        yield tracker
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.finish()

@@ -1,0 +1,108 @@
+"""Prefect tasks over ``pipeline.stages``, with the retry and caching policy of each.
+
+- Retries with a delay on the steps that read data or call the tracking server (``prepare``,
+  ``evaluate``, ``register``), and only for errors a retry can fix: a ``DensepipeError`` other than
+  ``TrackingError`` (a bad config, a corrupt file, a missing checkpoint) fails at once.
+- ``prepare`` is cached on its parameters (the ``data`` section, the absolute data root) and its
+  code (the source of ``pipeline/data``), so an unchanged prepare is not redone. When the data
+  folder no longer holds that dataset the cache is refreshed rather than trusted.
+- ``train`` is not retried (a failed run resumes from ``last.pt`` on the next flow run). With
+  ``nproc_per_node > 1`` it runs ``torchrun --standalone`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from pipeline import stages
+from pipeline.config import Config
+from pipeline.errors import DensepipeError, TrackingError
+
+RETRY_DELAY_S = 10
+DATA_CODE = Path(stages.__file__).parent / "data"
+
+
+def retry_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the error is one the user must fix."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return not isinstance(error, DensepipeError) or isinstance(error, TrackingError)
+
+
+def code_digest(folder: Path = DATA_CODE) -> str:
+    """SHA-256 over the ``.py`` files under ``folder`` (names and contents, sorted)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def prepare_cache_key(context: TaskRunContext | None, parameters: dict[str, Any]) -> str:
+    """The ``data`` section, the absolute data root and the data code, hashed."""
+    cfg: Config = parameters["cfg"]
+    payload = {"data": cfg.data.model_dump(mode="json"), "root": str(Path(cfg.data.root).resolve()),
+               "code": code_digest()}
+    return "densepipe-prepare-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@task(name="prepare", retries=2, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_transient,
+      cache_key_fn=prepare_cache_key, persist_result=True)
+def prepare_task(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
+    return stages.prepare(cfg, parent_run_id=parent_run_id)
+
+
+def run_prepare(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
+    """``prepare_task``, refreshing its cache when the dataset is no longer on disk."""
+    return prepare_task.with_options(refresh_cache=not stages.dataset_ready(cfg))(cfg, parent_run_id)
+
+
+@task(name="train")
+def train_task(cfg: Config, *, params: str, overrides: list[str], parent_run_id: str | None = None,
+               nproc_per_node: int = 1) -> dict[str, Any]:
+    """Train in this process, or under ``torchrun`` on ``nproc_per_node`` local processes (the
+    summary then comes from ``<train.out_dir>/train_summary.json``, written by rank 0)."""
+    if nproc_per_node <= 1:
+        return stages.train(cfg, parent_run_id=parent_run_id)
+    return train_with_torchrun(params=params, overrides=overrides, parent_run_id=parent_run_id,
+                               nproc_per_node=nproc_per_node, out_dir=Path(cfg.train.out_dir))
+
+
+def train_with_torchrun(*, params: str, overrides: list[str], parent_run_id: str | None,
+                        nproc_per_node: int, out_dir: Path) -> dict[str, Any]:
+    """``torchrun --standalone --nproc_per_node=N -m pipeline.cli train`` with the same config."""
+    from prefect.logging import get_run_logger
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc_per_node}", "-m", "pipeline.cli", "train", "--params", params]
+    for override in overrides:
+        cmd += ["--set", override]
+    if parent_run_id is not None:
+        cmd += ["--parent-run-id", parent_run_id]
+    logger = get_run_logger()
+    logger.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        raise RuntimeError(f"torchrun training exited with {proc.returncode}:\n{tail}")
+    return json.loads((out_dir / stages.TRAIN_SUMMARY).read_text())
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_transient)
+def evaluate_task(cfg: Config, *, model_uri: str | None = None,
+                  parent_run_id: str | None = None) -> dict[str, float]:
+    return stages.evaluate(cfg, model_uri=model_uri, parent_run_id=parent_run_id)
+
+
+@task(name="register", retries=2, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_transient)
+def register_task(cfg: Config, *, model_uri: str | None, metrics: dict[str, float],
+                  parent_run_id: str | None = None) -> dict[str, str]:
+    return stages.register(cfg, model_uri=model_uri, metrics=metrics, parent_run_id=parent_run_id)

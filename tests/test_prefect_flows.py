@@ -1,0 +1,129 @@
+"""The Prefect flows under Prefect's test harness: the pipeline end to end with its MLflow parent
+run, nested stage runs, registered model and markdown artifact; prepare's cache; retry policy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from prefect.states import Failed
+
+from pipeline.errors import ConfigError, DataError, TrackingError
+from tests.conftest import tiny_overrides
+
+TINY_DATA = {"data.synthetic.num_train": 6, "data.synthetic.num_val": 2,
+             "data.synthetic.image_size": 64, "data.synthetic.workers": 1}
+
+
+def write_tiny_params(folder: Path, *, mlflow_uri: str | None) -> Path:
+    """A params.yaml for a 2-step run on a tiny synthetic dataset rendered into ``folder/data``."""
+    from pipeline.config import load_config
+
+    over = tiny_overrides(folder / "data", folder / "runs", mlflow_uri, train__steps=2)
+    over += [f"{k}={v}" for k, v in TINY_DATA.items()] + ["evaluate.num_visualizations=1"]
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(load_config(None, over).model_dump(mode="json")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)  # cached task results live here: one per session
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    if old is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = old
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+@pytest.mark.slow
+def test_pipeline_flow_tracks_registers_and_reports(prefect_harness, tmp_path: Path, mlflow_uri: str,
+                                                    monkeypatch) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.pipeline import REPORT_KEY, pipeline_flow
+
+    monkeypatch.chdir(tmp_path)
+    params = write_tiny_params(tmp_path, mlflow_uri=mlflow_uri)
+    state = pipeline_flow(params=str(params), overrides=["train.steps=2"], return_state=True)
+    assert state.is_completed(), state.message
+    metrics = state.result()
+    assert 0.0 <= metrics["semantic/mIoU"] <= 1.0
+    assert (tmp_path / "runs" / "train" / "best.pt").exists()
+    assert set(_task_states(state)) == {"prepare", "train", "evaluate", "register"}
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("densepipe").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("densepipe.stage") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.metrics["semantic/mIoU"] == pytest.approx(metrics["semantic/mIoU"])
+    assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    children = {r.data.tags["densepipe.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"prepare", "train", "evaluate", "register"}
+    assert children["train"].data.params["train.steps"] == "2"
+    assert client.get_metric_history(children["train"].info.run_id, "train/loss")[-1].step == 2
+    assert "metrics.json" in {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    version = client.get_model_version("densepipe", "1")
+    assert version.tags["metric.semantic/mIoU"] == f"{metrics['semantic/mIoU']:.6g}"
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[REPORT_KEY])))
+    assert len(artifacts) == 1 and artifacts[0].type == "markdown"
+    report = artifacts[0].data
+    assert f"| semantic/mIoU | {metrics['semantic/mIoU']:.4f} |" in report
+    assert f"/runs/{parent.info.run_id})" in report and "models:/densepipe/1" in report
+
+
+@pytest.mark.slow
+def test_prepare_is_cached_until_its_data_or_params_change(prefect_harness, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    from flows.pipeline import prepare_flow
+
+    monkeypatch.chdir(tmp_path)
+    params = str(write_tiny_params(tmp_path, mlflow_uri=None))
+    first = prepare_flow(params=params, return_state=True)
+    assert first.result()["rendered"] is True and _task_states(first) == {"prepare": "Completed"}
+    again = prepare_flow(params=params, return_state=True)
+    assert _task_states(again) == {"prepare": "Cached"}
+
+    shutil.rmtree(tmp_path / "data")  # a cache entry whose data is gone is refreshed, not trusted
+    gone = prepare_flow(params=params, return_state=True)
+    assert _task_states(gone) == {"prepare": "Completed"} and (tmp_path / "data" / "meta.json").exists()
+    other = prepare_flow(params=params, overrides=["data.synthetic.seed=1"], return_state=True)
+    assert _task_states(other) == {"prepare": "Completed"} and other.result()["seed"] == 1
+
+
+def test_retries_only_what_a_retry_can_fix() -> None:
+    from flows.tasks import evaluate_task, prepare_task, register_task, retry_transient, train_task
+
+    def retried(error: BaseException) -> bool:
+        return retry_transient(None, None, Failed(data=error))
+
+    assert retried(OSError("NFS hiccup")) and retried(TrackingError("server 503"))
+    assert not retried(ConfigError("train.lr: expected a number"))
+    assert not retried(DataError("data/x.png", "not a PNG"))
+    assert prepare_task.retries == evaluate_task.retries == register_task.retries == 2
+    assert prepare_task.retry_delay_seconds == 10 and train_task.retries == 0
