@@ -127,3 +127,51 @@ def test_retries_only_what_a_retry_can_fix() -> None:
     assert not retried(DataError("data/x.png", "not a PNG"))
     assert prepare_task.retries == evaluate_task.retries == register_task.retries == 2
     assert prepare_task.retry_delay_seconds == 10 and train_task.retries == 0
+
+
+@pytest.mark.slow
+def test_sweep_runs_trials_on_a_dask_cluster(prefect_harness, tmp_path: Path, mlflow_uri: str,
+                                             monkeypatch) -> None:
+    pytest.importorskip("prefect_dask", reason="the dask runner needs prefect-dask (densepipe[dask])")
+    from flows.sweep import sweep_flow, task_runner
+
+    monkeypatch.chdir(tmp_path)
+    params = str(write_tiny_params(tmp_path, mlflow_uri=mlflow_uri))
+    trials = sweep_flow.with_options(task_runner=task_runner("dask", workers=2))(
+        grid={"train.lr": [0.05, 0.1]}, params=params, out_dir=str(tmp_path / "sweep"))
+    assert sorted(t["overrides"][0] for t in trials) == ["train.lr=0.05", "train.lr=0.1"]
+    assert trials[0]["metrics"]["semantic/mIoU"] >= trials[1]["metrics"]["semantic/mIoU"]
+    for t in trials:
+        assert (tmp_path / "sweep" / t["trial"] / "train" / "best.pt").exists()
+    import json
+
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == trials
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    trained = {t["run_id"]: client.get_run(t["run_id"]) for t in trials}
+    assert {r.data.params["train.lr"] for r in trained.values()} == {"0.05", "0.1"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in trained.values()}
+    assert len(parents) == 1 and client.get_run(parents.pop()).info.run_name == "sweep"
+
+
+def test_sweep_grid_and_runner_errors() -> None:
+    from flows.sweep import grid_points, task_runner
+
+    assert grid_points({"train.lr": [0.1, 0.2], "train.batch_size": [4]}) == [
+        ["train.lr=0.1", "train.batch_size=4"], ["train.lr=0.2", "train.batch_size=4"]]
+    with pytest.raises(ConfigError, match=r"grid train.lr: expected a non-empty list of values, got 0.1"):
+        grid_points({"train.lr": 0.1})
+    with pytest.raises(ConfigError, match=r"runner 'spark': expected one of thread, dask"):
+        task_runner("spark")
+
+
+@pytest.mark.slow
+def test_train_flow_runs_torchrun_on_two_processes(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    from flows.pipeline import prepare_flow, train_flow
+    from pipeline.engine.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    params = str(write_tiny_params(tmp_path, mlflow_uri=None))
+    prepare_flow(params=params)
+    summary = train_flow(params=params, overrides=["train.steps=2"], nproc_per_node=2)
+    assert summary["step"] == 2
+    assert load_checkpoint(tmp_path / "runs" / "train" / "last.pt")["world_size"] == 2
