@@ -310,6 +310,10 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
                                 "register from the store that tracked the training")
         tracker.run_id = train_run_id
         model_uri = log_trained_model(cfg, tracker, path)
+    else:
+        from pipeline.tracking import load_registered_model_info
+
+        train_run_id = load_registered_model_info(model_uri, tracking_uri=tracker.uri).get("train_run_id")
     tracker.start(run_name="register", tags={"densepipe.stage": "register"})
     name = cfg.tracking.registered_model
     headline = {k: v for k, v in metrics.items() if k.count("/") == 1}
@@ -318,7 +322,8 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
                               "|---|---|", *lines])
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in headline.items()}
     tags["tasks"] = ",".join(cfg.model.tasks)
-    version = tracker.register_model(model_uri, name=name, tags=tags, description=description)
+    version = tracker.register_model(model_uri, name=name, source_run_id=train_run_id, tags=tags,
+                                     description=description)
     tracker.log_params({"register.name": name, "register.version": version,
                         "register.source": model_uri})
     tracker.finish()

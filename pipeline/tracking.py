@@ -189,10 +189,10 @@ class Tracker:
             pickle_warning.setLevel(level)
         return info.model_uri
 
-    def register_model(self, model_uri: str, *, name: str, tags: dict[str, str],
-                       description: str) -> str:
-        """Register ``model_uri`` as a new version of ``name`` (created on first use); returns the
-        version number as a string."""
+    def register_model(self, model_uri: str, *, name: str, source_run_id: str | None,
+                       tags: dict[str, str], description: str) -> str:
+        """Register ``model_uri`` as a new version of ``name`` (created on first use), linked to
+        ``source_run_id`` (the training run); returns the version number as a string."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -201,8 +201,8 @@ class Tracker:
             self.client.create_registered_model(
                 name, description="densepipe multi-task models (shared backbone, task heads).")
         with store_uri(self.uri):  # the registry resolves models:/m-... through the global client
-            version = self.client.create_model_version(name, model_uri, run_id=self.run_id, tags=tags,
-                                                       description=description)
+            version = self.client.create_model_version(name, model_uri, run_id=source_run_id,
+                                                       tags=tags, description=description)
         return str(version.version)
 
 
@@ -222,13 +222,27 @@ def store_uri(uri: str) -> Iterator[None]:
         mlflow.set_registry_uri(previous[1])
 
 
-def load_registered_model(model_uri: str, *, tracking_uri: str, device: Any = None) -> tuple[Any, dict]:
-    """Load a model logged by densepipe (``models:/<name>/<version|latest|@alias>``, ``runs:/...``
-    or ``models:/m-...``) and its metadata (``step``, ``run_id``, ``config``).
+def load_registered_model_info(model_uri: str, *, tracking_uri: str) -> dict[str, Any]:
+    """The metadata densepipe logged with a model (``step``, ``tasks``, ``train_run_id``,
+    ``config``) plus the MLflow ``run_id``, without loading the weights.
 
     Raises:
         TrackingError: the URI names nothing in this store (the message names the URI and store).
     """
+    return _with_model(model_uri, tracking_uri, load=False)[1]
+
+
+def load_registered_model(model_uri: str, *, tracking_uri: str, device: Any = None) -> tuple[Any, dict]:
+    """Load a model logged by densepipe (``models:/<name>/<version|latest|@alias>``, ``runs:/...``
+    or ``models:/m-...``) and its metadata (see ``load_registered_model_info``).
+
+    Raises:
+        TrackingError: the URI names nothing in this store (the message names the URI and store).
+    """
+    return _with_model(model_uri, tracking_uri, load=True, device=device)
+
+
+def _with_model(model_uri: str, tracking_uri: str, *, load: bool, device: Any = None) -> tuple[Any, dict]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -237,13 +251,13 @@ def load_registered_model(model_uri: str, *, tracking_uri: str, device: Any = No
     try:
         with store_uri(tracking_uri):  # models:/ URIs resolve through the global store
             info = mlflow.models.get_model_info(model_uri)
-            model = mlflow.pytorch.load_model(model_uri, map_location=device)
+            model = mlflow.pytorch.load_model(model_uri, map_location=device).eval() if load else None
     except (MlflowException, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrackingError(f"--model {model_uri}: cannot load it from {tracking_uri} ({first})") from None
     meta = dict(info.metadata or {})
     meta.setdefault("run_id", info.run_id)
-    return model.eval(), meta
+    return model, meta
 
 
 def _metric_key(name: str) -> str:

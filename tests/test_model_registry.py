@@ -50,7 +50,7 @@ def test_registered_model_loads_back_with_the_checkpoint_outputs(registered, tin
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     mv = client.get_model_version("densepipe", "1")
-    assert mv.run_id == version["run_id"]
+    assert mv.run_id == trained["run_id"]  # the version links to the run that trained it
     assert float(mv.tags["metric.semantic/mIoU"]) == pytest.approx(metrics["semantic/mIoU"], rel=1e-5)
     assert "semantic/mIoU" in mv.description and mv.tags["tasks"] == "semantic"
 
