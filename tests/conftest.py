@@ -69,3 +69,8 @@ def tiny_overrides(data_root: Path, out: Path, uri: str | None, **extra: object)
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]
+
+
+TINY_DATA = {"data.synthetic.num_train": 6, "data.synthetic.num_val": 2,
+             "data.synthetic.image_size": 64, "data.synthetic.workers": 1}
+"""Overrides for a synthetic dataset small enough to render inside an end-to-end test."""

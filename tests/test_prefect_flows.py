@@ -13,10 +13,7 @@ import yaml
 from prefect.states import Failed
 
 from pipeline.errors import ConfigError, DataError, TrackingError
-from tests.conftest import tiny_overrides
-
-TINY_DATA = {"data.synthetic.num_train": 6, "data.synthetic.num_val": 2,
-             "data.synthetic.image_size": 64, "data.synthetic.workers": 1}
+from tests.conftest import TINY_DATA, tiny_overrides
 
 
 def write_tiny_params(folder: Path, *, mlflow_uri: str | None) -> Path:

@@ -24,7 +24,11 @@ def evaluate_model(
     ``export_to(out_dir, name)`` method are told before the first batch (the panoptic one writes
     its PNGs as it goes), and those with a ``save(out_dir, name)`` method (COCO ground truth and
     results JSON, COCO panoptic JSON + PNG folder) write their files there after the pass; the
-    paths (files or folders) are appended to ``saved``.
+    paths (files or folders) are appended to ``saved``. Also with ``artifacts_dir``, the plot data
+    of ``pipeline.metrics.plot_data`` is written to ``<artifacts_dir>/plots/`` (replaced as a whole;
+    DVC's ``plots`` read it): per-class IoU from the metrics, and a precision-recall curve per type
+    of every evaluator with a ``precision_recall()`` method (the COCO ones); the folder is appended
+    to ``saved``.
 
     ``distributed``: each rank ran its shard of the data; the evaluators are merged on rank 0
     (``Evaluator.merge``), which computes the metrics and sends them to every rank."""
@@ -61,5 +65,25 @@ def evaluate_model(
                 paths = ev.save(artifacts_dir, name)
                 if saved is not None:
                     saved.extend(paths)
+        if artifacts_dir is not None:
+            folder = write_plots(Path(artifacts_dir) / "plots", metrics=metrics, evaluators=evaluators)
+            if saved is not None:
+                saved.append(folder)
     model.train(was_training)
     return (dist.broadcast_object(metrics) if distributed else metrics), drawings
+
+
+def write_plots(folder: Path, *, metrics: dict[str, float], evaluators: dict[str, Any]) -> Path:
+    """Replace ``folder`` with the plot files of ``pipeline.metrics.plot_data`` (see its formats):
+    ``per_class_iou.json`` and ``pr_<task>[_<type>].json``; returns ``folder``."""
+    from pipeline.io import atomic_dir
+    from pipeline.metrics.plot_data import pr_curve_rows, pr_file_name, write_plot_files
+
+    curves: dict[str, list[dict[str, float]]] = {}
+    for name, ev in evaluators.items():
+        if hasattr(ev, "precision_recall"):
+            for iou_type, table in ev.precision_recall().items():
+                curves[pr_file_name(name, iou_type)] = pr_curve_rows(**table)
+    with atomic_dir(folder) as tmp:
+        write_plot_files(tmp, metrics=metrics, pr_curves=curves)
+    return folder

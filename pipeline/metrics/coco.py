@@ -31,7 +31,7 @@ import logging
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,13 +61,18 @@ def stat_names(iou_type: str) -> tuple[str, ...]:
 
 @dataclass
 class CocoEvalResult:
-    """One COCOeval run: raw ``stats`` (-1 = not defined: no ground truth in that area range)."""
+    """One COCOeval run: raw ``stats`` (-1 = not defined: no ground truth in that area range) and
+    the accumulated ``precision`` table (T x R x K x A x M, ``COCOeval.eval["precision"]``, -1 =
+    a category without ground truth) at ``recall_thresholds`` (R) and ``iou_thresholds`` (T)."""
 
     iou_type: str
     stats: list[float]
     summary: str
     num_images: int
     num_results: int
+    precision: np.ndarray | None = field(default=None, repr=False)
+    recall_thresholds: np.ndarray | None = field(default=None, repr=False)
+    iou_thresholds: np.ndarray | None = field(default=None, repr=False)
 
     def named(self, prefix: str = "") -> dict[str, float]:
         """``{prefix + name: value}`` in stats order, leaving out stats equal to -1."""
@@ -380,7 +385,10 @@ def evaluate_coco(
     with contextlib.redirect_stdout(summary):
         evaluator.summarize()
     return CocoEvalResult(iou_type=iou_type, stats=[float(s) for s in evaluator.stats],
-                          summary=summary.getvalue(), num_images=len(imgs), num_results=len(results))
+                          summary=summary.getvalue(), num_images=len(imgs), num_results=len(results),
+                          precision=evaluator.eval["precision"],
+                          recall_thresholds=np.asarray(evaluator.params.recThrs),
+                          iou_thresholds=np.asarray(evaluator.params.iouThrs))
 
 
 def _selected(ids: Sequence[Any] | None, known: dict[Any, Any], what: str, source: object) -> list[Any]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.card import DatasetCard
-from pipeline.metrics.coco import evaluate_coco, write_results_json
+from pipeline.metrics.coco import CocoEvalResult, evaluate_coco, write_results_json
 from pipeline.metrics.coco_results import detections_to_results, masks_to_rle
 from pipeline.metrics.merge import check_mergeable, check_same_options
 
@@ -58,6 +58,7 @@ class CocoEvaluator:
         self.annotations: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
         self._seen: set[int] = set()
+        self._last_results: dict[str, CocoEvalResult] = {}
 
     # -- ground truth -----------------------------------------------------------------------------
     def categories(self) -> list[dict[str, Any]]:
@@ -163,6 +164,7 @@ class CocoEvaluator:
         return {"images": self.images, "annotations": self.annotations, "categories": self.categories()}
 
     def compute(self) -> dict[str, float]:
+        self._last_results = {}
         if not self.images:
             return {}
         metrics: dict[str, float] = {}
@@ -173,8 +175,17 @@ class CocoEvaluator:
                 sigmas = self._sigmas()
             result = evaluate_coco(gt, self.results, iou_type,  # type: ignore[arg-type]
                                    kpt_oks_sigmas=sigmas, source="model predictions")
+            self._last_results[iou_type] = result
             metrics.update(result.named("" if iou_type == "keypoints" else f"{iou_type}_"))
         return metrics
+
+    def precision_recall(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per evaluated type, the precision table of the last ``compute()`` for PR curves:
+        ``{iou_type: {"precision": T x R x K x A x M, "recall_thresholds": R, "iou_thresholds": T}}``
+        (see ``CocoEvalResult``); ``{}`` before ``compute()`` or without images."""
+        return {iou_type: {"precision": r.precision, "recall_thresholds": r.recall_thresholds,
+                           "iou_thresholds": r.iou_thresholds}
+                for iou_type, r in self._last_results.items()}
 
     def _sigmas(self) -> np.ndarray:
         specs = [self.card.keypoints_for(self.card.classes[i].id) for i in self.class_indices]
