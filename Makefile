@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_LOGGING_LEVEL = WARNING
 
-.PHONY: demo test install install-test lint bench ui clean-demo help
+.PHONY: demo test install install-test lint bench ui serve clean-demo help
 
 help:
 	@echo "make demo   - install, then run the whole pipeline on the synthetic dataset (Prefect + MLflow)"
@@ -18,6 +18,8 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench  - speed benchmarks (JSON in benchmarks/results/)"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:$(UI_PORT) over the default store (mlflow.db)"
+	@echo "make serve  - run the pipeline on a schedule (CRON=\"$(CRON)\" or INTERVAL=seconds) against"
+	@echo "              PREFECT_API_URL, or a local Prefect server on 127.0.0.1:$(PREFECT_PORT) if unset"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +54,19 @@ UI_PORT ?= 5000
 ui: install
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns
+
+# Prefect cannot schedule on its temporary server: serve against PREFECT_API_URL, or start
+# `prefect server start` on loopback for as long as serving lasts (Ctrl-C stops both).
+PREFECT_PORT ?= 4200
+CRON ?= 0 3 * * *
+INTERVAL ?=
+SCHEDULE = $(if $(INTERVAL),--interval $(INTERVAL),--cron "$(CRON)")
+serve: install
+	@if [ -n "$$PREFECT_API_URL" ]; then \
+		$(BIN)/densepipe serve $(SCHEDULE); \
+	else \
+		$(BIN)/python -m flows.server --port $(PREFECT_PORT) -- $(BIN)/densepipe serve $(SCHEDULE); \
+	fi
 
 clean-demo:
 	rm -rf data runs mlruns mlflow.db metrics.json

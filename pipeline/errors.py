@@ -37,3 +37,7 @@ class CheckpointError(DensepipeError):
 
 class TrackingError(DensepipeError):
     """The MLflow tracking store cannot be reached or written; the message names the URI."""
+
+
+class PrefectServerError(DensepipeError):
+    """A Prefect server cannot be started or does not answer; the message names the URL."""

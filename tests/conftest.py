@@ -74,3 +74,16 @@ def tiny_overrides(data_root: Path, out: Path, uri: str | None, **extra: object)
 TINY_DATA = {"data.synthetic.num_train": 6, "data.synthetic.num_val": 2,
              "data.synthetic.image_size": 64, "data.synthetic.workers": 1}
 """Overrides for a synthetic dataset small enough to render inside an end-to-end test."""
+
+
+def write_tiny_params(folder: Path, *, mlflow_uri: str | None) -> Path:
+    """A params.yaml for a 2-step run on a tiny synthetic dataset rendered into ``folder/data``."""
+    import yaml
+
+    from pipeline.config import load_config
+
+    over = tiny_overrides(folder / "data", folder / "runs", mlflow_uri, train__steps=2)
+    over += [f"{k}={v}" for k, v in TINY_DATA.items()] + ["evaluate.num_visualizations=1"]
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(load_config(None, over).model_dump(mode="json")))
+    return path

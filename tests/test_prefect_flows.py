@@ -9,22 +9,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from prefect.states import Failed
 
 from pipeline.errors import ConfigError, DataError, TrackingError
-from tests.conftest import TINY_DATA, tiny_overrides
-
-
-def write_tiny_params(folder: Path, *, mlflow_uri: str | None) -> Path:
-    """A params.yaml for a 2-step run on a tiny synthetic dataset rendered into ``folder/data``."""
-    from pipeline.config import load_config
-
-    over = tiny_overrides(folder / "data", folder / "runs", mlflow_uri, train__steps=2)
-    over += [f"{k}={v}" for k, v in TINY_DATA.items()] + ["evaluate.num_visualizations=1"]
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(load_config(None, over).model_dump(mode="json")))
-    return path
+from tests.conftest import write_tiny_params
 
 
 @pytest.fixture(scope="module")
