@@ -53,7 +53,8 @@ def evaluate_flow(params: str = "params.yaml", overrides: list[str] | None = Non
 def pipeline_flow(params: str = "params.yaml", overrides: list[str] | None = None,
                   register_model: bool = True, nproc_per_node: int = 1) -> dict[str, float]:
     """prepare, train, evaluate and (with tracking on and ``register_model``) register, in order;
-    returns the metrics dict."""
+    returns the metrics dict. A run whose checkpoint is already trained to ``train.steps`` trains
+    nothing, re-evaluates, and registers no duplicate version."""
     overrides = list(overrides or [])
     cfg = _cfg(params, overrides)
     run_name = f"pipeline-{flow_run.get_name() or 'local'}"
@@ -68,7 +69,9 @@ def pipeline_flow(params: str = "params.yaml", overrides: list[str] | None = Non
         notes = [f"checkpoint `{trained['best']}` at step {trained['step']}"]
         if tracker is not None:
             links[f"MLflow pipeline run {parent_id}"] = tracker.run_link()
-            if register_model:
+            if register_model and trained.get("steps_run", 1) == 0:
+                notes.append("the checkpoint was already trained to train.steps: registry unchanged")
+            elif register_model:
                 version = register_task(cfg, model_uri=trained.get("model_uri"), metrics=metrics,
                                         parent_run_id=parent_id)
                 notes.append(f"registered `{version['model_uri']}`: "

@@ -83,12 +83,13 @@ def _server_env(home: Path, host: str, port: int, extra: Mapping[str, str] | Non
     return env
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a log (for one-line error messages); '' when there is none."""
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
-    return "\n".join(text[-lines:])
+    return text[-1].strip() if text else ""
 
 
 def _stop_group(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -144,7 +145,7 @@ def local_prefect_server(*, port: int, home: Path, host: str = "127.0.0.1", time
         while True:
             if proc.poll() is not None:
                 raise PrefectServerError(f"prefect server for {api_url} exited with code {proc.returncode} "
-                                         f"(log {log_path}):\n{_tail(log_path)}")
+                                         f"(log {log_path}; last line: {_last_line(log_path)})")
             try:
                 check_api(api_url, timeout_s=2.0)
                 break
@@ -152,7 +153,7 @@ def local_prefect_server(*, port: int, home: Path, host: str = "127.0.0.1", time
                 if time.monotonic() > deadline:
                     raise PrefectServerError(
                         f"prefect server for {api_url} did not answer /health within {timeout_s:g} s "
-                        f"(log {log_path}):\n{_tail(log_path)}") from None
+                        f"(log {log_path}; last line: {_last_line(log_path)})") from None
                 time.sleep(0.5)
         yield api_url
     finally:

@@ -85,7 +85,10 @@ def sweep_flow(grid: dict[str, list[Any]], params: str = "params.yaml",
         futures = [trial_task.submit(params, [*base, *point], str(Path(out_dir) / f"trial-{i:03d}"),
                                      parent_id) for i, point in enumerate(points)]
         trials = [f.result() for f in futures]
-        trials.sort(key=lambda t: -t["metrics"].get(metric, float("-inf")))
+    if not any(metric in t["metrics"] for t in trials):
+        raise ConfigError(f"sweep metric {metric!r}: no trial reports it; "
+                          f"reported: {', '.join(sorted(trials[0]['metrics'])[:8])}")
+    trials.sort(key=lambda t: t["metrics"].get(metric, float("-inf")), reverse=True)
     atomic_write_json(Path(out_dir) / "sweep.json", trials)
     best = trials[0]
     publish_report(metrics_markdown(best["metrics"], title=f"densepipe sweep: best {metric}",

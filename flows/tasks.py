@@ -1,11 +1,12 @@
 """Prefect tasks over ``pipeline.stages``, with the retry and caching policy of each.
 
 - Retries with a delay on the steps that read data or call the tracking server (``prepare``,
-  ``evaluate``, ``register``), and only for errors a retry can fix: a ``DensepipeError`` other than
-  ``TrackingError`` (a bad config, a corrupt file, a missing checkpoint) fails at once.
+  ``evaluate``, ``register``), and only for errors a retry can fix (``retry_transient``): I/O and
+  connection errors, timeouts, an unreachable tracking server. A bad config, a corrupt file, a
+  missing checkpoint or model, or a bug fails at once.
 - ``prepare`` is cached on its parameters (the ``data`` section, the absolute data root) and its
-  code (the source of ``pipeline/data``), so an unchanged prepare is not redone. When the data
-  folder no longer holds that dataset the cache is refreshed rather than trusted.
+  code (``pipeline/data`` and the modules the stage runs), so an unchanged prepare is not redone.
+  When the data folder no longer holds that dataset the cache is refreshed rather than trusted.
 - ``train`` is not retried (a failed run resumes from ``last.pt`` on the next flow run). With
   ``nproc_per_node > 1`` it runs ``torchrun --standalone`` in a subprocess.
 """
@@ -25,23 +26,32 @@ from prefect.states import State
 
 from pipeline import stages
 from pipeline.config import Config
-from pipeline.errors import DensepipeError, TrackingError
+from pipeline.errors import TrackingUnreachableError
 
 RETRY_DELAY_S = 10
-DATA_CODE = Path(stages.__file__).parent / "data"
+PACKAGE = Path(stages.__file__).parent
+PREPARE_CODE = ("data", "stages.py", "config.py", "io.py", "errors.py")
+"""What ``prepare`` runs, relative to ``pipeline/`` (dvc.yaml's prepare deps name the same)."""
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def retry_transient(task: Any, task_run: Any, state: State) -> bool:
-    """Prefect ``retry_condition_fn``: retry unless the error is one the user must fix."""
+    """Prefect ``retry_condition_fn``: retry I/O and connection errors, timeouts and an
+    unreachable tracking server; not a missing or unreadable path, a user error or a bug."""
     error = state.data if isinstance(state.data, BaseException) else None
-    return not isinstance(error, DensepipeError) or isinstance(error, TrackingError)
+    if isinstance(error, PERMANENT_OS_ERRORS):
+        return False
+    return isinstance(error, OSError | TimeoutError | TrackingUnreachableError)
 
 
-def code_digest(folder: Path = DATA_CODE) -> str:
-    """SHA-256 over the ``.py`` files under ``folder`` (names and contents, sorted)."""
+def code_digest(root: Path = PACKAGE, parts: tuple[str, ...] = PREPARE_CODE) -> str:
+    """SHA-256 over the ``.py`` files of ``parts`` (files or folders under ``root``), names and
+    contents, sorted."""
     h = hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
-        h.update(str(path.relative_to(folder)).encode())
+    files = sorted(p for part in parts
+                   for p in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part]))
+    for path in files:
+        h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -91,8 +101,9 @@ def train_with_torchrun(*, params: str, overrides: list[str], parent_run_id: str
     logger.info("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-        raise RuntimeError(f"torchrun training exited with {proc.returncode}:\n{tail}")
+        logger.error("torchrun output:\n%s", "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]))
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"torchrun training exited with {proc.returncode}: {last}")
     return json.loads((out_dir / stages.TRAIN_SUMMARY).read_text())
 
 

@@ -217,10 +217,15 @@ def show_sample(
 
 @app.command()
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Run the whole pipeline once as a Prefect flow (prepare, train, evaluate)."""
+    """Run the whole pipeline once as a Prefect flow (prepare, train, evaluate, register)."""
+    from prefect.settings import get_current_settings
+
     from flows.pipeline import pipeline_flow
+    from flows.server import check_api
 
     cfg = _config(params, set_)  # fail fast on a bad config, before Prefect starts
+    if get_current_settings().api.url:  # a configured server must answer (else: temporary server)
+        check_api(str(get_current_settings().api.url).rstrip("/"), timeout_s=10.0)
     metrics = pipeline_flow(params=str(params), overrides=list(set_ or []))
     out.print(_metrics_table({k: v for k, v in metrics.items() if k.count("/") == 1},
                              title=f"metrics ({cfg.evaluate.metrics_file})"))

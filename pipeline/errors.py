@@ -39,5 +39,9 @@ class TrackingError(DensepipeError):
     """The MLflow tracking store cannot be reached or written; the message names the URI."""
 
 
+class TrackingUnreachableError(TrackingError):
+    """The tracking server did not answer: worth a retry (the message names the URI)."""
+
+
 class PrefectServerError(DensepipeError):
     """A Prefect server cannot be started or does not answer; the message names the URL."""

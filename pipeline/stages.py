@@ -101,10 +101,9 @@ def _log_stage_run(cfg: Config, name: str, *, parent_run_id: str, params: dict[s
     tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id)
     if tracker is None:
         return
-    tracker.start(run_name=name, tags={"densepipe.stage": name})
-    tracker.log_params(params)
-    tracker.log_metrics(metrics, 0)
-    tracker.finish()
+    with tracker.running(run_name=name, tags={"densepipe.stage": name}):
+        tracker.log_params(params)
+        tracker.log_metrics(metrics, 0)
 
 
 def check_config(cfg: Config) -> None:
@@ -142,26 +141,29 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
         tracker.check_reachable()  # before any training: no GPU hours go untracked
     try:
         result = run_training(cfg, tracker=tracker)
-    except BaseException:
+        summary = {"step": result.step, "steps_run": len(result.losses), "out_dir": str(out_dir),
+                   "best": str(result.best), "last": str(result.last), "metrics": result.metrics,
+                   "run_id": result.run_id, "images_per_s": result.images_per_s,
+                   "skipped_nonfinite": result.skipped_nonfinite,
+                   "stopped_early": result.stopped_early, "model_uri": None}
+        if main and result.losses:
+            _write_loss_curve(out_dir / "train_log.csv", result.losses,
+                              start=result.step - len(result.losses))
         if tracker is not None:
+            tracker.log_artifact(out_dir / "config.yaml")
+            if result.losses and result.best is not None and result.best.exists():
+                tracker.log_artifact(result.best, "checkpoints")
+                if cfg.tracking.log_model:  # not again when the run was already complete
+                    summary["model_uri"] = log_trained_model(cfg, tracker, result.best)
+    except BaseException:
+        if tracker is not None and tracker.run_id is not None:
             tracker.finish("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise
     finally:
         distributed.destroy()
-    summary = {"step": result.step, "out_dir": str(out_dir), "best": str(result.best),
-               "last": str(result.last), "metrics": result.metrics, "run_id": result.run_id,
-               "images_per_s": result.images_per_s, "skipped_nonfinite": result.skipped_nonfinite,
-               "stopped_early": result.stopped_early, "model_uri": None}
     if not main:
         return summary
-    if result.losses:
-        _write_loss_curve(out_dir / "train_log.csv", result.losses, start=result.step - len(result.losses))
     if tracker is not None:
-        tracker.log_artifact(out_dir / "config.yaml")
-        if result.best is not None and result.best.exists():
-            tracker.log_artifact(result.best, "checkpoints")
-        if cfg.tracking.log_model:
-            summary["model_uri"] = log_trained_model(cfg, tracker, result.best)
         tracker.finish()
     atomic_write_json(out_dir / TRAIN_SUMMARY, summary)
     return summary
@@ -255,29 +257,20 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: st
     parent = parent_run_id or train_run_id
     tracker = make_tracker(cfg.tracking, parent_run_id=parent)
     if tracker is not None:
-        if parent is not None and _run_exists(tracker, parent):
+        if parent is not None and tracker.run_exists(parent):
             tracker.run_id = parent
             tracker.log_metrics(metrics, step)
         else:
             tracker.parent_run_id = None  # a model from another store: a top-level run
-        tracker.start(run_name="evaluate", tags={"densepipe.stage": "evaluate"})
-        tracker.log_params({"evaluate.model": source, "data.val_split": cfg.data.val_split,
-                            "data.root": cfg.data.root})
-        tracker.log_metrics(metrics, step)
-        tracker.log_artifact(metrics_path)
-        for path in [grid_path, *artifacts]:
-            if path.exists():
-                tracker.log_artifact(path)
-        tracker.finish()
+        with tracker.running(run_name="evaluate", tags={"densepipe.stage": "evaluate"}):
+            tracker.log_params({"evaluate.model": source, "data.val_split": cfg.data.val_split,
+                                "data.root": cfg.data.root})
+            tracker.log_metrics(metrics, step)
+            tracker.log_artifact(metrics_path)
+            for path in [grid_path, *artifacts]:
+                if path.exists():
+                    tracker.log_artifact(path)
     return metrics
-
-
-def _run_exists(tracker: Any, run_id: str) -> bool:
-    try:
-        tracker.client.get_run(run_id)
-        return True
-    except Exception:  # noqa: BLE001 - a run of another store
-        return False
 
 
 # -- register -----------------------------------------------------------------------------------
@@ -305,7 +298,7 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
     if model_uri is None:
         path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
         train_run_id = load_checkpoint(path).get("mlflow_run_id")
-        if train_run_id is None or not _run_exists(tracker, train_run_id):
+        if train_run_id is None or not tracker.run_exists(train_run_id):
             raise TrackingError(f"{path}: its training run ({train_run_id}) is not in {tracker.uri}; "
                                 "register from the store that tracked the training")
         tracker.run_id = train_run_id
@@ -314,7 +307,6 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
         from pipeline.tracking import load_registered_model_info
 
         train_run_id = load_registered_model_info(model_uri, tracking_uri=tracker.uri).get("train_run_id")
-    tracker.start(run_name="register", tags={"densepipe.stage": "register"})
     name = cfg.tracking.registered_model
     headline = {k: v for k, v in metrics.items() if k.count("/") == 1}
     lines = [f"| {k} | {v:.4f} |" for k, v in headline.items()]
@@ -322,11 +314,11 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
                               "|---|---|", *lines])
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in headline.items()}
     tags["tasks"] = ",".join(cfg.model.tasks)
-    version = tracker.register_model(model_uri, name=name, source_run_id=train_run_id, tags=tags,
-                                     description=description)
-    tracker.log_params({"register.name": name, "register.version": version,
-                        "register.source": model_uri})
-    tracker.finish()
+    with tracker.running(run_name="register", tags={"densepipe.stage": "register"}):
+        version = tracker.register_model(model_uri, name=name, source_run_id=train_run_id, tags=tags,
+                                         description=description)
+        tracker.log_params({"register.name": name, "register.version": version,
+                            "register.source": model_uri})
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}",
             "run_id": tracker.run_id or ""}
 

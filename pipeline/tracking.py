@@ -66,7 +66,7 @@ class Tracker:
         import urllib.error
         import urllib.request
 
-        from pipeline.errors import TrackingError
+        from pipeline.errors import TrackingError, TrackingUnreachableError
 
         if self.uri.startswith(("http://", "https://")):
             url = self.uri.rstrip("/") + "/health"
@@ -77,7 +77,7 @@ class Tracker:
                 return  # the server answered (an old server without /health, a proxy's 404)
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
-                raise TrackingError(f"tracking.uri {self.uri}: MLflow server not reachable "
+                raise TrackingUnreachableError(f"tracking.uri {self.uri}: MLflow server not reachable "
                                     f"within {timeout_s:g} s ({reason}); start it or fix the URI, "
                                     "or set tracking.enabled=false") from None
         folder = _sqlite_dir(self.uri)
@@ -97,15 +97,15 @@ class Tracker:
 
     def start(self, *, run_id: str | None = None, run_name: str | None = None,
               tags: dict[str, str] | None = None) -> str:
-        """Resume ``run_id`` when it exists in this store, else create a new run (nested under
-        ``parent_run_id`` when one is set)."""
-        if run_id is not None:
-            try:
-                self.client.get_run(run_id)
-                self.run_id = run_id
-                return run_id
-            except Exception:  # noqa: BLE001 - run from another store: start a new one
-                pass
+        """Resume ``run_id`` when it exists in this store (marked RUNNING again and, with a
+        ``parent_run_id``, moved under that parent: the latest pipeline run that continued it),
+        else create a new run (nested under ``parent_run_id`` when one is set)."""
+        if run_id is not None and self.run_exists(run_id):
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            if self.parent_run_id is not None and self.parent_run_id != run_id:
+                self.client.set_tag(run_id, "mlflow.parentRunId", self.parent_run_id)
+            return run_id
         tags = dict(tags or {})
         if self.parent_run_id is not None:
             tags["mlflow.parentRunId"] = self.parent_run_id
@@ -113,9 +113,28 @@ class Tracker:
         self.run_id = run.info.run_id
         return self.run_id
 
+    def run_exists(self, run_id: str) -> bool:
+        """Whether ``run_id`` is a run of this store."""
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 - MlflowException (not found) or a run of another store
+            return False
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+
+    @contextmanager
+    def running(self, *, run_name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+        """A new run for the block: FINISHED after it, FAILED (KILLED on Ctrl-C) if it raises."""
+        run_id = self.start(run_name=run_name, tags=tags)
+        try:
+            yield run_id
+        except BaseException as e:
+            self.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.finish()
 
     def run_link(self, run_id: str | None = None, *, ui_url: str = "http://127.0.0.1:5000") -> str:
         """Where to see a run: the server's page for an HTTP store, else the page ``make ui``
@@ -208,18 +227,26 @@ class Tracker:
 
 @contextmanager
 def store_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking and registry URIs at ``uri`` for the block, then restore
-    them: parts of MLflow (logging a model, registering ``models:/m-...``) use the global client."""
+    """Point MLflow's global tracking and registry URIs at ``uri`` for the block, then put back
+    exactly what was there (unset stays unset, in MLflow and in the environment): parts of MLflow
+    (logging a model, registering ``models:/m-...``) use the global client."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def load_registered_model_info(model_uri: str, *, tracking_uri: str) -> dict[str, Any]:
@@ -282,11 +309,6 @@ def parent_run(cfg: TrackingConfig, *, run_name: str, params: dict[str, Any],
         yield None
         return
     tracker.check_reachable()
-    tracker.start(run_name=run_name, tags={"densepipe.stage": "pipeline", **(tags or {})})
-    tracker.log_params(params)
-    try:
+    with tracker.running(run_name=run_name, tags={"densepipe.stage": "pipeline", **(tags or {})}):
+        tracker.log_params(params)
         yield tracker
-    except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    tracker.finish()

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from prefect.states import Failed
 
-from pipeline.errors import ConfigError, DataError, TrackingError
+from pipeline.errors import ConfigError, DataError, TrackingError, TrackingUnreachableError
 from tests.conftest import write_tiny_params
 
 
@@ -50,7 +50,8 @@ def test_pipeline_flow_tracks_registers_and_reports(prefect_harness, tmp_path: P
 
     monkeypatch.chdir(tmp_path)
     params = write_tiny_params(tmp_path, mlflow_uri=mlflow_uri)
-    state = pipeline_flow(params=str(params), overrides=["train.steps=2"], return_state=True)
+    state = pipeline_flow(params=str(params), overrides=["train.steps=2", "tracking.log_model=true"],
+                          return_state=True)
     assert state.is_completed(), state.message
     metrics = state.result()
     assert 0.0 <= metrics["semantic/mIoU"] <= 1.0
@@ -107,9 +108,12 @@ def test_retries_only_what_a_retry_can_fix() -> None:
     def retried(error: BaseException) -> bool:
         return retry_transient(None, None, Failed(data=error))
 
-    assert retried(OSError("NFS hiccup")) and retried(TrackingError("server 503"))
+    assert retried(OSError("NFS hiccup")) and retried(TimeoutError())
+    assert retried(TrackingUnreachableError("tracking.uri http://x: MLflow server not reachable"))
+    assert not retried(TrackingError("--model models:/x/1: cannot load it"))
+    assert not retried(FileNotFoundError("runs/train/best.pt"))
     assert not retried(ConfigError("train.lr: expected a number"))
-    assert not retried(DataError("data/x.png", "not a PNG"))
+    assert not retried(DataError("data/x.png", "not a PNG")) and not retried(KeyError("bug"))
     assert prepare_task.retries == evaluate_task.retries == register_task.retries == 2
     assert prepare_task.retry_delay_seconds == 10 and train_task.retries == 0
 

@@ -287,9 +287,10 @@ def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> 
 
     started = time.monotonic()
     port = free_port()
+    before = {p.pid for p in _descendants(os.getpid())}  # pytest's own helpers (forkserver): not ours
     with local_prefect_server(port=port, home=tmp_path / "prefect-server", ui=False, env=FAST_SERVER) as url:
         server_up = time.monotonic() - started
-        server_procs = _descendants(os.getpid())
+        server_procs = [p for p in _descendants(os.getpid()) if p.pid not in before]
         params = _write_params(tmp_path)
         env = {**_cli_env(tmp_path, url), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
                "PREFECT_LOGGING_LEVEL": "INFO"}

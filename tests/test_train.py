@@ -70,8 +70,13 @@ def test_train_resume_evaluate_and_mlflow_run(tiny_dataset: Path, tmp_path: Path
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history][-1] == 6
     assert run.data.metrics["semantic/mIoU"] == pytest.approx(metrics["semantic/mIoU"])
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.json", "vis_grid.png", "checkpoints"} <= artifacts
+    assert {"config.yaml", "checkpoints"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.info.status == "FINISHED"
+    evaluation, = client.search_runs([run.info.experiment_id],  # nested under the training run
+                                     filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert evaluation.info.run_name == "evaluate" and evaluation.info.status == "FINISHED"
+    assert {"metrics.json", "vis_grid.png", "plots"} <= {a.path for a in client.list_artifacts(
+        evaluation.info.run_id)}
     assert not (tmp_path / "mlruns").exists() or any((tmp_path / "mlruns").iterdir())
 
 
