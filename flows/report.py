@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.metrics import headline_metrics
+
 
 def metrics_markdown(metrics: dict[str, float], *, title: str, links: dict[str, str] | None = None,
                      notes: list[str] | None = None) -> str:
@@ -11,7 +13,7 @@ def metrics_markdown(metrics: dict[str, float], *, title: str, links: dict[str, 
     (``task/metric`` keys; per-class values are left to MLflow), then ``links`` (text -> URL) and
     ``notes`` as bullet points."""
     lines = [f"# {title}", "", "| metric | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.count("/") == 1]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(headline_metrics(metrics).items())]
     bullets = [f"- [{text}]({url})" for text, url in (links or {}).items()] + \
         [f"- {note}" for note in notes or []]
     if bullets:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import DensepipeError
+from pipeline.metrics import headline_metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-task dense prediction: prepare, train, evaluate, predict.")
@@ -83,7 +84,7 @@ def evaluate(
 
     cfg = _config(params, set_)
     metrics = stages.evaluate(cfg, checkpoint, model_uri=model)
-    out.print(_metrics_table({k: v for k, v in metrics.items() if k.count("/") == 1}))
+    out.print(_metrics_table(headline_metrics(metrics)))
     out.print(f"wrote {cfg.evaluate.metrics_file}")
 
 
@@ -227,7 +228,7 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     if get_current_settings().api.url:  # a configured server must answer (else: temporary server)
         check_api(str(get_current_settings().api.url).rstrip("/"), timeout_s=10.0)
     metrics = pipeline_flow(params=str(params), overrides=list(set_ or []))
-    out.print(_metrics_table({k: v for k, v in metrics.items() if k.count("/") == 1},
+    out.print(_metrics_table(headline_metrics(metrics),
                              title=f"metrics ({cfg.evaluate.metrics_file})"))
 
 

@@ -287,6 +287,7 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
 
     from pipeline.engine.checkpoint import load_checkpoint
     from pipeline.errors import TrackingError
+    from pipeline.metrics import headline_metrics
     from pipeline.tracking import make_tracker
 
     tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id)
@@ -308,7 +309,7 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
 
         train_run_id = load_registered_model_info(model_uri, tracking_uri=tracker.uri).get("train_run_id")
     name = cfg.tracking.registered_model
-    headline = {k: v for k, v in metrics.items() if k.count("/") == 1}
+    headline = headline_metrics(metrics)
     lines = [f"| {k} | {v:.4f} |" for k, v in headline.items()]
     description = "\n".join(["densepipe model, validation metrics:", "", "| metric | value |",
                               "|---|---|", *lines])

@@ -42,3 +42,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The ``task/metric`` entries of a flat metrics dict: per-class and per-group values
+    (``task/IoU/<class>``) left out; the tables the CLI, the registry and reports print."""
+    return {k: v for k, v in metrics.items() if k.count("/") == 1}
+
