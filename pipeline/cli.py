@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import DensepipeError
-from pipeline.metrics import headline_metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-task dense prediction: prepare, train, evaluate, predict.")
@@ -35,6 +34,11 @@ def _config(params: Path, overrides: list[str] | None):
 
 
 def _metrics_table(metrics: dict[str, float], title: str = "metrics") -> Table:
+    """The headline ``task/metric`` rows of a flat metrics dict as a rich table."""
+    # imported here, not at the top: `densepipe prepare` (a DVC stage) must not depend on pipeline.metrics
+    from pipeline.metrics import headline_metrics
+
+    metrics = headline_metrics(metrics)
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -84,7 +88,7 @@ def evaluate(
 
     cfg = _config(params, set_)
     metrics = stages.evaluate(cfg, checkpoint, model_uri=model)
-    out.print(_metrics_table(headline_metrics(metrics)))
+    out.print(_metrics_table(metrics))
     out.print(f"wrote {cfg.evaluate.metrics_file}")
 
 
@@ -228,8 +232,7 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     if get_current_settings().api.url:  # a configured server must answer (else: temporary server)
         check_api(str(get_current_settings().api.url).rstrip("/"), timeout_s=10.0)
     metrics = pipeline_flow(params=str(params), overrides=list(set_ or []))
-    out.print(_metrics_table(headline_metrics(metrics),
-                             title=f"metrics ({cfg.evaluate.metrics_file})"))
+    out.print(_metrics_table(metrics, title=f"metrics ({cfg.evaluate.metrics_file})"))
 
 
 @app.command()
