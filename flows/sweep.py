@@ -3,7 +3,7 @@ Prefect task runner, so the same flow fans out over threads here or a Dask / Ray
 
     from flows.sweep import sweep_flow, task_runner
     sweep_flow.with_options(task_runner=task_runner("dask", workers=4))(
-        grid={"train.lr": [0.01, 0.1], "train.loss_weighting.method": ["fixed", "dwa"]})
+        grid={"train.lr": [0.001, 0.004], "train.loss_weighting.method": ["fixed", "dwa"]})
 
 ``task_runner("dask")`` starts a local Dask cluster of processes; for an existing cluster pass
 ``prefect_dask.DaskTaskRunner(address="tcp://scheduler:8786")``, and for Ray
