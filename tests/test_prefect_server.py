@@ -238,6 +238,13 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _default_sigint() -> None:
+    """``preexec_fn``: SIGINT back to its default in the child, as a terminal's Ctrl-C meets it. A
+    shell that runs the suite as a background job (``cmd &`` without job control) starts it with
+    SIGINT ignored; children inherit that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, list[str]]:
     """Ctrl-C for a process started in its own session: SIGINT to its group; exit code and leftovers."""
     procs = _descendants(proc.pid)
@@ -303,7 +310,8 @@ def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> 
         with open(log, "wb") as out:
             serve = subprocess.Popen([str(DENSEPIPE), "serve", "--interval", "10", "--name", "test-schedule",
                                       "-p", str(params)], cwd=tmp_path, env=env, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_default_sigint)
         try:
             dep, run = _wait_for_completed_run(url, f"{FLOW_NAME}/test-schedule", serve, log)
             first_run = time.monotonic() - serve_started
@@ -347,7 +355,7 @@ def test_make_serve_wrapper_deploys_prefect_yaml_and_stops_on_ctrl_c(tmp_path: P
         wrapper = subprocess.Popen([sys.executable, "-m", "flows.server", "--port", str(port), "--home",
                                     str(tmp_path / "prefect-server"), "--no-ui", "--", "bash", "-c", script],
                                    cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 150
         while "CHILD-READY" not in log.read_text() and time.monotonic() < deadline:
