@@ -1,7 +1,7 @@
 """Built-in task ``normals``: camera-frame surface normals with a decoder chosen by name.
 
 Head: the decoder ``decoder`` of ``pipeline.nn.decoders`` (as for ``semantic``; default
-``panoptic_fpn``) with three outputs, normalised to unit length (``F.normalize``) in the loss and
+``panoptic_fpn``) with three outputs, normalised to unit length (``unit_channels``) in the loss and
 in postprocessing, so only the direction is learnt.
 
 Targets: pixels whose label is finite and non-zero, in samples that have normals. Labels should be
@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -32,7 +31,7 @@ from pipeline.hookspecs import hookimpl
 from pipeline.metrics.merge import check_mergeable
 from pipeline.metrics.normals import NormalsMetricAccumulator
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
-from pipeline.nn.regression_losses import build_regression_loss
+from pipeline.nn.regression_losses import build_regression_loss, channel_norm, unit_channels
 from pipeline.task import Batch, FeatureSpec, Task
 from pipeline.viz import normals_to_rgb
 
@@ -60,7 +59,7 @@ def normals_target(batch: Batch, device: torch.device, *, bad_labels: str, unit_
     target = target.to(device).float()
     finite = torch.isfinite(target).all(1)
     t = torch.where(finite[:, None], target, torch.zeros((), device=device))
-    norm = t.norm(dim=1)
+    norm = channel_norm(t)
     labelled = finite & (norm > 0)
     has = batch.get("has", {}).get("normals")
     if has is not None:
@@ -144,13 +143,13 @@ class NormalsTask(Task):
             return {options.loss: output.sum() * 0.0}
         unit, valid, labelled, off_unit = found
         self._warn_off_unit(labelled, off_unit, options)
-        pred = F.normalize(output.float(), dim=1)
+        pred = unit_channels(output.float())
         return {options.loss: build_regression_loss(options.loss)(pred, unit, valid)}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
                     options: NormalsOptions) -> list[torch.Tensor]:  # type: ignore[override]
         """Per image: ``3xHxW`` float32 unit vectors (camera frame), on the CPU."""
-        return list(F.normalize(output.detach().float(), dim=1).cpu())
+        return list(unit_channels(output.detach().float()).cpu())
 
     def evaluator(self, *, card: DatasetCard,  # type: ignore[override]
                   options: NormalsOptions) -> NormalsEvaluator:

@@ -25,10 +25,12 @@ from pipeline.nn.regression_losses import (
     angular_loss,
     berhu,
     build_regression_loss,
+    channel_norm,
     cosine_loss,
     masked_l1,
     masked_l2,
     scale_invariant_log,
+    unit_channels,
 )
 from pipeline.registry import default_registry
 from pipeline.viz import colorize_depth, depth_colorbar, turbo, viridis
@@ -104,6 +106,24 @@ def test_cosine_and_angular_hand_values() -> None:
     assert float(cosine_loss(pred, target, valid)) == pytest.approx(cosine, rel=1e-5)
     angle = (math.pi / 2 + 0 + math.pi / 4) / 3
     assert float(angular_loss(pred, target, valid)) == pytest.approx(angle, abs=1e-3)
+
+
+def test_unit_channels_matches_f_normalize_with_finite_gradients_at_zero() -> None:
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    x[0, :, 1, 2] = 0.0  # a zero vector
+    assert torch.allclose(channel_norm(x), x.norm(dim=1))
+    assert torch.allclose(unit_channels(x), torch.nn.functional.normalize(x, dim=1))
+    assert torch.equal(unit_channels(x)[0, :, 1, 2], torch.zeros(3, dtype=torch.float64))
+    assert unit_channels(x.half()).dtype == torch.float32  # half inputs are lengthened in float32
+    weights = torch.randn_like(x)
+    grads = []
+    for normalise in (unit_channels, lambda t: torch.nn.functional.normalize(t, dim=1)):
+        leaf = x.clone().requires_grad_(True)
+        (normalise(leaf) * weights).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.isfinite(grads[0]).all() and torch.allclose(grads[0], grads[1])
+    lengths = channel_norm(unit_channels(x))
+    assert torch.allclose(lengths[x.abs().sum(1) > 0], torch.ones((), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", ["l1", "l2", "berhu", "silog", "cosine", "angular"])

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.errors import ConfigError
@@ -36,6 +35,26 @@ LOG_EPS = 1e-6
 """Depths below this (in the target's unit) are clamped before logs (``silog``)."""
 COS_EPS = 1e-6
 """``angular`` clips cos to ``[-1 + COS_EPS, 1 - COS_EPS]`` so arccos keeps a finite gradient."""
+UNIT_EPS = 1e-12
+"""``unit_channels`` divides by ``max(|x|, UNIT_EPS)``, as ``F.normalize`` does."""
+
+
+def channel_norm(x: Tensor) -> Tensor:
+    """Euclidean length over dim 1: ``BxCxHxW`` -> ``BxHxW``, computed in float32 (or float64).
+
+    The same values as ``x.norm(dim=1)``, about 100x faster on a CPU for NCHW tensors (torch's
+    vector norm reduces over the strided channel dim slowly: ~10 ms for 8x3x128x128)."""
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return x.square().sum(1).sqrt()
+
+
+def unit_channels(x: Tensor, eps: float = UNIT_EPS) -> Tensor:
+    """``x / max(|x|, eps)`` over dim 1 (``F.normalize(x, dim=1)``'s values, in float32 or
+    float64), fast on a CPU (see ``channel_norm``). Zero vectors give zeros and the gradient
+    ``F.normalize`` gives them (``1 / eps``), never NaN: the squared length is clamped before the
+    square root."""
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return x / x.square().sum(1, keepdim=True).clamp_min(eps * eps).sqrt()
 
 
 def _check(pred: Tensor, target: Tensor, valid: Tensor) -> None:
@@ -109,8 +128,8 @@ def _cosine(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """Per-pixel ``BxHxW`` cosine between ``pred`` and ``target`` (both normalised; 0 if invalid)."""
     keep = valid[:, None].expand_as(pred)
     zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
-    p = F.normalize(torch.where(keep, pred, zero), dim=1)
-    t = F.normalize(torch.where(keep, target.to(pred.dtype), zero), dim=1)
+    p = unit_channels(torch.where(keep, pred, zero))
+    t = unit_channels(torch.where(keep, target.to(pred.dtype), zero))
     return (p * t).sum(1)
 
 
