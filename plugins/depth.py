@@ -11,7 +11,9 @@ its layers; the decoder's own bias still learns.)
 Loss (``pipeline.nn.regression_losses``), over pixels whose target is finite and > 0 in samples
 that have depth: ``silog`` (default; Eigen et al. 2014 scale-invariant log error, ``lam`` 0.5: half
 the log MSE plus half its scale-invariant part, so errors count relatively, as the metrics do, and
-the absolute scale is still learnt), ``berhu`` (Laina et al. 2016, in metres) or ``l1`` (metres).
+the absolute scale is still learnt), ``berhu`` (Laina et al. 2016, in metres) or ``l1`` (metres);
+plus, with ``gradient_weight`` > 0, MegaDepth's multi-scale log-gradient matching term
+(``log_gradient``), which penalises blurred or misplaced depth edges.
 
 Metrics: Eigen et al.'s ``abs_rel``, ``sq_rel``, ``rmse`` (m), ``rmse_log``, ``delta1..3``
 (``pipeline.metrics.depth``), over samples with depth; with ``median_scaling`` every image is scaled
@@ -36,7 +38,7 @@ from pipeline.hookspecs import hookimpl
 from pipeline.metrics.depth import DepthMetricAccumulator
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_task_decoder_from_options
-from pipeline.nn.regression_losses import build_regression_loss
+from pipeline.nn.regression_losses import build_regression_loss, log_gradient_matching
 from pipeline.task import Batch, FeatureSpec, Task
 from pipeline.viz import depth_with_colorbar
 
@@ -55,6 +57,9 @@ class DepthOptions(DecoderOptions):
     loss_options: dict[str, Any] = Field(default_factory=dict)
     """The loss's options: ``lam`` in [0, 1] for silog (default 0.5), ``threshold`` in (0, 1] for
     berhu (default 0.2: c = threshold * max |residual| of the batch)."""
+    gradient_weight: float = Field(0.0, ge=0)
+    """Weight of MegaDepth's multi-scale log-gradient matching term (``log_gradient``, 4 scales),
+    added to the loss for sharper depth edges; 0 = off (Li and Snavely use 0.5)."""
     output: Literal["log", "softplus"] = "log"
     """What the head predicts: log-depth (depth = exp) or a softplus pre-activation."""
     init_depth: float = Field(3.0, gt=0)
@@ -181,7 +186,11 @@ class DepthTask(Task):
             return {options.loss: output.sum() * 0.0}
         target, valid = found
         loss = build_regression_loss(options.loss, **options.loss_options)
-        return {options.loss: loss(to_depth(output, options.output), target, valid)}
+        depth = to_depth(output, options.output)
+        terms = {options.loss: loss(depth, target, valid)}
+        if options.gradient_weight > 0:
+            terms["log_gradient"] = options.gradient_weight * log_gradient_matching(depth, target, valid)
+        return terms
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
                     options: DepthOptions) -> list[torch.Tensor]:  # type: ignore[override]

@@ -27,6 +27,7 @@ from pipeline.nn.regression_losses import (
     build_regression_loss,
     channel_norm,
     cosine_loss,
+    log_gradient_matching,
     masked_l1,
     masked_l2,
     scale_invariant_log,
@@ -126,9 +127,9 @@ def test_unit_channels_matches_f_normalize_with_finite_gradients_at_zero() -> No
     assert torch.allclose(lengths[x.abs().sum(1) > 0], torch.ones((), dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", ["l1", "l2", "berhu", "silog", "cosine", "angular"])
+@pytest.mark.parametrize("name", ["l1", "l2", "berhu", "silog", "cosine", "angular", "log_gradient"])
 def test_no_valid_pixel_gives_a_connected_zero(name: str) -> None:
-    channels = 1 if name in ("l1", "berhu", "silog") else 3
+    channels = 1 if name in ("l1", "berhu", "silog", "log_gradient") else 3
     pred = torch.randn(2, channels, 3, 3, requires_grad=True)
     target = torch.full((2, channels, 3, 3), float("nan"))
     loss = build_regression_loss(name)(pred, target, torch.zeros(2, 3, 3, dtype=torch.bool))
@@ -143,6 +144,46 @@ def test_regression_loss_config_errors() -> None:
         build_regression_loss("silog", **{"lambda": 0.5})
     with pytest.raises(ConfigError, match=r"option lam: expected a value in \[0, 1\], got 1.5"):
         build_regression_loss("silog", lam=1.5)
+
+
+def test_log_gradient_matching_hand_values_and_scale_invariance() -> None:
+    target = torch.full((1, 1, 2, 3), 2.0)
+    pred = target * _t([1.0, 1.0, math.e, 1.0, 1.0, math.e], (1, 1, 2, 3))  # R = [[0, 0, 1], [0, 0, 1]]
+    valid = torch.ones(1, 2, 3, dtype=torch.bool)
+    # 4 horizontal pairs (two of them cross the step of 1), 3 vertical pairs with no change
+    assert float(log_gradient_matching(pred, target, valid, scales=1)) == pytest.approx(2 / 7, rel=1e-5)
+    # pixel (0, 2) unknown: its pairs leave, so 1 horizontal pair in row 0, 2 in row 1, 2 vertical
+    valid[0, 0, 2] = False
+    pred[0, 0, 0, 2] = float("nan")  # never read
+    assert float(log_gradient_matching(pred, target, valid, scales=1)) == pytest.approx(1 / 5, rel=1e-5)
+    # a second scale sees pixels (0, 0) and (0, 2) only, one unknown: no pair, so it does not count
+    assert float(log_gradient_matching(pred, target, valid, scales=2)) == pytest.approx(1 / 5, rel=1e-5)
+    valid[0, 0, 2] = True
+    pred[0, 0, 0, 2] = 2.0 * math.e  # now a pair there, with a step of 1: (2/7 + 1/1) / 2
+    two_scales = float(log_gradient_matching(pred, target, valid, scales=2))
+    assert two_scales == pytest.approx((2 / 7 + 1) / 2, rel=1e-5)
+    depth = torch.rand(2, 1, 8, 8) + 0.5
+    assert float(log_gradient_matching(3.0 * depth, depth, torch.ones(2, 8, 8, dtype=torch.bool))) \
+        == pytest.approx(0.0, abs=1e-6)
+
+
+def test_depth_gradient_weight_adds_a_weighted_term() -> None:
+    task = DepthTask()
+    target = torch.rand(2, 4, 4) + 1
+    output = torch.randn(2, 1, 4, 4, requires_grad=True)
+    batch = {"depth": target, "has": {"depth": torch.tensor([True, True])}}
+    plain = task.losses(output, batch, options=task.resolve_options(task.parse_options({}), card=CARD))
+    assert list(plain) == ["silog"]
+    opts = task.resolve_options(task.parse_options({"gradient_weight": 0.5}), card=CARD)
+    terms = task.losses(output, batch, options=opts)
+    expected = 0.5 * log_gradient_matching(to_depth(output, "log"), target[:, None], target > 0)
+    got, expected = float(terms["log_gradient"].detach()), float(expected.detach())
+    assert got == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert float(terms["silog"].detach()) == pytest.approx(float(plain["silog"].detach()))
+    sum(terms.values()).backward()
+    assert torch.isfinite(output.grad).all()
+    with pytest.raises(ConfigError, match="gradient_weight"):
+        build_model(load_config(None, ["model.tasks=[depth]", "model.heads.depth.gradient_weight=-1"]), CARD)
 
 
 # --------------------------------------------------------------------------------------------
