@@ -104,19 +104,25 @@ def berhu(pred: Tensor, target: Tensor, valid: Tensor, *, threshold: float = 0.2
     return _masked_mean(loss.sum(1), valid)
 
 
+def _log_residual(pred: Tensor, target: Tensor, valid: Tensor, *, loss: str) -> Tensor:
+    """``log pred - log target`` (``Bx1xHxW``, ``pred`` clamped to ``LOG_EPS``), 0 at invalid
+    pixels whatever ``pred`` and ``target`` hold there; ``loss`` names the caller in errors."""
+    _check(pred, target, valid)
+    if pred.shape[1] != 1:
+        raise ValueError(f"pred: {loss} expects one channel (depth), got {pred.shape[1]}")
+    one = torch.ones((), dtype=pred.dtype, device=pred.device)
+    keep = valid[:, None]
+    d = torch.log(torch.where(keep, pred, one).clamp_min(LOG_EPS)) \
+        - torch.log(torch.where(keep, target.to(pred.dtype), one))
+    return torch.where(keep, d, torch.zeros_like(d))
+
+
 def scale_invariant_log(pred: Tensor, target: Tensor, valid: Tensor, *, lam: float = 0.5) -> Tensor:
     """Eigen et al. (2014) per image: ``mean(d^2) - lam * mean(d)^2`` with ``d = log pred - log
     target`` over the image's valid pixels (``pred`` clamped to ``LOG_EPS``), then averaged over
     the images that have a valid pixel. ``lam = 1`` is fully scale invariant, 0 the log MSE.
     Expects C = 1 (one depth per pixel)."""
-    _check(pred, target, valid)
-    if pred.shape[1] != 1:
-        raise ValueError(f"pred: silog expects one channel (depth), got {pred.shape[1]}")
-    one = torch.ones((), dtype=pred.dtype, device=pred.device)
-    keep = valid[:, None]
-    d = torch.log(torch.where(keep, pred, one).clamp_min(LOG_EPS)) \
-        - torch.log(torch.where(keep, target.to(pred.dtype), one))
-    d = torch.where(keep, d, torch.zeros_like(d)).flatten(1)
+    d = _log_residual(pred, target, valid, loss="silog").flatten(1)
     n = valid.flatten(1).sum(1).to(pred.dtype)
     mean_sq = d.square().sum(1) / n.clamp_min(1)
     mean = d.sum(1) / n.clamp_min(1)
@@ -154,15 +160,8 @@ def log_gradient_matching(pred: Tensor, target: Tensor, valid: Tensor, *, scales
     vertical neighbours, both valid), averaged over the first ``scales`` scales that have such a
     pair, each scale subsampling the previous by 2. Penalises depth edges that the prediction
     blurs or misplaces, and nothing for a global scale error. Expects C = 1."""
-    _check(pred, target, valid)
-    if pred.shape[1] != 1:
-        raise ValueError(f"pred: gradient matching expects one channel (depth), got {pred.shape[1]}")
-    one = torch.ones((), dtype=pred.dtype, device=pred.device)
-    keep = valid[:, None]
-    r = torch.log(torch.where(keep, pred, one).clamp_min(LOG_EPS)) \
-        - torch.log(torch.where(keep, target.to(pred.dtype), one))
-    r = torch.where(keep, r, torch.zeros_like(r))
-    m = keep.to(pred.dtype)
+    r = _log_residual(pred, target, valid, loss="gradient matching")
+    m = valid[:, None].to(r.dtype)
     total = r.sum() * 0.0  # r is 0 at unknown pixels, whatever pred holds there
     used = torch.zeros((), dtype=pred.dtype, device=pred.device)  # scales with a valid pair
     for _ in range(int(scales)):
