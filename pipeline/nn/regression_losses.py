@@ -11,9 +11,9 @@ Contract of every loss ``loss(pred, target, valid, **options)``:
   No loss reads a value back to the host.
 
 Built-ins (``REGRESSION_LOSSES``): ``l1``, ``l2`` (squared Euclidean distance), ``berhu`` (Laina et
-al., 2016), ``silog`` (Eigen et al., 2014, scale-invariant log error), ``cosine`` (1 - cos) and
-``angular`` (the angle itself, radians), and ``log_gradient`` (MegaDepth's multi-scale gradient
-matching of log-depth, which depth adds to its loss with ``gradient_weight``). Build one from config with
+al., 2016), ``silog`` (Eigen et al., 2014, scale-invariant log error), ``cosine`` (1 - cos),
+``angular`` (the angle itself, radians) and ``log_gradient`` (MegaDepth's multi-scale gradient
+matching of log-depth, which depth adds to its loss with ``gradient_weight``). Build one with
 ``build_regression_loss(name, **options)`` -> ``callable(pred, target, valid)``; unknown names and
 options are one-line ``ConfigError``s.
 """
