@@ -250,6 +250,32 @@ def test_panoptic_fpn_is_the_semantic_fpn_head(backbones: dict) -> None:
         assert k == k2 and torch.equal(a, b)
 
 
+def test_panoptic_fpn_convex_upsampling(backbones: dict, features: dict) -> None:
+    """``upsample: convex`` keeps every output size, starts within the bilinear floor of the
+    bilinear head with the same weights, and reaches its weight predictor with gradients."""
+    spec = backbones["resnet18"].feature_spec
+    torch.manual_seed(0)
+    convex = build_decoder("panoptic_fpn", feature_spec=spec, num_outputs=2, conv_dims=16, upsample="convex")
+    torch.manual_seed(0)
+    bilinear = build_decoder("panoptic_fpn", feature_spec=spec, num_outputs=2, conv_dims=16)
+    bilinear.predictor.bias.data.normal_()
+    convex.predictor.bias.data.copy_(bilinear.predictor.bias.data)
+    convex.eval(), bilinear.eval()
+    with torch.no_grad():
+        for size in SIZES:
+            out = convex(features[("resnet18", size)], output_size=size)
+            assert out.shape == (2, 2, *size)
+        feats = {k: torch.randn(2, 8, 32 // spec[k].stride, 32 // spec[k].stride)
+                 for k in ("p2", "p3", "p4", "p5")}
+        a, b = convex(feats, output_size=(32, 32)), bilinear(feats, output_size=(32, 32))
+        assert (a - b).abs().max() < 0.01 * b.abs().max()
+    convex.train()(feats, output_size=(32, 32)).square().mean().backward()
+    assert convex.convex_upsample.weights.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match=r"decoder 'panoptic_fpn': upsample must be one of bilinear, "
+                                          r"convex; got 'bicubic'"):
+        build_decoder("panoptic_fpn", feature_spec=spec, num_outputs=2, upsample="bicubic")
+
+
 def test_receptive_fields_of_a_strided_stack() -> None:
     stack = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2), nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 3, dilation=2))
     assert receptive_fields(stack) == [3, 7, 15]

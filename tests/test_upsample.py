@@ -8,6 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
+from pipeline.nn.convex_upsample import (
+    BILINEAR_FLOOR,
+    ConvexUpsample,
+    bilinear_neighbour_weights,
+    convex_combine,
+    fit_to,
+)
 from pipeline.nn.upsample import (
     UPSAMPLERS,
     MaxUnpool,
@@ -283,3 +290,73 @@ def test_upsamplers_are_differentiable() -> None:
         x = torch.randn(1, 2, 3, 3, requires_grad=True)
         _run(name, module, x, 2).square().sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# convex upsampling (RAFT)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_bilinear_neighbour_weights_are_bilinear_interpolation(factor: int) -> None:
+    w = bilinear_neighbour_weights(factor)
+    assert w.shape == (9, factor, factor)
+    assert torch.allclose(w.sum(0), torch.ones(factor, factor, dtype=torch.float64))
+    # exact weights, summed over the 3x3 neighbourhood, give F.interpolate on a one-hot map
+    values = torch.rand(1, 1, 6, 5, dtype=torch.float64)
+    logits = w.clamp_min(1e-300).log().reshape(1, -1, 1, 1).expand(1, -1, 6, 5)
+    ours = convex_combine(values, logits, factor)
+    reference = F.interpolate(values, scale_factor=factor, mode="bilinear", align_corners=False)
+    assert torch.allclose(ours, reference, atol=1e-12)  # borders too: replicate = clamping
+
+
+def test_convex_upsample_starts_as_bilinear_and_keeps_sizes() -> None:
+    torch.manual_seed(0)
+    up = ConvexUpsample(8, factor=4)
+    values, features = torch.rand(2, 3, 5, 7), torch.randn(2, 8, 5, 7)
+    out = up(values, features)
+    assert out.shape == (2, 3, 20, 28)
+    reference = F.interpolate(values, scale_factor=4, mode="bilinear", align_corners=False)
+    assert (out - reference).abs().max() < 10 * BILINEAR_FLOOR  # only the floored zeros leak
+    assert fit_to(out, (18, 26), 4).shape == (2, 3, 18, 26)  # ceil padding cropped
+    assert torch.equal(fit_to(out, (18, 26), 4), out[..., :18, :26])
+    assert fit_to(out, (9, 9), 4).shape == (2, 3, 9, 9)  # any other size: resized
+
+
+def test_convex_weights_keep_an_edge_that_bilinear_blurs() -> None:
+    """A step at a coarse-pixel boundary: weights that take every output pixel from its own coarse
+    pixel reproduce it exactly, bilinear does not, and every output stays in its 3x3 range."""
+    f = 4
+    values = torch.tensor([[1.0, 1.0, 10.0, 10.0]]).reshape(1, 1, 1, 4).expand(1, 1, 3, 4).contiguous()
+    own = torch.full((1, 9, f, f, 3, 4), -30.0)
+    own[:, 4] = 30.0  # all weight on the centre neighbour
+    sharp = convex_combine(values, own.reshape(1, 9 * f * f, 3, 4), f)
+    assert torch.allclose(sharp, values.repeat_interleave(f, -1).repeat_interleave(f, -2))
+    blurred = F.interpolate(values, scale_factor=f, mode="bilinear", align_corners=False)
+    assert ((blurred > 1.0) & (blurred < 10.0)).any()
+    torch.manual_seed(1)
+    random = convex_combine(values, torch.randn(1, 9 * f * f, 3, 4) * 5, f)
+    assert random.min() >= 1.0 - 1e-5 and random.max() <= 10.0 + 1e-5  # float32 rounding
+
+
+def test_convex_upsample_learns_a_sharp_edge() -> None:
+    """Trained against the sharp target of a step, the weight predictor beats its bilinear start."""
+    torch.manual_seed(0)
+    f = 4
+    coarse = torch.tensor([[0.0, 0.0, 3.0, 3.0]]).reshape(1, 1, 1, 4).expand(4, 1, 4, 4).contiguous()
+    target = coarse.repeat_interleave(f, -1).repeat_interleave(f, -2)
+    features = torch.cat([coarse, (coarse > 0).float()], 1)
+    up = ConvexUpsample(2, factor=f, hidden=8)
+    opt = torch.optim.Adam(up.parameters(), lr=0.05)
+    start = F.l1_loss(up(coarse, features), target).item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = F.l1_loss(up(coarse, features), target)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * start
+
+
+def test_convex_combine_rejects_mismatched_weights() -> None:
+    with pytest.raises(ValueError, match=r"weight_logits: expected shape \(1, 36, 2, 2\), "
+                                         r"got \(1, 9, 2, 2\)"):
+        convex_combine(torch.zeros(1, 1, 2, 2), torch.zeros(1, 9, 2, 2), 2)

@@ -34,7 +34,8 @@ Built-ins (``DECODERS``):
   concatenated, projected by a 1x1 conv, then a 3x3 conv and a 1x1 classifier.
 - ``psp`` (PSPNet, Zhao et al., 2017): pyramid pooling on ``c5`` (average pooling to 1x1, 2x2,
   3x3, 6x6 bins, 1x1 conv each, upsampled), concatenated with ``c5``, a 3x3 conv and a classifier.
-- ``panoptic_fpn`` (Kirillov et al., 2019; the default): :class:`SemanticFPNHead` over p2..p5.
+- ``panoptic_fpn`` (Kirillov et al., 2019; the default): :class:`SemanticFPNHead` over p2..p5
+  (``upsample: convex``: RAFT's learned convex upsampling of its stride-4 output).
 - ``hypercolumns`` (Hariharan et al., 2015): several levels upsampled to the finest one's size
   and concatenated (a hypercolumn per pixel), then a per-pixel classifier (two 1x1 convs).
 
@@ -62,7 +63,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 from pipeline.nn.backbones import BackboneInfo, FeatureLevel, dilatable_backbones
-from pipeline.nn.fpn_heads import SemanticFPNHead, norm_layer, upsample_to
+from pipeline.nn.fpn_heads import HEAD_UPSAMPLING, SemanticFPNHead, norm_layer, upsample_to
 from pipeline.nn.upsample import build_upsampler
 
 DECODER_NORMS = ("GN", "BN", "none", "")
@@ -660,14 +661,17 @@ def psp(feature_spec: Mapping[str, FeatureLevel], *, num_outputs: int, backbone:
 @register_decoder("panoptic_fpn")
 def panoptic_fpn(feature_spec: Mapping[str, FeatureLevel], *, num_outputs: int, backbone: BackboneInfo,
                  in_features: Sequence[str] = ("p2", "p3", "p4", "p5"), conv_dims: int = 128,
-                 common_stride: int = 4, norm: str = "GN") -> nn.Module:
+                 common_stride: int = 4, norm: str = "GN", upsample: str = "bilinear") -> nn.Module:
     """The Panoptic FPN semantic branch (:class:`SemanticFPNHead`, returned as is: its parameter
-    names are those of every existing checkpoint)."""
+    names are those of every existing checkpoint); ``upsample``: ``bilinear`` (Panoptic FPN) or
+    ``convex`` (RAFT's learned, edge-preserving upsampling from ``common_stride``)."""
     _check_norm(norm)
+    if upsample not in HEAD_UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(HEAD_UPSAMPLING)}; got {upsample!r}")
     _need_levels("panoptic_fpn", feature_spec, list(in_features), backbone)
     return SemanticFPNHead(feature_spec, in_features=tuple(in_features), num_outputs=num_outputs,
                            conv_dims=_positive_int("conv_dims", conv_dims), common_stride=common_stride,
-                           norm="" if norm == "none" else norm)
+                           norm="" if norm == "none" else norm, upsample=upsample)
 
 
 # ---------------------------------------------------------------------------------------------

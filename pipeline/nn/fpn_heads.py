@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.nn.backbones import FeatureLevel
+from pipeline.nn.convex_upsample import ConvexUpsample, fit_to
 
 HEAD_NORMS = ("GN", "BN", "")
+HEAD_UPSAMPLING = ("bilinear", "convex")
 
 
 def upsample_to(x: Tensor, size: Sequence[int], *, mode: str = "bilinear") -> Tensor:
@@ -52,6 +54,10 @@ class SemanticFPNHead(nn.Module):
         conv_dims: channels of the intermediate 3x3 convs.
         common_stride: stride at which levels are summed (a power of two).
         norm: ``"GN"`` (GroupNorm, ``gcd(32, conv_dims)`` groups), ``"BN"`` or ``""`` (none).
+        upsample: how the ``common_stride`` prediction reaches ``output_size``: ``"bilinear"``
+            (Panoptic FPN) or ``"convex"`` (RAFT's learned convex upsampling,
+            ``pipeline.nn.convex_upsample``: weights predicted from the fused features; it starts
+            as bilinear and learns to keep edges sharp).
 
     A level of stride ``s`` goes through ``max(1, log2(s / common_stride))`` conv blocks, each but
     the single block of the ``common_stride`` level followed by a 2x bilinear upsample. Upsampling
@@ -73,8 +79,11 @@ class SemanticFPNHead(nn.Module):
         conv_dims: int = 128,
         common_stride: int = 4,
         norm: str = "GN",
+        upsample: str = "bilinear",
     ) -> None:
         super().__init__()
+        if upsample not in HEAD_UPSAMPLING:
+            raise ValueError(f"upsample must be one of {HEAD_UPSAMPLING}, got {upsample!r}")
         if not in_features:
             raise ValueError("in_features must name at least one level")
         missing = [f for f in in_features if f not in feature_spec]
@@ -117,6 +126,8 @@ class SemanticFPNHead(nn.Module):
             self.scale_heads[name] = nn.ModuleList(blocks)
         self.predictor = nn.Conv2d(conv_dims, num_outputs, 1)
         self._init_weights()
+        self.convex_upsample = (ConvexUpsample(conv_dims, factor=common_stride)
+                                if upsample == "convex" and common_stride > 1 else None)
 
     def _init_weights(self) -> None:
         for m in self.scale_heads.modules():
@@ -151,7 +162,11 @@ class SemanticFPNHead(nn.Module):
             fused = x if fused is None else fused + x
         assert fused is not None
         logits = self.predictor(fused)
-        if output_size is not None:
+        if output_size is not None and self.convex_upsample is not None:
+            size = (int(output_size[0]), int(output_size[1]))
+            if tuple(logits.shape[-2:]) != size:
+                logits = fit_to(self.convex_upsample(logits, fused), size, self.common_stride)
+        elif output_size is not None:
             logits = upsample_to(logits, output_size)
         return logits
 
@@ -160,4 +175,4 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-__all__ = ["SemanticFPNHead", "upsample_to"]
+__all__ = ["HEAD_UPSAMPLING", "SemanticFPNHead", "upsample_to"]
