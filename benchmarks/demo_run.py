@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_description  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARGETS = ("depth/delta1>=0.80", "normals/mean_angle<=20", "colorization/psnr>colorization/psnr_gray")
@@ -82,8 +83,7 @@ def main() -> None:
         "targets": targets, "meets_time": seconds < args.target_seconds,
         "meets_quality": {t: check_target(t, metrics) for t in targets},
         "train_log_tail": train_log[-3:],
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
-        f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_description(),
         "torch": torch.__version__,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,3 +14,17 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def cpu_description() -> str:
+    """``cpu (MODEL, N cores, ISA)``: the model, the usable cores and the widest vector
+    instructions torch uses here (``AVX2``, ``AVX512``, ...), which alone can change a CPU
+    training step's time by a factor of two or more between machines of the same kind."""
+    import os
+    import platform
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"cpu ({cpu_model() or platform.machine()}, {cores} cores, {isa})"

@@ -6,7 +6,11 @@ pre-activation (``output: softplus``), so the prediction is positive by construc
 a constant ``log(init_depth)`` (or softplus^-1(init_depth)) to the decoder's output: every decoder's
 last layer starts near zero, so the first prediction is ``init_depth`` metres everywhere. (Adding the
 constant is the same as initialising the final bias to it, for any decoder, without reaching into
-its layers; the decoder's own bias still learns.)
+its layers; the decoder's own bias still learns.) ``decoder_options: {upsample: convex}`` ends the
+``panoptic_fpn`` decoder with RAFT's learned convex upsampling instead of bilinear
+(``pipeline.nn.convex_upsample``): bilinear upsampling of a stride-4 prediction mixes the depths
+on both sides of every edge (a perfect stride-4 log-depth scores delta1 0.954 on the synthetic val
+split, ``benchmarks/upsampling_ceiling.py``).
 
 Loss (``pipeline.nn.regression_losses``), over pixels whose target is finite and > 0 in samples
 that have depth: ``silog`` (default; Eigen et al. 2014 scale-invariant log error, ``lam`` 0.5: half
