@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 
@@ -20,9 +22,6 @@ def cpu_description() -> str:
     """``cpu (MODEL, N cores, ISA)``: the model, the usable cores and the widest vector
     instructions torch uses here (``AVX2``, ``AVX512``, ...), which alone can change a CPU
     training step's time by a factor of two or more between machines of the same kind."""
-    import os
-    import platform
-
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 from pipeline.nn.backbones import BackboneInfo, FeatureLevel, dilatable_backbones
-from pipeline.nn.fpn_heads import HEAD_UPSAMPLING, SemanticFPNHead, norm_layer, upsample_to
+from pipeline.nn.fpn_heads import SemanticFPNHead, norm_layer, upsample_to
 from pipeline.nn.upsample import build_upsampler
 
 DECODER_NORMS = ("GN", "BN", "none", "")
@@ -666,8 +666,6 @@ def panoptic_fpn(feature_spec: Mapping[str, FeatureLevel], *, num_outputs: int, 
     names are those of every existing checkpoint); ``upsample``: ``bilinear`` (Panoptic FPN) or
     ``convex`` (RAFT's learned, edge-preserving upsampling from ``common_stride``)."""
     _check_norm(norm)
-    if upsample not in HEAD_UPSAMPLING:
-        raise ValueError(f"upsample must be one of {', '.join(HEAD_UPSAMPLING)}; got {upsample!r}")
     _need_levels("panoptic_fpn", feature_spec, list(in_features), backbone)
     return SemanticFPNHead(feature_spec, in_features=tuple(in_features), num_outputs=num_outputs,
                            conv_dims=_positive_int("conv_dims", conv_dims), common_stride=common_stride,

@@ -83,7 +83,7 @@ class SemanticFPNHead(nn.Module):
     ) -> None:
         super().__init__()
         if upsample not in HEAD_UPSAMPLING:
-            raise ValueError(f"upsample must be one of {HEAD_UPSAMPLING}, got {upsample!r}")
+            raise ValueError(f"upsample must be one of {', '.join(HEAD_UPSAMPLING)}; got {upsample!r}")
         if not in_features:
             raise ValueError("in_features must name at least one level")
         missing = [f for f in in_features if f not in feature_spec]
