@@ -1,5 +1,6 @@
 """Reusable network blocks: backbones with FPN (``backbones``), dense decoders (``decoders``, with
-the Panoptic FPN semantic branch in ``fpn_heads``), upsampling operators (``upsample``), dense losses
+the Panoptic FPN semantic branch in ``fpn_heads``), upsampling operators (``upsample``), resizing
+helpers (``resize``), dense losses
 (``dense_losses``), R-CNN detector, mask and keypoint branches (``rcnn``) and the shared R-CNN task
 methods (``rcnn_task``)."""
 
@@ -16,7 +17,8 @@ from pipeline.nn.backbones import (
     register_backbone,
 )
 from pipeline.nn.decoders import DECODERS, build_decoder, register_decoder
-from pipeline.nn.fpn_heads import SemanticFPNHead, upsample_to
+from pipeline.nn.fpn_heads import SemanticFPNHead
+from pipeline.nn.resize import crop_to, upsample_to
 
 __all__ = [
     "BACKBONES",
@@ -31,5 +33,6 @@ __all__ = [
     "load_backbone_weights",
     "register_backbone",
     "register_decoder",
+    "crop_to",
     "upsample_to",
 ]

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.nn.resize import crop_to, upsample_to
+
 BILINEAR_FLOOR = 1e-4
 """Bilinear weights of zero start at this (before the softmax renormalises), so log is finite."""
 
@@ -92,8 +94,8 @@ def fit_to(x: Tensor, size: tuple[int, int], factor: int) -> Tensor:
     H, W = int(size[0]), int(size[1])
     h, w = x.shape[-2:]
     if h >= H > h - factor and w >= W > w - factor:
-        return x[..., :H, :W]
-    return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+        return crop_to(x, (H, W))
+    return upsample_to(x, (H, W))
 
 
 __all__ = ["BILINEAR_FLOOR", "ConvexUpsample", "bilinear_neighbour_weights", "convex_combine", "fit_to"]

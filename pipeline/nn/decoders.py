@@ -63,7 +63,8 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 from pipeline.nn.backbones import BackboneInfo, FeatureLevel, dilatable_backbones
-from pipeline.nn.fpn_heads import SemanticFPNHead, norm_layer, upsample_to
+from pipeline.nn.fpn_heads import SemanticFPNHead, norm_layer
+from pipeline.nn.resize import crop_to, upsample_to
 from pipeline.nn.upsample import build_upsampler
 
 DECODER_NORMS = ("GN", "BN", "none", "")
@@ -222,15 +223,6 @@ def _stride_ratio(coarse: FeatureLevel, fine: FeatureLevel, what: str) -> int:
     if coarse.stride % fine.stride:
         raise ValueError(f"{what}: stride {coarse.stride} is not a multiple of {fine.stride}")
     return coarse.stride // fine.stride
-
-
-def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Top-left crop of ``x`` to ``size`` = (h, w) (FCN's crop layer); ``x`` must be at least as
-    large: an upsampling by f of a map of size ``ceil(n / f)`` is ``>= n``."""
-    h, w = int(size[-2]), int(size[-1])
-    if x.shape[-2] < h or x.shape[-1] < w:
-        raise RuntimeError(f"cannot crop {tuple(x.shape[-2:])} to {(h, w)}")
-    return x[..., :h, :w]
 
 
 def _init_convs(module: nn.Module) -> None:
@@ -729,7 +721,6 @@ __all__ = [
     "body_levels",
     "build_decoder",
     "build_task_decoder",
-    "crop_to",
     "decoder_options",
     "receptive_fields",
     "register_decoder",

@@ -11,24 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.nn.backbones import FeatureLevel
 from pipeline.nn.convex_upsample import ConvexUpsample, fit_to
+from pipeline.nn.resize import upsample_to
 
 HEAD_NORMS = ("GN", "BN", "")
 HEAD_UPSAMPLING = ("bilinear", "convex")
-
-
-def upsample_to(x: Tensor, size: Sequence[int], *, mode: str = "bilinear") -> Tensor:
-    """Resize Bx C x h x w ``x`` to ``size`` = (H, W) (``align_corners=False``); no-op if equal."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    if mode in ("bilinear", "bicubic"):
-        return F.interpolate(x, size=size, mode=mode, align_corners=False)
-    return F.interpolate(x, size=size, mode=mode)
 
 
 def _ceil_div(size: Sequence[int], factor: int) -> tuple[int, int]:
@@ -175,4 +165,4 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-__all__ = ["HEAD_UPSAMPLING", "SemanticFPNHead", "upsample_to"]
+__all__ = ["HEAD_UPSAMPLING", "SemanticFPNHead"]
