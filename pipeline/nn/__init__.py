@@ -1,8 +1,7 @@
 """Reusable network blocks: backbones with FPN (``backbones``), dense decoders (``decoders``, with
 the Panoptic FPN semantic branch in ``fpn_heads``), upsampling operators (``upsample``), resizing
-helpers (``resize``), dense losses
-(``dense_losses``), R-CNN detector, mask and keypoint branches (``rcnn``) and the shared R-CNN task
-methods (``rcnn_task``)."""
+helpers (``resize``), dense losses (``dense_losses``), R-CNN detector, mask and keypoint branches
+(``rcnn``) and the shared R-CNN task methods (``rcnn_task``)."""
 
 from __future__ import annotations
 
