@@ -17,6 +17,7 @@ from pipeline.data.synthetic import (
     decode_normals,
     panoptic_from_scene,
     render_scene,
+    scene_seed,
     synthetic_card,
     write_synthetic_dataset,
 )
@@ -189,8 +190,12 @@ def test_layout_card_and_png_encodings(tiny_dataset: Path):
             assert [f.name for f in files] == [f"{i:06d}.png" for i in range(1, n + 1)]
             with Image.open(files[0]) as im:
                 assert im.mode == mode and im.size == (64, 64)
-    # the files decode back to the rendered scene (image 1 of val = SeedSequence([0, 1, 0]))
-    s = render_scene(np.random.SeedSequence([0, 1, 0]), 64)
+    # the files decode back to the rendered scene: scene_seed names each file's seed
+    # (image 1 of val = SeedSequence([0, 1, 0]), image 3 of train = SeedSequence([0, 0, 2]))
+    assert scene_seed(0, "val", 0).entropy == np.random.SeedSequence([0, 1, 0]).entropy
+    train3 = render_scene(scene_seed(0, "train", 2), 64)
+    assert np.array_equal(_read(tiny_dataset / "images/train/000003.png"), train3.image)
+    s = render_scene(scene_seed(0, "val", 0), 64)
     assert np.array_equal(_read(tiny_dataset / "images/val/000001.png"), s.image)
     assert np.array_equal(_read(tiny_dataset / "semantic/val/000001.png"), s.semantic)
     depth = decode_depth(_read(tiny_dataset / "depth/val/000001.png"))

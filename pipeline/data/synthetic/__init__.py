@@ -5,6 +5,7 @@ Public API::
     write_synthetic_dataset(root, *, num_train, num_val, image_size, seed, workers=1) -> dict
     synthetic_card(image_size=128) -> DatasetCard
     render_scene(seed, image_size=128) -> RenderedScene
+    scene_seed(seed, split, index) -> np.random.SeedSequence   # the seed of a written image
 
 See ``writer`` for the layout on disk and ``render`` for the label rules.
 """
@@ -17,6 +18,7 @@ from pipeline.data.synthetic.writer import (
     encode_depth,
     encode_normals,
     panoptic_from_scene,
+    scene_seed,
     write_synthetic_dataset,
 )
 
@@ -29,6 +31,7 @@ __all__ = [
     "encode_normals",
     "panoptic_from_scene",
     "render_scene",
+    "scene_seed",
     "synthetic_card",
     "write_synthetic_dataset",
 ]
