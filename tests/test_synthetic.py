@@ -310,7 +310,7 @@ def test_a_failed_run_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
     real = writer._render_one
 
     def flaky(job):
-        if job[3] == 2:
+        if job[2] == 2:  # (root, split, index, size, seed)
             raise RuntimeError("disk on fire")
         return real(job)
 

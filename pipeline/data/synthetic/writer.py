@@ -97,12 +97,11 @@ def write_synthetic_dataset(
             for split in SPLITS:
                 (tmp / folder / split).mkdir(parents=True)
         (tmp / "annotations").mkdir()
-        jobs = [(str(tmp), s, split, i, size, seed)
-                for s, split in enumerate(SPLITS) for i in range(counts[split])]
+        jobs = [(str(tmp), split, i, size, seed) for split in SPLITS for i in range(counts[split])]
         results = {split: [] for split in SPLITS}  # type: dict[str, list[dict[str, Any]]]
         if workers == 1 or len(jobs) == 1:
             for job, res in zip(jobs, map(_render_one, jobs), strict=True):
-                results[job[2]].append(res)
+                results[job[1]].append(res)
         else:
             ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()
                                  else "spawn")
@@ -112,7 +111,7 @@ def write_synthetic_dataset(
             with ctx.Pool(min(workers, len(jobs))) as pool:
                 for job, res in zip(jobs, pool.imap(_render_one, jobs, chunksize=chunk),
                                     strict=True):
-                    results[job[2]].append(res)
+                    results[job[1]].append(res)
         for split in SPLITS:
             n_ann[split] = _write_split_json(tmp, split, results[split])
         card = spec.synthetic_card(size)
@@ -197,8 +196,8 @@ def panoptic_from_scene(scene: RenderedScene) -> tuple[np.ndarray, list[dict[str
     return ids, segments
 
 
-def _render_one(job: tuple[str, int, str, int, int, int]) -> dict[str, Any]:
-    root_s, _, split, index, size, seed = job
+def _render_one(job: tuple[str, str, int, int, int]) -> dict[str, Any]:
+    root_s, split, index, size, seed = job
     root = Path(root_s)
     scene = render_scene(scene_seed(seed, split, index), size)
     image_id = index + 1
