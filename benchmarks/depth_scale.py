@@ -8,8 +8,11 @@ up to the camera height. This benchmark regenerates each image's scene from its 
 (``pipeline.data.synthetic.scene_seed``), reads the camera height ``h`` and, for a checkpoint's
 predictions on the split, reports:
 
-- ``delta1`` as evaluated, and with per-image median scaling (the shape alone);
-- ``scale_sd``: the spread over images of the median log(predicted / true depth);
+- ``delta1`` as evaluated (predictions clipped to ``--max-depth``, as the evaluation does), and
+  ``delta1_median_scaled`` after dividing each image by its median predicted / true ratio (the
+  shape alone; the median of the ratios, where the evaluation's ``median_scaling`` takes the
+  ratio of the medians);
+- ``scale_sd``: the spread over images of that median, in log;
 - ``height_slope``: that log scale error regressed on log h (centred): 0 = the model reads the
   height, -1 = it ignores it and predicts the same depths for every height; ``height_corr``;
 - ``delta1_height_read``: delta1 once the height-correlated part of each image's scale error is
