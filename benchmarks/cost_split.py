@@ -43,6 +43,7 @@ from machine import cpu_description  # noqa: E402  (benchmarks/machine.py)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.engine.loaders import train_dataset, train_loader  # noqa: E402
 from pipeline.engine.trainer import build_optimizer, train_step  # noqa: E402
+from pipeline.io import atomic_write_json  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cost_split.json"
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "with 4 tasks and 2 views the ratio is <= 0.5 only when sum_h <= 2 L",
         })
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))
     return result
 

@@ -45,7 +45,6 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data.synthetic import scene_seed  # noqa: E402
 from pipeline.data.synthetic.scene import sample_scene  # noqa: E402
-from pipeline.engine.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.engine.loaders import eval_dataset, eval_loader  # noqa: E402
 from pipeline.engine.trainer import load_trained_model  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
@@ -124,10 +123,9 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="key of this checkpoint in the JSON (default: its path)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "depth_scale.json"))
     args = ap.parse_args()
-    ckpt = load_checkpoint(args.checkpoint)
+    model, ckpt = load_trained_model(None, args.checkpoint)  # reads the checkpoint once
     cfg = config_from_dict({**ckpt["config"], "data": {**ckpt["config"]["data"], "root": args.root}},
                            source=args.checkpoint)
-    model, _ = load_trained_model(cfg, args.checkpoint)
     if "depth" not in model.tasks:
         raise SystemExit(f"{args.checkpoint}: the model has no depth task")
     dataset = eval_dataset(cfg, args.split)
