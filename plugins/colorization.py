@@ -11,7 +11,7 @@ the image itself, so every dataset teaches it.
   the model).
 - Targets: Lab of the RGB image (exact, ``pipeline.data.color``), ab **average-pooled** to the head's
   resolution (pooling in Lab, the space the loss lives in, rather than RGB's gamma-encoded values),
-  soft-encoded on the 5 nearest bins (sigma 5).
+  soft-encoded on the 5 nearest bins (sigma 5), kept sparse (the loss gathers 5 logits a pixel).
 - Loss ``ce``: Zhang eq. 2, ``-sum_q Z_q log Zhat_q`` per pixel times ``v`` = the rebalancing
   weight of the target's nearest bin (eq. 3-4; 1 with ``rebalance: false``), averaged over the
   pixels. Loss ``smooth_l1`` (``loss: regression``): smooth-L1 (Huber, beta 0.1 = 10 ab units) on
@@ -42,17 +42,18 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
-from pipeline.data.color import lab_to_rgb, rgb_to_lab
+from pipeline.data.color import lab_to_rgb, rgb_to_lab, srgb8_to_lab
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.colorization import ab_accuracy, ab_error_auc, psnr
 from pipeline.metrics.merge import add_sums, check_mergeable
 from pipeline.nn.ab_bins import (
     RebalancingPrior,
+    SoftTargets,
     ab_gamut,
     annealed_mean,
-    nearest_bin,
     pool_ab,
-    soft_encode,
+    soft_cross_entropy,
+    soft_targets,
 )
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_dense_head
 from pipeline.task import Batch, FeatureSpec, Task
@@ -129,17 +130,25 @@ def colour_mask(batch: Batch) -> torch.Tensor:
 
 def image_lab(images: torch.Tensor) -> torch.Tensor:
     """uint8 (or 0..255) ``B x 3 x H x W`` sRGB -> float32 ``B x 3 x H x W`` CIE Lab."""
+    if images.dtype == torch.uint8:
+        return srgb8_to_lab(images, channels_first=True).float()
     return rgb_to_lab(images.double() / 255.0, channels_first=True).float()
 
 
 @dataclass
 class ColourTargets:
-    """Targets at the head's resolution: ``ab`` B x 2 x h x w (ab units), ``bins`` B x h x w (nearest
-    bin), ``colour`` bool B (False: grayscale source, no target)."""
+    """Targets at the head's resolution: ``ab`` B x 2 x h x w (ab units), ``soft`` the soft encoding
+    (``SoftTargets``: the 5 nearest bins and their weights), ``colour`` bool B (False: grayscale
+    source, no target)."""
 
     ab: torch.Tensor
-    bins: torch.Tensor
+    soft: SoftTargets
     colour: torch.Tensor
+
+    @property
+    def bins(self) -> torch.Tensor:
+        """B x h x w: each pixel's nearest bin."""
+        return self.soft.index[:, 0]
 
 
 def colour_targets(batch: Batch, size: tuple[int, int], centres: torch.Tensor) -> ColourTargets:
@@ -147,7 +156,7 @@ def colour_targets(batch: Batch, size: tuple[int, int], centres: torch.Tensor) -
     images = batch["image"].to(centres.device)
     colour = colour_mask({**batch, "image": images})
     ab = pool_ab(image_lab(images)[:, 1:], size)
-    return ColourTargets(ab=ab, bins=nearest_bin(ab, centres), colour=colour)
+    return ColourTargets(ab=ab, soft=soft_targets(ab, centres), colour=colour)
 
 
 class ColorizationHead(nn.Module):
@@ -188,8 +197,7 @@ def colorization_loss(output: dict[str, Any], targets: ColourTargets, *,
     # a step in the torch profiler, 8x128x128 on 2 CPU cores).
     pred, ab = raw.float(), targets.ab.to(raw.device)
     if options.loss == "classification":
-        z = soft_encode(ab, output["centres"])
-        per_pixel = -(z * torch.log_softmax(pred, dim=1)).sum(dim=1)
+        per_pixel = soft_cross_entropy(pred, targets.soft)
     else:
         target = ab / REGRESSION_SCALE
         per_pixel = F.smooth_l1_loss(pred, target, beta=HUBER_BETA, reduction="none").sum(dim=1)

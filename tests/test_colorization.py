@@ -26,7 +26,10 @@ from pipeline.nn.ab_bins import (
     ab_gamut,
     annealed_mean,
     nearest_bin,
+    nearest_centres,
+    soft_cross_entropy,
     soft_encode,
+    soft_targets,
 )
 from pipeline.registry import TaskRegistry
 from plugins.colorization import PSNR_CAP_DB, ColorizationTask
@@ -110,6 +113,39 @@ def test_soft_encoding(centres: torch.Tensor) -> None:
     assert float(z0[centres.tolist().index([0.0, 0.0])]) == pytest.approx(1 / total, rel=1e-6)
     neighbours = [centres.tolist().index(c) for c in ([10.0, 0.0], [-10.0, 0.0], [0.0, 10.0], [0.0, -10.0])]
     assert z0[neighbours].tolist() == pytest.approx([math.exp(-2) / total] * 4, rel=1e-6)
+
+
+def test_lattice_search_equals_the_exhaustive_search(centres: torch.Tensor) -> None:
+    g = torch.Generator().manual_seed(3)
+    # in gamut, around it, and far outside it (where the 5 x 5 cell search must fall back)
+    ab = torch.cat([torch.randn(2, 2, 9, 9, generator=g) * s for s in (20.0, 80.0, 400.0)])
+    near = nearest_centres(ab, centres, 5)
+    flat = ab.permute(0, 2, 3, 1).reshape(-1, 1, 2)
+    d = torch.sqrt(((flat - centres[None]) ** 2).sum(dim=-1))  # pixels x Q, by hand
+    best, idx = d.topk(5, dim=1, largest=False)
+    assert torch.equal(near.index.permute(0, 2, 3, 1).reshape(-1, 5), idx)
+    assert torch.allclose(near.distance.permute(0, 2, 3, 1).reshape(-1, 5), best, atol=1e-3)
+    assert torch.equal(nearest_bin(ab, centres).flatten(), d.argmin(dim=1))
+    # halfway between (0, 0) and (10, 0): the lower index, as argmin over all centres
+    tie = nearest_bin(torch.tensor([5.0, 0.0]).view(1, 2, 1, 1), centres)
+    assert int(tie) == centres.tolist().index([0.0, 0.0]) < centres.tolist().index([10.0, 0.0])
+    # centres off any lattice take the exhaustive path and give the same answer
+    shuffled = centres[torch.randperm(len(centres), generator=g)]
+    assert torch.equal(shuffled[nearest_bin(ab, shuffled)], centres[nearest_bin(ab, centres)])
+
+
+def test_sparse_cross_entropy_equals_the_dense_one(centres: torch.Tensor) -> None:
+    g = torch.Generator().manual_seed(4)
+    ab = torch.randn(2, 2, 6, 5, generator=g) * 40
+    logits = torch.randn(2, len(centres), 6, 5, generator=g, requires_grad=True)
+    soft = soft_targets(ab, centres)
+    assert soft.index.shape == soft.weight.shape == (2, 5, 6, 5)
+    dense = -(soft_encode(ab, centres) * torch.log_softmax(logits, dim=1)).sum(dim=1)
+    sparse = soft_cross_entropy(logits, soft)
+    assert torch.allclose(sparse, dense, atol=1e-5)
+    grad_dense, = torch.autograd.grad(dense.sum(), logits)
+    grad_sparse, = torch.autograd.grad(sparse.sum(), logits)
+    assert torch.allclose(grad_sparse, grad_dense, atol=1e-6)
 
 
 def test_annealed_mean_interpolates_mean_and_mode(centres: torch.Tensor) -> None:

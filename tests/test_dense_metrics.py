@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.color import lab_to_rgb, rgb_to_lab
+from pipeline.data.color import lab_to_rgb, rgb_to_lab, srgb8_to_lab
 from pipeline.metrics.colorization import ab_accuracy, ab_error_auc, ab_errors, psnr
 from pipeline.metrics.depth import EPS, DepthMetricAccumulator, depth_metrics
 from pipeline.metrics.normals import NormalsMetricAccumulator, normals_metrics
@@ -211,6 +211,24 @@ def test_lab_round_trip_and_layouts() -> None:
         rgb_to_lab(np.ones((4, 4)))
     with pytest.raises(ValueError, match="lab: expected 3xHxW"):
         lab_to_rgb(np.ones((4, 4, 3)), channels_first=True)
+
+
+def test_srgb8_to_lab_equals_the_float_conversion() -> None:
+    # every third 8-bit level per channel, plus 255 (the knee, 10/255 < 0.04045 < 11/255, included)
+    levels = torch.cat([torch.arange(0, 256, 3), torch.tensor([10, 11, 255])])
+    r, g, b = torch.meshgrid(levels, levels, levels, indexing="ij")
+    rgb8 = torch.stack([r, g, b], dim=-1).reshape(-1, 3).to(torch.uint8)
+    lab = srgb8_to_lab(rgb8)
+    assert lab.dtype == torch.float64 and torch.equal(lab, rgb_to_lab(rgb8.double() / 255.0))
+    image = rgb8[:24].T.reshape(1, 3, 4, 6)
+    assert torch.equal(srgb8_to_lab(image, channels_first=True),
+                       rgb_to_lab(image.double() / 255.0, channels_first=True))
+    assert srgb8_to_lab(torch.tensor([255, 0, 0], dtype=torch.uint8)).tolist() == pytest.approx(
+        list(KNOWN_LAB[-4][1]), abs=1e-3)
+    with pytest.raises(ValueError, match="image: expected a uint8 tensor, got torch.float32"):
+        srgb8_to_lab(torch.zeros(3, 2, 2))
+    with pytest.raises(ValueError, match="image: expected 3xHxW"):
+        srgb8_to_lab(torch.zeros(2, 2, 2, dtype=torch.uint8), channels_first=True)
 
 
 def test_lab_to_rgb_out_of_gamut() -> None:
