@@ -6,7 +6,8 @@ in-memory batches, so the ratio can be predicted on any machine:
 
 - ``L``: seconds to read and augment one batch (``train_loader``, ``data.num_workers`` as set);
 - ``step/<model>``: seconds per ``train_step`` (forward, losses, backward, AdamW) of the
-  multi-task model and of each single-task model, after ``--warmup`` steps, on the same batches;
+  multi-task model and of each single-task model, after ``--warmup`` steps, on the same batches,
+  in the memory layout training uses (``train.channels_last``);
   the multi-task model is timed before and after the single ones (their spread is the noise);
 - ``B``: a backbone pass, from the two sums: the multi-task model runs the backbone once per input
   view (twice with colorization: RGB and gray), the k single models k times, each head once on
@@ -55,7 +56,7 @@ def seconds_per_step(cfg: Any, card: Any, batches: list[dict[str, Any]], *, warm
     """Mean ``train_step`` seconds over ``batches[warmup:]`` of a fresh model of ``cfg``, and the
     number of input views its backbone runs on per step (``MultiTaskModel.views``)."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, card)
+    model = build_model(cfg, card).use_channels_last(cfg.train.channels_last)  # as training runs it
     model.train()
     optimizer = build_optimizer(cfg, model)
     clip = cfg.train.clip_grad_norm
