@@ -178,8 +178,8 @@ def _lattice_search(flat: torch.Tensor, lattice: _Lattice, c: torch.Tensor,
 def nearest_centres(ab: torch.Tensor, centres: torch.Tensor, k: int = 1) -> NearestCentres:
     """The ``k`` nearest of ``centres`` (``Q x 2``) to every pixel of ``ab`` (``B x 2 x h x w``),
     exact Euclidean distances. Centres on a square lattice (``ab_gamut``) are searched in each
-    pixel's 5 x 5 cell neighbourhood (the same answer as the exhaustive search, about 10x
-    faster at Q = 261); other centres exhaustively."""
+    pixel's 5 x 5 cell neighbourhood (the exhaustive search's answer; with k = 5 on 8192 pixels
+    and Q = 261, 8 ms against 26 ms on 2 CPU threads); other centres exhaustively."""
     flat = _pixels(ab)
     c = centres.to(flat)
     k = min(int(k), c.shape[0])
