@@ -24,6 +24,8 @@ from pathlib import Path
 
 from machine import cpu_description  # benchmarks/machine.py
 
+from pipeline.io import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARGETS = ("depth/delta1>=0.80", "normals/mean_angle<=20", "colorization/psnr>colorization/psnr_gray")
 
@@ -87,7 +89,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(Path(args.out), report)
     print(json.dumps(report, indent=2))
 
 

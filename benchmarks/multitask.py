@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_description  # noqa: E402  (benchmarks/machine.py)
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.io import atomic_write_json  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "multitask.json"
 DEFAULT_TASKS = ("semantic", "depth", "normals", "colorization")
@@ -127,14 +126,14 @@ def main() -> None:
                           "multi": r.multi, "relative_percent": round(100 * r.relative, 3)} for r in rows],
         "targets": {"cost_ratio_at_most": TARGET_COST_RATIO, "delta_m_percent_at_least": TARGET_DELTA_M},
         "multi": multi, "singles": singles,
-        "device": f"cpu ({cpu_model() or platform.processor()}, {os.cpu_count()} cores)",
+        "device": cpu_description(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     report["meets_cost"] = report["cost_ratio"] <= TARGET_COST_RATIO
     report["meets_delta_m"] = delta >= TARGET_DELTA_M
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(out_path, report)
         print(f"wrote {out_path}")
     print(json.dumps({k: report[k] for k in ("cost_ratio", "delta_m_percent", "delta_m_rows")}, indent=2))
 
