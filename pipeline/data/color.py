@@ -43,6 +43,16 @@ _SRGB_DECODE_KNEE = 0.04045
 _SRGB_ENCODE_KNEE = 0.5 * (_SRGB_DECODE_KNEE / 12.92 + ((_SRGB_DECODE_KNEE + 0.055) / 1.055) ** 2.4)
 
 
+def _channels_last(t: torch.Tensor, name: str, channels_first: bool) -> torch.Tensor:
+    """``t`` (any dtype) with its 3 channels on the last axis; a one-line error naming ``name``
+    and the expected layout otherwise."""
+    axis = -3 if channels_first else -1
+    if t.ndim < (3 if channels_first else 1) or t.shape[axis] != 3:
+        layout = "3xHxW or Nx3xHxW (channels_first=True)" if channels_first else "...x3 (channels last)"
+        raise ValueError(f"{name}: expected {layout}, got shape {tuple(t.shape)}")
+    return t.movedim(-3, -1) if channels_first else t
+
+
 def _to_tensor(x: Any, name: str, channels_first: bool) -> tuple[torch.Tensor, bool]:
     """``(float64 tensor with channels last, was_numpy)``; checks the channel axis."""
     was_numpy = not isinstance(x, torch.Tensor)
@@ -50,13 +60,7 @@ def _to_tensor(x: Any, name: str, channels_first: bool) -> tuple[torch.Tensor, b
         t = torch.as_tensor(np.asarray(x, dtype=np.float64)) if was_numpy else x.to(torch.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name}: expected a numeric array or tensor, got {type(x).__name__}") from exc
-    axis = -3 if channels_first else -1
-    if t.ndim < (3 if channels_first else 1) or t.shape[axis] != 3:
-        layout = "3xHxW or Nx3xHxW (channels_first=True)" if channels_first else "...x3 (channels last)"
-        raise ValueError(f"{name}: expected {layout}, got shape {tuple(t.shape)}")
-    if channels_first:
-        t = t.movedim(-3, -1)
-    return t, was_numpy
+    return _channels_last(t, name, channels_first), was_numpy
 
 
 def _from_tensor(t: torch.Tensor, was_numpy: bool, channels_first: bool) -> Any:
@@ -150,10 +154,7 @@ def srgb8_to_lab(image: torch.Tensor, *, channels_first: bool = False) -> torch.
     ``rgb_to_lab(image / 255)`` with the gamma decoding read from a 256-entry table (2x faster)."""
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
         raise ValueError(f"image: expected a uint8 tensor, got {getattr(image, 'dtype', type(image).__name__)}")
-    rgb = image.movedim(-3, -1) if channels_first and image.ndim >= 3 else image
-    if rgb.ndim < 1 or rgb.shape[-1] != 3:
-        layout = "3xHxW or Nx3xHxW (channels_first=True)" if channels_first else "...x3 (channels last)"
-        raise ValueError(f"image: expected {layout}, got shape {tuple(image.shape)}")
+    rgb = _channels_last(image, "image", channels_first)
     linear = _srgb8_linear(str(image.device))[rgb.long()]
     lab = xyz_to_lab(linear @ _matrix(SRGB_TO_XYZ, linear).T)
     return lab.movedim(-1, -3) if channels_first else lab
