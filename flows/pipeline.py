@@ -8,18 +8,15 @@ parent run with a nested run per stage, registers the model and leaves a markdow
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from prefect import flow
+from prefect.runtime import flow_run
 
-from prefect import flow  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
-
-from flows.report import metrics_markdown, publish_report  # noqa: E402
-from flows.tasks import evaluate_task, register_task, run_prepare, train_task  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.tracking import parent_run  # noqa: E402
+from flows.report import metrics_markdown, publish_report
+from flows.tasks import evaluate_task, register_task, run_prepare, train_task
+from pipeline.config import Config, load_config
+from pipeline.tracking import parent_run
 
 REPORT_KEY = "densepipe-metrics"
 

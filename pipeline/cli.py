@@ -223,12 +223,12 @@ def show_sample(
 @app.command()
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run the whole pipeline once as a Prefect flow (prepare, train, evaluate, register)."""
-    from prefect.settings import get_current_settings
-
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import pipeline_flow  # first: flows/__init__ sets Prefect's defaults
     from flows.server import check_api
 
     cfg = _config(params, set_)  # fail fast on a bad config, before Prefect starts
+    from prefect.settings import get_current_settings  # after flows (see above)
+
     if get_current_settings().api.url:  # a configured server must answer (else: temporary server)
         check_api(str(get_current_settings().api.url).rstrip("/"), timeout_s=10.0)
     metrics = pipeline_flow(params=str(params), overrides=list(set_ or []))

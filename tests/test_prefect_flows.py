@@ -164,3 +164,24 @@ def test_train_flow_runs_torchrun_on_two_processes(prefect_harness, tmp_path: Pa
     summary = train_flow(params=params, overrides=["train.steps=2"], nproc_per_node=2)
     assert summary["step"] == 2
     assert load_checkpoint(tmp_path / "runs" / "train" / "last.pt")["world_size"] == 2
+
+
+@pytest.mark.parametrize("env_value, expected", [(None, "120"), ("7", "7")])
+def test_flows_package_gives_the_temporary_server_two_minutes_unless_set(env_value: str | None,
+                                                                        expected: str) -> None:
+    """Prefect's own 20 s start-up wait for its temporary server is about what start-up takes on a
+    fresh PREFECT_HOME on 2 cores; importing ``flows`` (as ``densepipe run`` does before Prefect)
+    raises it to 120 s, and a value the user set stays. A fresh interpreter: Prefect reads its
+    settings once, when first imported."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if env_value is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = env_value
+    code = ("import pipeline.cli, flows.pipeline\n"
+            "from prefect.settings import get_current_settings\n"
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    assert out.stdout.split()[-1] == expected
