@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -42,7 +42,18 @@ class DataConfig(Section):
     image_size: int = Field(128, ge=32)
     """Training crop size (square) and evaluation resize target."""
     augment: bool = True
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    """Zoom range of the training augmentation (``RandomScaleCrop``; depth divided by the zoom).
+    ``[1, 1]``: flips and colour jitter only, every training view at the camera's own focal
+    length, as evaluation sees it."""
     num_workers: int = Field(2, ge=0)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("expected [low, high] with 0 < low <= high")
+        return v
 
 
 class ModelConfig(Section):

@@ -34,6 +34,8 @@ def test_repo_params_load_and_overrides_parse_as_yaml() -> None:
         ("train.device=tpu", r"train.device: expected one of 'auto', 'cpu' or 'cuda', got 'tpu'"),
         ("train.steps=0", r"train.steps: Input should be greater than or equal to 1"),
         ("train.lr", r"expected KEY=VALUE"),
+        ("data.scale_range=[1.25,0.75]", r"data.scale_range: .*0 < low <= high, got \[1.25, 0.75\]"),
+        ("data.scale_range=[0,1]", r"data.scale_range: .*0 < low <= high, got \[0, 1\]"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override: str, message: str) -> None:

@@ -262,6 +262,34 @@ def test_build_transforms() -> None:
     assert build_transforms(False, 16, card)(ev) is ev
 
 
+def test_build_transforms_scale_range_one_keeps_geometry_and_depth() -> None:
+    """``scale=(1, 1)`` (``data.scale_range: [1, 1]``): no zoom, so every view is the image itself
+    or its mirror, and depth is never divided by a zoom factor."""
+    card = make_card()
+    s = crop_sample(make_sample(), 0, 0, H, H)  # square, as build_transforms crops
+    torch.manual_seed(0)
+    train = build_transforms(True, H, card, scale=(1.0, 1.0))
+    assert "scale=(1.0, 1.0)" in repr(train)
+    flipped = 0
+    for _ in range(8):
+        out = train(s)
+        same = torch.equal(out["depth"], s["depth"])
+        mirrored = torch.equal(out["depth"], s["depth"].flip(-1))
+        assert same or mirrored
+        assert torch.equal(out["semantic"], s["semantic"] if same else s["semantic"].flip(-1))
+        flipped += not same
+    assert 0 < flipped < 8
+
+
+@pytest.mark.parametrize("scale", [[0.5, 2.0], [1.0, 1.0]])
+def test_train_dataset_takes_data_scale_range(tiny_dataset: Path, scale: list[float]) -> None:
+    from pipeline.config import config_from_dict
+    from pipeline.engine.loaders import train_dataset
+
+    cfg = config_from_dict({"data": {"root": str(tiny_dataset), "image_size": 64, "scale_range": scale}})
+    assert f"RandomScaleCrop(scale={tuple(scale)}, crop=(64, 64)" in repr(train_dataset(cfg).transforms)
+
+
 # ------------------------------------------------------------------------------------------------
 # collate
 # ------------------------------------------------------------------------------------------------

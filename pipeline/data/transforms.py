@@ -467,15 +467,16 @@ class Normalize:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
-def build_transforms(train: bool, image_size: int, card: DatasetCard | None) -> Compose:
+def build_transforms(train: bool, image_size: int, card: DatasetCard | None, *,
+                     scale: tuple[float, float] = (0.75, 1.25)) -> Compose:
     """Default transforms.
 
-    train: ``RandomScaleCrop(scale=(0.75, 1.25), crop=image_size, base_size=image_size)`` (depth / zoom) +
+    train: ``RandomScaleCrop(scale, crop=image_size, base_size=image_size)`` (depth / zoom) +
     ``RandomHorizontalFlip(card)`` + ``ColorJitter(0.2, 0.2, 0.2)``; eval: ``Resize(image_size)``
     (square; a no-op for images already that size). The image stays uint8."""
     if train:
         return Compose([
-            RandomScaleCrop((0.75, 1.25), (image_size, image_size), base_size=image_size),
+            RandomScaleCrop(scale, (image_size, image_size), base_size=image_size),
             RandomHorizontalFlip(card, 0.5),
             ColorJitter(0.2, 0.2, 0.2),
         ])

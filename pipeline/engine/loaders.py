@@ -102,7 +102,7 @@ def _worker_init(worker_id: int) -> None:
 def train_dataset(cfg: Config) -> Dataset:
     ds = open_dataset(cfg.data.root, cfg.data.train_split)
     ds.transforms = build_transforms(train=cfg.data.augment, image_size=cfg.data.image_size,
-                                     card=ds.card)
+                                     card=ds.card, scale=cfg.data.scale_range)
     return ds
 
 
