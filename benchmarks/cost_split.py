@@ -68,6 +68,16 @@ def seconds_per_step(cfg: Any, card: Any, batches: list[dict[str, Any]], *, warm
     return (time.perf_counter() - start) / (len(batches) - warmup), len(model.views)
 
 
+def first_batches(cfg: Any, n: int) -> tuple[list[dict[str, Any]], Any, float]:
+    """The first ``n`` training batches of ``cfg`` (its ``train_loader``, augmentation on), its
+    dataset card and the mean seconds to read and augment one batch."""
+    dataset = train_dataset(cfg)
+    batches_iter = iter(train_loader(cfg, dataset, start_step=0))
+    start = time.perf_counter()
+    batches = [next(batches_iter) for _ in range(n)]
+    return batches, dataset.card, (time.perf_counter() - start) / n  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="timed steps per model (12 moved by 10-20 %%)")
@@ -85,13 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return load_config(args.params, [*base, f"model.tasks=[{','.join(names)}]"])
 
     cfg = config(tasks)
-    dataset = train_dataset(cfg)
-    batches_iter = iter(train_loader(cfg, dataset, start_step=0))
-    n = args.warmup + args.steps
-    start = time.perf_counter()
-    batches = [next(batches_iter) for _ in range(n)]
-    load = (time.perf_counter() - start) / n
-    card = dataset.card  # type: ignore[attr-defined]
+    batches, card, load = first_batches(cfg, args.warmup + args.steps)
 
     multi_before, views = seconds_per_step(cfg, card, batches, warmup=args.warmup)
     singles = {t: seconds_per_step(config([t]), card, batches, warmup=args.warmup)[0] for t in tasks}

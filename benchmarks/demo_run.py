@@ -59,17 +59,14 @@ def demo_equivalent_steps(params: Path, data_root: Path, overrides: list[str], *
     """Training steps of the ``overrides`` model that take as long as the demo's training (the
     default params' ``train.steps``) on this machine: both models timed here, on their own
     batches (their batch sizes may differ), in the layout training uses."""
-    from cost_split import seconds_per_step  # benchmarks/cost_split.py
+    from cost_split import first_batches, seconds_per_step  # benchmarks/cost_split.py
 
     from pipeline.config import load_config
-    from pipeline.engine.loaders import train_dataset, train_loader
 
     def per_step(extra: list[str]) -> tuple[float, int]:
         cfg = load_config(params, ["tracking.enabled=false", f"data.root={data_root}", *extra])
-        dataset = train_dataset(cfg)
-        batches = iter(train_loader(cfg, dataset, start_step=0))
-        taken = [next(batches) for _ in range(warmup + timed_steps)]
-        return seconds_per_step(cfg, dataset.card, taken, warmup=warmup)[0], cfg.train.steps
+        batches, card, _ = first_batches(cfg, warmup + timed_steps)
+        return seconds_per_step(cfg, card, batches, warmup=warmup)[0], cfg.train.steps
 
     demo_s, demo_steps = per_step([])
     model_s, _ = per_step(overrides)
