@@ -45,3 +45,8 @@ class TrackingUnreachableError(TrackingError):
 
 class PrefectServerError(DensepipeError):
     """A Prefect server cannot be started or does not answer; the message names the URL."""
+
+
+class OutputError(DensepipeError):
+    """An output path cannot be written without losing something: it holds files densepipe did
+    not write, the project, a git checkout or the user's home."""

@@ -1,7 +1,11 @@
 """Atomic file output: nothing half-written is ever left under a final name.
 
 Writers write to a temporary sibling and ``os.replace`` it into place, so a crash leaves either the
-old file or the new one. ``atomic_dir`` does the same for a whole folder.
+old file or the new one. ``atomic_dir`` does the same for a whole folder, and never replaces a
+folder that holds the user's home, the working folder, a git checkout or densepipe itself
+(``protected_reason``). What is written gets the modes of a plain ``open``/``mkdir`` under the
+process umask (0644 / 0755 with the usual 022), not the private 0600 / 0700 of ``mkstemp`` and
+``mkdtemp``: results are shared with a team and with DVC's cache.
 """
 
 from __future__ import annotations
@@ -16,12 +20,49 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_file(fd_or_path: int | str | os.PathLike[str]) -> None:
+    """Give a ``mkstemp`` file the mode ``open(..., "w")`` would have (0666 minus the umask)."""
+    mode = 0o666 & ~_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
+def protected_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` must never be replaced or deleted by densepipe, or ``None``.
+
+    Protected: the filesystem root; the user's home and any folder holding it; the working folder
+    and any folder holding it; any folder holding the densepipe installation (this project); a
+    folder with a ``.git`` entry (a git checkout)."""
+    target = Path(path).expanduser().resolve()
+    if target == Path(target.anchor):
+        return "it is the filesystem root"
+    here = {"your home folder": Path.home().resolve(), "the working folder": Path.cwd().resolve(),
+            "the densepipe project": Path(__file__).resolve().parents[1]}
+    for what, place in here.items():
+        if place == target:
+            return f"it is {what}"
+        if target in place.parents:
+            return f"it holds {what} ({place})"
+    if (target / ".git").exists():
+        return "it is a git checkout (it has .git)"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _public_file(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -51,7 +92,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        _public_file(fd)
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -74,17 +118,27 @@ def atomic_write_png(path: str | os.PathLike[str], array: Any) -> Path:
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; on success it replaces ``path``.
 
-    On failure the temporary folder is removed and any existing ``path`` is untouched."""
+    The caller decides whether an existing ``path`` may be replaced (it must be provably the
+    caller's own output); ``atomic_dir`` itself refuses, with ``OutputError``, a ``path`` that
+    ``protected_reason`` names, or one that is not a folder. On failure the temporary folder is
+    removed and any existing ``path`` is untouched. The old folder is renamed to a fresh hidden
+    sibling (``.<name>.<random>.old``) before the new one takes its place, then deleted."""
+    from pipeline.errors import OutputError
+
     path = Path(path)
+    reason = protected_reason(path)
+    if reason is not None:
+        raise OutputError(f"{path}: will not replace this folder: {reason}; choose another path")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder; move it away or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old)  # onto the empty folder just made: an atomic rename on POSIX
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -17,7 +17,9 @@ Splits are "train" and "val". Output is a pure function of the arguments other t
 image ``i`` of split ``s`` is rendered from ``SeedSequence([seed, s, i])``, PNGs carry no
 metadata, JSON keys are sorted (byte-identical on one platform; other CPUs, numpy or zlib builds
 may differ in the last float bit or in PNG bytes). Everything is written to a temporary folder
-that replaces ``root`` only when complete.
+that replaces ``root`` only when complete, sealed by a marker (``ownership.MARKER``) with a
+fingerprint of its files. An existing ``root`` is replaced only when it is empty or such a sealed
+render with its files unchanged; anything else is refused with ``OutputError`` before any work.
 
 ``workers > 1`` uses a "forkserver" (else "spawn") process pool, never plain fork (the caller may
 hold threads: MLflow, Prefect). As with any such pool, a script that calls this at import time
@@ -37,7 +39,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.data.panoptic_ids import ids_to_rgb
-from pipeline.data.synthetic import spec
+from pipeline.data.synthetic import ownership, spec
 from pipeline.data.synthetic.render import MIN_VISIBLE_PIXELS, RenderedScene, render_scene
 from pipeline.errors import ConfigError
 from pipeline.io import atomic_dir, atomic_write_json
@@ -77,7 +79,8 @@ def write_synthetic_dataset(
 
     Returns a summary: ``{"root", "splits": {split: images}, "instances": {split: annotations},
     "image_size", "seed", "workers", "seconds", "images_per_second"}``.
-    Raises ``ConfigError`` for bad arguments; ``root`` is replaced atomically."""
+    Raises ``ConfigError`` for bad arguments and ``OutputError`` when ``root`` holds anything but
+    an earlier render of this writer (see the module doc); ``root`` is replaced atomically."""
     counts = {
         "train": _check_int("num_train", num_train, 1),
         "val": _check_int("num_val", num_val, 1),
@@ -89,10 +92,13 @@ def write_synthetic_dataset(
         root = Path(root)
     except TypeError as e:
         raise ConfigError(f"synthetic data: root must be a path (got {root!r})") from e
+    ownership.check_replaceable(root)
+    ownership.remove_stale_renders(root)
 
     start = time.perf_counter()
     n_ann: dict[str, int] = {}
     with atomic_dir(root) as tmp:
+        ownership.write_rendering_marker(tmp)
         for folder in FOLDERS:
             for split in SPLITS:
                 (tmp / folder / split).mkdir(parents=True)
@@ -120,6 +126,7 @@ def write_synthetic_dataset(
                           class_pixel_fraction={split: _fractions(results[split])
                                                 for split in SPLITS})
         card.save(tmp / "meta.json")
+        ownership.write_done_marker(tmp, {"seed": seed, "image_size": size, "splits": dict(counts)})
     seconds = time.perf_counter() - start
     total = sum(counts.values())
     return {
