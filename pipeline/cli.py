@@ -20,8 +20,10 @@ from pipeline.errors import DensepipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-task dense prediction: prepare, train, evaluate, predict.")
-out = Console()
-err = Console(stderr=True)
+# markup off: paths, URIs and messages are the user's text and are printed literally
+# (a path with "[/x]" or "my[red]ck.pt" is not rich markup)
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Config file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: KEY=VALUE (YAML value).")]

@@ -206,15 +206,24 @@ def load_config(
             tree = loaded
         elif str(path) != "params.yaml":
             raise ConfigError(f"{p}: config file not found")
+    overridden: dict[str, str] = {}
     for item in overrides:
         apply_override(tree, item)
-    return config_from_dict(tree, source=str(path) if path else "config")
+        overridden[item.split("=", 1)[0].strip()] = item
+    return config_from_dict(tree, source=str(path) if path else "config", overrides=overridden)
 
 
-def config_from_dict(tree: dict[str, Any], *, source: str = "config") -> Config:
+def config_from_dict(tree: dict[str, Any], *, source: str = "config",
+                     overrides: dict[str, str] | None = None) -> Config:
+    """Validate ``tree``; an error names ``source``, or ``--set KEY=VALUE`` when the bad value
+    came from that override (``overrides``: dotted key -> the override as typed)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
+        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
+        for key, item in (overrides or {}).items():
+            if loc == key or loc.startswith(key + "."):
+                source = f"--set {item}"
         raise ConfigError(f"{source}: {_describe(e)}") from None
 
 

@@ -36,6 +36,8 @@ def test_bad_override_and_unknown_task(tmp_path: Path) -> None:
     assert "unknown task 'sky'" in line and "semantic" in line
     line = _one_error_line(densepipe("train", *params, "--set", "model.backbone=vgg", cwd=tmp_path))
     assert "unknown backbone 'vgg'; allowed: mobilenet_v3_large, resnet18" in line
+    line = _one_error_line(densepipe("config", *params, "--set", "train.steps=abc", cwd=tmp_path))
+    assert line.startswith("error: --set train.steps=abc: train.steps: ")  # not params.yaml
     line = _one_error_line(densepipe("train", *params, "--set", f"data.root={tmp_path}", cwd=tmp_path))
     assert str(tmp_path) in line and "layout" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: no runs/, no mlflow.db
@@ -91,3 +93,11 @@ def test_show_sample_draws_every_label_and_rejects_bad_index(tiny_dataset: Path,
                                      "--split", "val", "--out", str(tmp_path / "x.png"), cwd=tmp_path))
     assert "99" in line and "val" in line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_user_text_is_printed_literally(tmp_path: Path) -> None:
+    """Paths are not rich markup: `[/x]` does not crash, `[red]` is not swallowed."""
+    params = ["--params", str(REPO_ROOT / "params.yaml")]
+    for name in ("my[red]ck.png", "a[/x]b.png"):
+        line = _one_error_line(densepipe("predict", name, *params, "--checkpoint", "c.pt", cwd=tmp_path))
+        assert line == f"error: {name}: image file not found"
