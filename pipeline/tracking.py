@@ -6,11 +6,15 @@ run per stage (prepare, train, evaluate, register). A stage run on its own is a 
 
 Default store: ``sqlite:///<working folder>/mlflow.db`` with artifacts in ``<working folder>/mlruns``
 (``MLFLOW_TRACKING_URI`` is honoured when ``tracking.uri`` is unset). Any MLflow URI works.
+
+Models are logged as weights plus config (flavor ``densepipe``, see ``pipeline.model_store``),
+with the weights' sha256 recorded in the tracking store; nothing loaded from a store is unpickled.
 """
 
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +33,18 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _is_mlflow_json(body: bytes) -> bool:
+    """Whether ``body`` is an MLflow REST answer: a JSON object with ``experiment`` or
+    ``error_code``."""
+    import json
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and ("experiment" in data or "error_code" in data)
 
 
 def _sqlite_dir(uri: str) -> Path | None:
@@ -61,28 +77,67 @@ class Tracker:
 
     def check_reachable(self, *, timeout_s: float = 10.0) -> None:
         """Fail fast, before any training, when the store cannot take this run: an HTTP(S)
-        tracking server that does not answer within ``timeout_s`` seconds, or a SQLite file whose
-        folder does not exist. ``TrackingError`` names the URI (no GPU hours go untracked)."""
-        import urllib.error
-        import urllib.request
+        tracking URI where no server answers within ``timeout_s`` seconds
+        (``TrackingUnreachableError``) or where the server that answers is not MLflow, or a
+        SQLite file whose folder does not exist. ``TrackingError`` names the URI (no GPU hours
+        go untracked).
 
-        from pipeline.errors import TrackingError, TrackingUnreachableError
+        A server is MLflow when ``GET /health`` answers 200 ``OK`` or, for a server without
+        ``/health``, when its REST API answers ``experiments/get-by-name`` with MLflow's JSON
+        (an experiment, or an ``error_code``) or asks for credentials (401/403)."""
+        from pipeline.errors import TrackingError
 
         if self.uri.startswith(("http://", "https://")):
-            url = self.uri.rstrip("/") + "/health"
-            try:
-                with urllib.request.urlopen(url, timeout=timeout_s):  # noqa: S310 - the user's URI
-                    pass
-            except urllib.error.HTTPError:
-                return  # the server answered (an old server without /health, a proxy's 404)
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                raise TrackingUnreachableError(f"tracking.uri {self.uri}: MLflow server not reachable "
-                                    f"within {timeout_s:g} s ({reason}); start it or fix the URI, "
-                                    "or set tracking.enabled=false") from None
+            base = self.uri.rstrip("/")
+            status, body = self._http_get(f"{base}/health", timeout_s)
+            if status == 200 and body.strip() == b"OK":
+                return
+            answers = [f"GET /health: HTTP {status}"]
+            api = "/api/2.0/mlflow/experiments/get-by-name"
+            query = urllib.parse.urlencode({"experiment_name": self.cfg.experiment})
+            api_status, api_body = self._http_get(f"{base}{api}?{query}", timeout_s)
+            if api_status in (401, 403) or _is_mlflow_json(api_body):
+                return
+            answers.append(f"GET {api}: HTTP {api_status}")
+            raise TrackingError(f"tracking.uri {self.uri}: answers HTTP {status} but is not an MLflow "
+                                f"tracking server ({'; '.join(answers)}); fix the URI (the "
+                                "server's root, e.g. http://host:5000) or set tracking.enabled=false")
         folder = _sqlite_dir(self.uri)
         if folder is not None and not folder.is_dir():
             raise TrackingError(f"tracking.uri {self.uri}: folder {folder} does not exist")
+
+    def _http_get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
+        """``(status, first 64 KiB of the body)`` of ``GET url`` with MLflow's credentials from
+        the environment (``MLFLOW_TRACKING_TOKEN`` or ``_USERNAME``/``_PASSWORD``); an error
+        status is an answer too. ``TrackingUnreachableError`` when nothing answers in time."""
+        import base64
+        import urllib.error
+        import urllib.request
+
+        from pipeline.errors import TrackingUnreachableError
+
+        headers = {}
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            user = os.environ["MLFLOW_TRACKING_USERNAME"]
+            secret = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - the user's URI
+                return answer.status, answer.read(1 << 16)
+        except urllib.error.HTTPError as e:
+            try:
+                body = e.read(1 << 16)
+            except OSError:
+                body = b""
+            return e.code, body
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnreachableError(f"tracking.uri {self.uri}: MLflow server not reachable "
+                                           f"within {timeout_s:g} s ({reason}); start it or fix the "
+                                           "URI, or set tracking.enabled=false") from None
 
     # -- runs -----------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
@@ -186,34 +241,46 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)  # type: ignore[arg-type]
 
-    def log_model(self, model: Any, *, name: str = "model", metadata: dict[str, Any] | None = None) -> str:
-        """Log the model as an MLflow PyTorch model in the active run; returns its model URI.
-
-        Pickle format: dict outputs and data-dependent control flow do not ``torch.export``.
+    def log_model(self, payload: dict[str, Any], *, name: str = "model",
+                  metadata: dict[str, Any] | None = None) -> str:
+        """Log ``payload`` (``pipeline.model_store.model_payload``: weights plus config, no
+        pickled object) as an MLflow model of flavor ``densepipe`` in the active run; returns its
+        URI (``models:/m-...``). The weights file's sha256 is recorded in the tracking store, as
+        the logged model's tag ``densepipe.weights_sha256``, and in the MLmodel flavor.
         ``metadata`` (JSON-able) lands in the model's MLmodel file."""
-        import logging
+        import tempfile
 
         import torch
+        from mlflow.models import Model
 
-        pickle_warning = logging.getLogger("mlflow.pytorch")  # "pickle needs caution": we chose it
-        level = pickle_warning.level
-        pickle_warning.setLevel(logging.ERROR)
-        try:
+        from pipeline import model_store
+
+        with tempfile.TemporaryDirectory(prefix="densepipe-model-") as tmp:
+            weights = Path(tmp) / model_store.WEIGHTS_FILE
+            sha256 = model_store.write_weights(payload, weights)
+            # the global URI and active run give the store and the experiment the model joins
             with store_uri(self.uri), self.mlflow.start_run(run_id=self.run_id):
-                info = self.mlflow.pytorch.log_model(
-                    model, name=name, serialization_format="pickle", metadata=metadata,
+                info = Model.log(
+                    None, name=name, flavor=model_store, flavor_name=model_store.FLAVOR,
+                    run_id=self.run_id, metadata=metadata, tags={model_store.SHA256_TAG: sha256},
+                    weights_file=str(weights), sha256=sha256,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "densepipe"],
                 )
-        finally:
-            pickle_warning.setLevel(level)
         return info.model_uri
 
     def register_model(self, model_uri: str, *, name: str, source_run_id: str | None,
                        tags: dict[str, str], description: str) -> str:
         """Register ``model_uri`` as a new version of ``name`` (created on first use), linked to
-        ``source_run_id`` (the training run); returns the version number as a string."""
+        ``source_run_id`` (the training run); returns the version number as a string. The
+        version is also tagged with the weights checksum recorded for ``model_uri``."""
         from mlflow.exceptions import MlflowException
 
+        from pipeline.model_store import SHA256_TAG
+
+        with store_uri(self.uri):
+            recorded = _recorded_sha256(self.client, model_uri)
+        if recorded and len(set(recorded)) == 1:
+            tags = {**tags, SHA256_TAG: recorded[0]}
         try:
             self.client.get_registered_model(name)
         except MlflowException:
@@ -251,40 +318,171 @@ def store_uri(uri: str) -> Iterator[None]:
 
 def load_registered_model_info(model_uri: str, *, tracking_uri: str) -> dict[str, Any]:
     """The metadata densepipe logged with a model (``step``, ``tasks``, ``train_run_id``,
-    ``config``) plus the MLflow ``run_id``, without loading the weights.
+    ``config``) plus the MLflow ``run_id``, read from its MLmodel file without loading the
+    weights (so unverified: nothing here is executed or used to build a model).
 
     Raises:
-        TrackingError: the URI names nothing in this store (the message names the URI and store).
+        TrackingError: the URI names nothing in this store, or a model not in densepipe's weights
+            format (an older densepipe's pickled model); one line naming the URI.
     """
     return _with_model(model_uri, tracking_uri, load=False)[1]
 
 
 def load_registered_model(model_uri: str, *, tracking_uri: str, device: Any = None) -> tuple[Any, dict]:
     """Load a model logged by densepipe (``models:/<name>/<version|latest|@alias>``, ``runs:/...``
-    or ``models:/m-...``) and its metadata (see ``load_registered_model_info``).
+    or ``models:/m-...``) and its metadata (see ``load_registered_model_info``; ``step``,
+    ``tasks``, ``config`` and ``train_run_id`` come from the verified weights file).
+
+    Never unpickles: the weights file must match the sha256 the tracking store records for the
+    URI and is read with ``torch.load(weights_only=True)``; the model is rebuilt from its config
+    and dataset card through the task registry and the weights loaded strictly.
 
     Raises:
-        TrackingError: the URI names nothing in this store (the message names the URI and store).
+        TrackingError: the URI names nothing in this store; a model not in densepipe's weights
+            format (an older densepipe's pickled model: re-register it from the checkpoint); no
+            checksum recorded, or weights that do not match it.
+        CheckpointError: a weights file torch refuses to read as weights (a pickled object) or
+            not in densepipe's model format, or weights not fitting the config.
+    All messages are one line naming the URI.
     """
     return _with_model(model_uri, tracking_uri, load=True, device=device)
 
 
 def _with_model(model_uri: str, tracking_uri: str, *, load: bool, device: Any = None) -> tuple[Any, dict]:
+    """The model behind ``model_uri`` (``None`` unless ``load``) and its metadata. Nothing is
+    unpickled: the model must be of flavor ``densepipe``, its weights file must match the sha256
+    the tracking store records for it (for ``models:/`` and ``runs:/`` URIs; the MLmodel's own
+    for a local folder), and it is read with ``torch.load(weights_only=True)``."""
+    import tempfile
+
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
+    from pipeline import model_store
     from pipeline.errors import TrackingError
 
-    try:
-        with store_uri(tracking_uri):  # models:/ URIs resolve through the global store
-            info = mlflow.models.get_model_info(model_uri)
-            model = mlflow.pytorch.load_model(model_uri, map_location=device).eval() if load else None
-    except (MlflowException, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"--model {model_uri}: cannot load it from {tracking_uri} ({first})") from None
-    meta = dict(info.metadata or {})
-    meta.setdefault("run_id", info.run_id)
+    with tempfile.TemporaryDirectory(prefix="densepipe-model-") as tmp, store_uri(tracking_uri), \
+            _no_progress_bars():
+        try:  # models:/ URIs resolve through the global store
+            if load:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+                mlmodel = Model.load(local)
+                run_id = mlmodel.run_id
+            else:
+                info = mlflow.models.get_model_info(model_uri)
+                mlmodel, run_id = info, info.run_id
+            flavor = _densepipe_flavor(model_uri, mlmodel.flavors)
+            client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            recorded = _recorded_sha256(client, model_uri) if load else []
+        except (MlflowException, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(f"--model {model_uri}: cannot load it from {tracking_uri} "
+                                f"({first})") from None
+        meta = dict(mlmodel.metadata or {})
+        meta.setdefault("run_id", run_id)
+        if not load:
+            return None, meta
+        weights = Path(local) / model_store.WEIGHTS_FILE
+        if not weights.is_file():
+            raise TrackingError(f"--model {model_uri}: its {model_store.WEIGHTS_FILE} is missing "
+                                f"from the artifact store of {tracking_uri}")
+        if recorded is None:  # a local folder: the tracking store knows nothing of it
+            recorded = [str(flavor.get("sha256"))]
+        elif not recorded:
+            raise TrackingError(f"--model {model_uri}: {tracking_uri} records no weights checksum "
+                                f"for it (tag {model_store.SHA256_TAG}); re-register it from its "
+                                "checkpoint with `densepipe register --checkpoint PATH`")
+        actual = model_store.sha256_file(weights)
+        if any(actual != r for r in recorded):
+            raise TrackingError(f"--model {model_uri}: {model_store.WEIGHTS_FILE} does not match the "
+                                f"checksum recorded in {tracking_uri} (sha256 {actual[:12]}..., "
+                                f"recorded {recorded[0][:12]}...): the artifact was changed after "
+                                "logging; refusing to load it")
+        source = f"--model {model_uri} ({model_store.WEIGHTS_FILE})"
+        payload = model_store.read_weights(weights, source=source)
+    model = model_store.build_from_payload(payload, source=source, device=device)
+    meta.update({"step": int(payload.get("step", 0)), "tasks": list(payload.get("tasks", [])),
+                 "config": payload["config"]})
+    if payload.get("train_run_id"):
+        meta["train_run_id"] = payload["train_run_id"]
     return model, meta
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """No MLflow download progress bars for the block (errors stay one line on stderr)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
+def _densepipe_flavor(model_uri: str, flavors: dict[str, Any]) -> dict[str, Any]:
+    """The MLmodel's ``densepipe`` flavor; ``TrackingError`` for a model without it (e.g. one an
+    older densepipe logged as a pickled PyTorch model, which is never unpickled) or in a format
+    this densepipe does not read."""
+    from pipeline import model_store
+    from pipeline.errors import TrackingError
+
+    flavor = flavors.get(model_store.FLAVOR)
+    if not isinstance(flavor, dict):
+        raise TrackingError(
+            f"--model {model_uri}: not in densepipe's weights format (flavors: "
+            f"{', '.join(sorted(flavors)) or 'none'}); a model an older densepipe logged as a "
+            "pickled PyTorch object is not loaded, since unpickling can run code: re-register it "
+            "from its checkpoint with `densepipe register --checkpoint PATH`")
+    if flavor.get("format") != model_store.FORMAT or flavor.get("weights") != model_store.WEIGHTS_FILE:
+        raise TrackingError(f"--model {model_uri}: densepipe model format {flavor.get('format')!r} "
+                            f"(weights {flavor.get('weights')!r}) is not {model_store.FORMAT!r} "
+                            f"({model_store.WEIGHTS_FILE!r}); log it again with this densepipe")
+    return flavor
+
+
+def _recorded_sha256(client: Any, model_uri: str) -> list[str] | None:
+    """The weights checksums the tracking store records for ``model_uri``: the tag
+    ``densepipe.weights_sha256`` of its registered version and of its logged model (the same
+    LoggedModel MLflow resolves the URI to). ``[]``: none recorded; ``None``: not a ``models:/``
+    or ``runs:/`` URI (a local folder). MLflow errors propagate (unknown name, version, run)."""
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    from pipeline.model_store import SHA256_TAG
+
+    found: list[str | None] = []
+    if model_uri.startswith("models:/"):
+        resolved = get_model_name_and_version(client, model_uri)
+        if len(resolved) == 1:
+            found.append(client.get_logged_model(resolved[0]).tags.get(SHA256_TAG))
+        else:
+            version = client.get_model_version(*resolved)
+            found.append(version.tags.get(SHA256_TAG))
+            if version.model_id:
+                found.append(client.get_logged_model(version.model_id).tags.get(SHA256_TAG))
+    elif model_uri.startswith("runs:/"):
+        run_id, path = RunsArtifactRepository.parse_runs_uri(model_uri)
+        name = (path or "").split("/")[0]
+        experiment = client.get_run(run_id).info.experiment_id
+        token = None
+        while True:  # the first logged model of that name from that run, as MLflow picks it
+            page = client.search_logged_models(experiment_ids=[experiment],
+                                               filter_string=f"name = '{name}'", page_token=token)
+            match = next((m for m in page if m.source_run_id == run_id), None)
+            if match is not None:
+                found.append(match.tags.get(SHA256_TAG))
+                break
+            if not page.token:
+                break
+            token = page.token
+    else:
+        return None
+    return [f for f in found if f]
 
 
 def _metric_key(name: str) -> str:

@@ -150,3 +150,188 @@ def test_readme_documents_the_registry_commands() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     assert "densepipe evaluate --model models:/densepipe/latest" in readme
     assert "densepipe register" in readme
+
+
+# -- what the registry refuses to load ----------------------------------------------------------
+def _plant(path: str) -> None:
+    """What a malicious pickle calls when unpickled: leaves a marker file."""
+    Path(path).write_text("code ran")
+
+
+class _Planted:
+    """Unpickles into ``_plant(path)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return (_plant, (self.path,))
+
+
+class _PickledModule(torch.nn.Module):
+    """A module that, pickled as a whole (the old ``mlflow.pytorch`` pickle format), unpickles
+    into ``_plant(path)``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = str(path)
+        self.linear = torch.nn.Linear(1, 1)
+
+    def __reduce__(self) -> tuple:
+        return (_plant, (self.path,))
+
+
+@pytest.fixture
+def logged(registered, mlflow_uri: str) -> dict:
+    """The trained checkpoint logged and registered (``densepipe`` version 1, alias
+    ``champion``) in a fresh store of this test, whose artifacts the test may tamper with."""
+    from pipeline.tracking import Tracker
+
+    cfg, trained, *_ = registered
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": mlflow_uri})})
+    tracker = Tracker(cfg.tracking)
+    run_id = tracker.start(run_name="train")
+    model_uri = stages.log_trained_model(cfg, tracker, Path(trained["best"]))
+    tracker.register_model(model_uri, name="densepipe", source_run_id=run_id, tags={}, description="")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    client.set_registered_model_alias("densepipe", "champion", "1")
+    model_id = model_uri.removeprefix("models:/")
+    location = client.get_logged_model(model_id).artifact_location
+    weights = Path(location.removeprefix("file://")) / "weights.pt"
+    assert weights.is_file()
+    return {"cfg": cfg, "uri": mlflow_uri, "model_uri": model_uri, "model_id": model_id,
+            "run_id": run_id, "weights": weights, "client": client, "best": trained["best"]}
+
+
+def _one_line(message: str) -> str:
+    assert len(message.strip().splitlines()) == 1, message
+    return message
+
+
+def test_registry_models_are_weights_with_a_checksum_in_the_tracking_store(logged) -> None:
+    """Stored as weights plus config (read with weights_only=True), the sha256 recorded on the
+    logged model and the version, every kind of URI loads."""
+    from pipeline import model_store
+    from pipeline.tracking import store_uri
+
+    client, sha = logged["client"], model_store.sha256_file(logged["weights"])
+    payload = torch.load(logged["weights"], weights_only=True)
+    assert payload["format"] == "densepipe-model/1" and payload["tasks"] == ["semantic"]
+    assert payload["config"]["model"]["tasks"] == ["semantic"] and payload["card"]["classes"]
+    assert client.get_logged_model(logged["model_id"]).tags["densepipe.weights_sha256"] == sha
+    assert client.get_model_version("densepipe", "1").tags["densepipe.weights_sha256"] == sha
+    with store_uri(logged["uri"]):
+        info = mlflow.models.get_model_info(logged["model_uri"])
+    assert info.flavors["densepipe"]["sha256"] == sha and "pytorch" not in info.flavors
+    for uri in ("models:/densepipe/1", "models:/densepipe/latest", "models:/densepipe@champion",
+                logged["model_uri"], f"runs:/{logged['run_id']}/model"):
+        model, meta = load_registered_model(uri, tracking_uri=logged["uri"])
+        assert meta["step"] == 2 and meta["train_run_id"] == logged["run_id"], uri
+        assert list(model.tasks) == ["semantic"]
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(logged, tiny_dataset: Path,
+                                                                  tmp_path: Path, capsys,
+                                                                  monkeypatch) -> None:
+    import hashlib
+    import pickle
+
+    from pipeline.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+    logged["weights"].write_bytes(pickle.dumps({"model": _Planted(marker)}, protocol=2))
+    monkeypatch.chdir(tmp_path)
+    sets = sum((["--set", o] for o in tiny_overrides(tiny_dataset, tmp_path, logged["uri"])), [])
+    image = next((tiny_dataset / "images" / "val").iterdir())
+    code, out, err = _densepipe("predict", str(image), "--model", "models:/densepipe/1",
+                                "--out", str(tmp_path / "pred"), *sets, capsys=capsys)
+    assert code == 2
+    assert _one_line(err).startswith("error: --model models:/densepipe/1: weights.pt does not match "
+                                     "the checksum recorded in sqlite:")
+    assert not marker.exists()
+
+    # whoever can also rewrite the tracking store's checksum still gets no code run
+    forged = hashlib.sha256(logged["weights"].read_bytes()).hexdigest()
+    logged["client"].set_logged_model_tags(logged["model_id"], {"densepipe.weights_sha256": forged})
+    logged["client"].set_model_version_tag("densepipe", "1", "densepipe.weights_sha256", forged)
+    with pytest.raises(CheckpointError) as refused:
+        load_registered_model("models:/densepipe/1", tracking_uri=logged["uri"])
+    message = _one_line(str(refused.value))
+    assert "refuses to load: the file is a pickled object" in message
+    assert "Unsupported global" in message and "_plant" in message, message
+    assert not marker.exists()
+
+
+def test_weights_that_differ_from_the_recorded_checksum_are_refused(logged) -> None:
+    payload = torch.load(logged["weights"], weights_only=True)
+    first = next(iter(payload["model"]))
+    payload["model"][first] = payload["model"][first] + 1  # still valid weights, not the logged ones
+    torch.save(payload, logged["weights"])
+    for uri in ("models:/densepipe/latest", "models:/densepipe@champion", logged["model_uri"],
+                f"runs:/{logged['run_id']}/model"):
+        with pytest.raises(TrackingError) as refused:
+            load_registered_model(uri, tracking_uri=logged["uri"])
+        assert _one_line(str(refused.value)).startswith(
+            f"--model {uri}: weights.pt does not match the checksum recorded in {logged['uri']}")
+
+
+def test_a_model_logged_as_a_pickle_by_an_older_densepipe_is_refused_unread(
+        tmp_path: Path, mlflow_uri: str, tiny_dataset: Path, capsys, monkeypatch) -> None:
+    import logging
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import Tracker, store_uri
+
+    marker = tmp_path / "pwned"
+    tracker = Tracker(TrackingConfig(uri=mlflow_uri))
+    run_id = tracker.start(run_name="train")
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    with store_uri(mlflow_uri), mlflow.start_run(run_id=run_id):  # how densepipe logged models
+        info = mlflow.pytorch.log_model(_PickledModule(marker), name="model",
+                                        serialization_format="pickle", pip_requirements=["torch"])
+    marker.unlink(missing_ok=True)
+    tracker.register_model(info.model_uri, name="densepipe", source_run_id=run_id, tags={},
+                           description="")
+    with pytest.raises(TrackingError) as refused:
+        load_registered_model("models:/densepipe/1", tracking_uri=mlflow_uri)
+    message = _one_line(str(refused.value))
+    assert message.startswith("--model models:/densepipe/1: not in densepipe's weights format")
+    assert "densepipe register --checkpoint" in message
+    monkeypatch.chdir(tmp_path)
+    sets = sum((["--set", o] for o in tiny_overrides(tiny_dataset, tmp_path, mlflow_uri)), [])
+    code, out, err = _densepipe("evaluate", "--model", "models:/densepipe/latest", *sets, capsys=capsys)
+    assert code == 2 and "not in densepipe's weights format" in _one_line(err)
+    assert not marker.exists()
+
+
+# -- a tracking URI that is not MLflow ------------------------------------------------------------
+def test_a_tracking_uri_at_a_server_that_is_not_mlflow_fails_before_training(
+        tiny_dataset: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = b"<html>Not Found</html>"
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.chdir(tmp_path)
+        sets = sum((["--set", o] for o in tiny_overrides(tiny_dataset, tmp_path, uri)), [])
+        code, out, err = _densepipe("train", *sets, capsys=capsys)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 2
+    assert _one_line(err).startswith(f"error: tracking.uri {uri}: answers HTTP 404 but is not an "
+                                     "MLflow tracking server (GET /health: HTTP 404; GET /api/2.0/")
+    assert not (tmp_path / "train").exists()  # nothing trained, nothing written

@@ -1,0 +1,116 @@
+"""Models in the MLflow registry as weights plus config, never as a pickled object.
+
+A densepipe MLflow model is a folder with an ``MLmodel`` file (flavor ``densepipe``: the weights
+file's name, format and sha256) and ``weights.pt``: a ``torch.save``'d dict of plain data that
+``torch.load(weights_only=True)`` reads, as checkpoints are read:
+
+``format`` (``densepipe-model/1``), ``model`` (state dict; the EMA weights when training kept
+them), ``config`` (the full config as plain data), ``card`` (dataset card JSON), ``step``,
+``tasks``, ``train_run_id``.
+
+Loading rebuilds the model from ``config`` and ``card`` through the task registry and loads the
+weights strictly. The file's sha256 is also recorded in the tracking store (tag
+``densepipe.weights_sha256`` on the MLflow logged model and on each registered version), which is
+checked before the file is read: whoever can write the artifact store cannot swap the weights.
+This module is also the flavor ``mlflow.models.Model.log`` saves with (``save_model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import CheckpointError
+
+FLAVOR = "densepipe"
+FORMAT = "densepipe-model/1"
+WEIGHTS_FILE = "weights.pt"
+SHA256_TAG = "densepipe.weights_sha256"
+"""Tag holding the weights file's sha256 in the tracking store (logged model, model version)."""
+
+
+def model_payload(model: Any, *, config: dict[str, Any], step: int,
+                  train_run_id: str | None) -> dict[str, Any]:
+    """The plain data stored for ``model`` (a ``MultiTaskModel`` holding the weights to keep):
+    its state dict on the CPU, ``config`` (``cfg.model_dump(mode="json")``), its dataset card,
+    ``step``, its tasks and the training run."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "model": state, "config": config, "card": model.card.to_json(),
+            "step": int(step), "tasks": list(model.tasks), "train_run_id": train_run_id}
+
+
+def write_weights(payload: dict[str, Any], path: str | Path) -> str:
+    """Write ``payload`` with ``torch.save`` to ``path``; returns the file's sha256 (hex)."""
+    torch.save(payload, path)
+    return sha256_file(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(path: str, mlflow_model: Any, *, weights_file: str, sha256: str,
+               pip_requirements: list[str] | None = None) -> None:
+    """The ``densepipe`` flavor for ``mlflow.models.Model.log``: copy ``weights_file`` (written
+    by ``write_weights``, whose hash is ``sha256``) into the new model folder ``path`` and write
+    its ``MLmodel`` (plus ``requirements.txt`` when ``pip_requirements`` are given)."""
+    from mlflow.models.model import MLMODEL_FILE_NAME
+
+    folder = Path(path)
+    folder.mkdir(parents=True)
+    shutil.copyfile(weights_file, folder / WEIGHTS_FILE)
+    if sha256_file(folder / WEIGHTS_FILE) != sha256:
+        raise CheckpointError(f"{weights_file}: changed while being logged (sha256 differs)")
+    if pip_requirements:
+        (folder / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
+    mlflow_model.add_flavor(FLAVOR, weights=WEIGHTS_FILE, format=FORMAT, sha256=sha256,
+                            torch_version=str(torch.__version__))
+    mlflow_model.save(str(folder / MLMODEL_FILE_NAME))
+
+
+def read_weights(path: str | Path, *, source: str) -> dict[str, Any]:
+    """Read a weights file with ``torch.load(weights_only=True)`` (nothing is unpickled beyond
+    tensors and plain data). ``CheckpointError`` (one line naming ``source``) when the file is
+    not readable that way (a pickled object is refused, naming the global it needs) or not in
+    ``FORMAT``."""
+    from pipeline.engine.checkpoint import unreadable_message
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle errors, unsafe globals
+        raise CheckpointError(unreadable_message(Path(path), e, source=source,
+                                                 what="densepipe model weights file")) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or \
+            not all(k in payload for k in ("model", "config", "card")):
+        raise CheckpointError(f"{source}: weights file is not a densepipe model (expected format {FORMAT})")
+    return payload
+
+
+def build_from_payload(payload: dict[str, Any], *, source: str,
+                       device: torch.device | str | None = None) -> Any:
+    """The model ``payload`` describes: built from its config (without ``model.weights``: the
+    stored state replaces any pretrained backbone file) and dataset card through the task
+    registry, the weights loaded strictly, in eval mode on ``device`` (default CPU)."""
+    from pipeline.config import config_from_dict
+    from pipeline.data.card import DatasetCard
+    from pipeline.engine.checkpoint import load_model_state
+    from pipeline.model import build_model
+
+    tree = dict(payload["config"])
+    tree["model"] = {**tree.get("model", {}), "weights": None}
+    cfg = config_from_dict(tree, source=source)
+    card = DatasetCard.from_json(payload["card"], source=source)
+    model = build_model(cfg, card)
+    load_model_state(model, payload["model"], source=source)
+    return model.to(device or "cpu").eval()
