@@ -6,11 +6,24 @@ scaler), ``loss_weighting`` (its state dict), ``rng`` (torch CPU/CUDA, Python an
 ``config`` (the full config as plain data), ``card`` (dataset card JSON), ``metrics`` (last
 evaluation), ``best_value``, ``early_stopping``, ``skipped_nonfinite``, ``mlflow_run_id``,
 ``hooks`` (per-hook plain data) and, with ``train.ema``, ``model_ema`` (the averaged weights).
+
+A training holds ``<train.out_dir>/.lock`` (``hold_out_dir``) while it writes there, so it can tell
+the temporary files of a killed writer (``remove_stale_temp_files``) from those of a live one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
+import pickle
+import pickletools
 import random
+import re
+import stat
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +31,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, DensepipeError
 from pipeline.io import atomic_path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, no clean-up
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
 FORMAT = "densepipe-checkpoint/1"
+LOCK_NAME = ".lock"
+"""The advisory lock file a training holds in its ``train.out_dir``."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,19 +86,182 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a densepipe checkpoint with ``torch.load(weights_only=True)``; anything else (missing,
+    truncated, corrupt, a pickled object, another format) raises a one-line ``CheckpointError``.
+    torch's warnings while reading (e.g. about the pickle protocol of a raw pickle) are not shown."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle errors, unsafe globals
-        detail = " ".join(str(e).split())[:160]
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {detail}"
-        ) from None
+        raise CheckpointError(unreadable_message(path, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a densepipe checkpoint (expected format {FORMAT})")
     return ckpt
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_WEIGHTS_ONLY = "Weights only load failed"
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)")
+
+
+def unreadable_message(path: Path, e: Exception, *, source: str | None = None,
+                       what: str = "densepipe checkpoint") -> str:
+    """One line saying why ``torch.load(path, weights_only=True)`` raised ``e``, naming ``source``
+    (default ``path``): the unsupported global a pickled object needs (from torch's message, else
+    found by scanning the pickle without running it), or the error's first 160 characters for a
+    truncated or corrupt file. ``what``: what the file should have been."""
+    source = source or str(path)
+    text = " ".join(_ANSI.sub("", str(e)).split())
+    if _WEIGHTS_ONLY in text:
+        found = _UNSUPPORTED_GLOBAL.search(text)
+        name = found.group(1) if found else _first_unsafe_global(path)
+        if name is not None:
+            why = f"the file is a pickled object (Unsupported global: GLOBAL {name})"
+        else:
+            detail = _UNPICKLER_ERROR.search(text)
+            problem = (detail.group(1) if detail else text)[:160]
+            why = f"the file is a pickle that torch will not read as weights ({problem})"
+        return (f"{source}: refuses to load: {why}, not a {what}; only weights are "
+                "loaded (torch.load weights_only=True)")
+    return f"{source}: not a readable {what} (truncated or corrupt?): {type(e).__name__}: {text[:160]}"
+
+
+def _first_unsafe_global(path: Path, *, limit: int = 16 << 20) -> str | None:
+    """The first ``module.name`` global that the pickles at the start of ``path`` (a raw pickle, or
+    torch's legacy format: several pickles in a row) refer to and that torch's weights-only
+    unpickler does not allow; None when there is none in the first ``limit`` bytes. Scans the
+    opcodes (``pickletools``): nothing is imported or run."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed: set[str] = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001 - private torch API: without it, name the first global
+        allowed = set()
+    try:
+        with open(path, "rb") as f:
+            data = io.BytesIO(f.read(limit))
+    except OSError:
+        return None
+    for name in _pickle_globals(data):
+        if name not in allowed:
+            return name
+    return None
+
+
+_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+                         "SHORT_BINUNICODE", "BINUNICODE8"})
+
+
+def _pickle_globals(data: io.BytesIO) -> Iterator[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL in the consecutive pickles of ``data``
+    (stops at the end or at the first undecodable byte)."""
+    strings: list[Any] = []  # values pushed by string opcodes, or None for anything else
+    memo: dict[int, Any] = {}
+    while data.tell() < len(data.getbuffer()):
+        try:
+            for op, arg, _ in pickletools.genops(data):
+                if op.name == "GLOBAL":
+                    yield ".".join(str(arg).split(" ", 1))
+                elif op.name == "STACK_GLOBAL":
+                    if len(strings) >= 2 and isinstance(strings[-2], str) and isinstance(strings[-1], str):
+                        yield f"{strings[-2]}.{strings[-1]}"
+                elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if op.name == "MEMOIZE" else int(arg)] = strings[-1] if strings else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(int(arg)))
+                elif op.name not in ("PROTO", "FRAME"):
+                    strings.append(arg if isinstance(arg, str) and op.name in _STRING_OPS else None)
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            return
+
+
+def hold_out_dir(folder: str | Path) -> contextlib.AbstractContextManager[bool]:
+    """Hold an exclusive advisory lock (``flock``) on ``<folder>/.lock`` for the block; the block
+    gets True. One densepipe training writes a ``train.out_dir`` at a time: while another process
+    holds it, raises a one-line ``DensepipeError`` naming its pid. The lock dies with its process,
+    even under ``kill -9``. Where the file system cannot lock (or not POSIX), logs a warning and the
+    block gets False. The file stays (removing it would race with the next training); it holds
+    the owner's pid while locked and is empty after a clean exit."""
+    return _hold_out_dir(Path(folder))
+
+
+@contextlib.contextmanager
+def _hold_out_dir(folder: Path) -> Iterator[bool]:
+    fd = -1
+    if fcntl is not None:
+        try:
+            fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise DensepipeError(
+                f"{folder}: another densepipe training{f' (pid {owner})' if owner.isdigit() else ''}"
+                " is writing to this train.out_dir; wait for it to end or set another train.out_dir"
+            ) from None
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
+            log.warning("%s: cannot lock %s (%s): temporary files of killed runs are not removed",
+                        folder, LOCK_NAME, e.strerror or e)
+    if fd < 0:
+        yield False
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock
+
+
+def temp_name_pattern(names: Iterable[str]) -> re.Pattern[str]:
+    """Names of the temporary files ``pipeline.io`` writes before renaming them to one of
+    ``names``: ``.<name>.<random>.tmp``."""
+    return re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.[A-Za-z0-9_]+\.tmp")
+
+
+def remove_stale_temp_files(folder: str | Path, names: Iterable[str]) -> tuple[int, int]:
+    """Delete, in ``folder`` (not below it), the regular files named ``.<name>.<random>.tmp`` for
+    one of ``names``: what ``pipeline.io``'s atomic writers leave when killed mid-write. Call only
+    while holding the folder (``hold_out_dir``) and for names that only its holder writes: then no
+    live process is writing any of them. Nothing else is touched (other names, folders, symlinks).
+    Returns ``(files, bytes)`` removed and logs one line when there were any."""
+    folder = Path(folder)
+    pattern = temp_name_pattern(names)
+    count = size = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            count, size = count + 1, size + st.st_size
+    if count:
+        log.warning("%s: removed %d temporary file%s (%s) left by a killed run", folder, count,
+                    "" if count == 1 else "s", _size(size))
+    return count, size
+
+
+def _size(n: int) -> str:
+    """``n`` bytes for a person: ``512 B``, ``3.5 kB``, ``139.0 MB``, ``2.1 GB``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _head_of(key: str) -> str:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.context
+import os
+import select
+import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -92,11 +97,58 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     return multiprocessing.get_context("forkserver") if "forkserver" in methods else None
 
 
-def _worker_init(worker_id: int) -> None:
+def exit_when_gone(pid: int, *, poll_s: float = 0.5) -> threading.Thread:
+    """Start a daemon thread that ends this process (``os._exit(1)``) as soon as process ``pid``
+    has exited; returns the thread.
+
+    For loader workers: they must not outlive the process that owns the loader, even when it is
+    killed with SIGKILL. torch's own watchdog cannot tell: under the forkserver a worker's parent
+    is the forkserver, which waits for every worker to close its "alive" pipe before it exits,
+    while each worker waits for the forkserver (so a killed trainer left both running for good).
+    Waits on a pidfd where the OS has one (Linux 5.3+; no polling), else polls every
+    ``poll_s`` seconds."""
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux, or an old kernel
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            while not poller.poll():  # readable once the process has exited
+                pass
+            os._exit(1)
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, under another user (a reused pid at worst)
+                pass
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, name=f"exit-when-{pid}-exits", daemon=True)
+    thread.start()
+    return thread
+
+
+def _worker_init(worker_id: int, owner_pid: int | None = None) -> None:
+    """Seed Python's ``random`` from torch's per-worker seed; exit with ``owner_pid`` (the process
+    that created the loader) when given."""
     import random
 
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
+    if owner_pid is not None:
+        exit_when_gone(owner_pid)
+
+
+def _worker_init_fn() -> functools.partial:
+    """``worker_init_fn`` for loaders made by this process: workers die with it."""
+    return functools.partial(_worker_init, owner_pid=os.getpid())
 
 
 def train_dataset(cfg: Config) -> Dataset:
@@ -121,7 +173,7 @@ def train_loader(cfg: Config, dataset: Dataset, *, start_step: int, rank: int = 
     return DataLoader(PositionSeeded(dataset, seed=cfg.train.seed),
                       batch_size=cfg.train.batch_size // world_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, collate_fn=collate, drop_last=True,
-                      worker_init_fn=_worker_init,
+                      worker_init_fn=_worker_init_fn(),
                       # its own generator: creating the iterator draws a seed, which must not
                       # come from torch's global generator (a resumed run would be shifted)
                       generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + start_step),
@@ -136,5 +188,6 @@ def eval_loader(cfg: Config, dataset: Dataset, *, batch_size: int, rank: int = 0
     sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, collate_fn=collate,
+                      worker_init_fn=_worker_init_fn(),
                       persistent_workers=cfg.data.num_workers > 0,
                       multiprocessing_context=worker_context() if cfg.data.num_workers else None)

@@ -10,11 +10,19 @@ Resume: rerunning the same command continues from ``<train.out_dir>/last.pt``, w
 model, optimizer, scheduler, scaler, loss-weighting state, step, epoch, sample position, every RNG
 state and hook state. Augmentation is seeded by each sample's position in the stream
 (``engine.loaders``), so on CPU the resumed run's weights equal an uninterrupted run's, bit for bit.
+``train_log.csv`` is rewritten before each ``last.pt``: after a crash and resume it holds every
+step once (``TrainLog``).
+
+Crashes: rank 0 holds ``<train.out_dir>/.lock`` for the whole run (one training per folder); at
+start-up it removes the temporary files that killed writers of its outputs left there
+(``checkpoint.remove_stale_temp_files``). Loader workers exit when the training process dies, even
+by ``kill -9`` (``loaders.exit_when_gone``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import math
 import random
@@ -30,8 +38,10 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.engine import distributed
 from pipeline.engine.checkpoint import (
+    hold_out_dir,
     load_checkpoint,
     load_model_state,
+    remove_stale_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -50,6 +60,11 @@ from pipeline.registry import TaskRegistry
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.csv"
+OUTPUTS = ("last.pt", "best.pt", "config.yaml", TRAIN_LOG)
+"""What a training writes into ``train.out_dir`` (atomically, holding its lock): the names whose
+temporary files a new training may remove as stale."""
 
 
 @dataclass
@@ -246,13 +261,57 @@ class _EarlyStopping:
             self.stopped = bool(state["stopped"])
 
 
+class TrainLog:
+    """``train_log.csv``: ``step`` then the sorted union of the rows' keys (a value a row lacks is
+    ``nan``), one row per step, numbers as ``%.6g``.
+
+    ``TrainLog(path, resume_step=s)`` keeps the rows of an existing file with ``step <= s`` (the
+    steps the checkpoint being resumed holds; none when starting afresh) and drops later ones,
+    which the resumed run does again. The trainer writes the file before each ``last.pt``, so
+    whenever a run is killed the file covers at least the steps of the checkpoint."""
+
+    def __init__(self, path: Path, *, resume_step: int) -> None:
+        self.path = path
+        self.rows: dict[int, dict[str, float]] = {}
+        if resume_step > 0 and path.is_file():
+            with open(path, newline="") as f:
+                for record in csv.DictReader(f):
+                    try:
+                        step = int(record.pop("step"))
+                        row = {k: float(v) for k, v in record.items() if k and v}
+                    except (KeyError, TypeError, ValueError):
+                        continue  # a damaged line: that step is left out
+                    if 0 < step <= resume_step:
+                        self.rows[step] = row
+
+    def add(self, step: int, row: dict[str, float]) -> None:
+        self.rows[step] = row
+
+    def write(self) -> None:
+        """Rewrite the file atomically with every row so far, in step order."""
+        keys = sorted({k for r in self.rows.values() for k in r})
+        lines = [",".join(["step", *keys])]
+        for step in sorted(self.rows):
+            row = self.rows[step]
+            lines.append(",".join([str(step), *(f"{row.get(k, math.nan):.6g}" for k in keys)]))
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+
 def train(cfg: Config, *, registry: TaskRegistry | None = None, tracker: Tracker | None = None,
           hooks: list[tuple[str, Any]] | tuple = ()) -> TrainResult:
     """Train (or resume) the model of ``cfg``; returns where the checkpoints are and metrics.
 
     Under torchrun every process calls this; rank 0 alone writes checkpoints and logs (pass
-    ``tracker`` only there). ``hooks``: extra ``(name, plugin)`` lifecycle hook plugins (see
+    ``tracker`` only there) and holds ``train.out_dir`` (another training there raises a
+    ``DensepipeError``). ``hooks``: extra ``(name, plugin)`` lifecycle hook plugins (see
     ``pipeline.hookspecs``) besides the ``densepipe.hooks`` entry points and built-ins."""
+    with contextlib.ExitStack() as held:
+        return _train(cfg, registry=registry, tracker=tracker, hooks=hooks, held=held)
+
+
+def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | None,
+           hooks: list[tuple[str, Any]] | tuple, held: contextlib.ExitStack) -> TrainResult:
+    """``train``; ``held`` keeps the ``train.out_dir`` lock until training returns."""
     device = resolve_device(cfg.train.device)
     env = distributed.init_distributed(device)
     device = distributed.local_device(device, env)
@@ -280,6 +339,8 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None, tracker: Tracker
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if held.enter_context(hold_out_dir(out_dir)):  # no live writer of ours is left there
+            remove_stale_temp_files(out_dir, OUTPUTS)
         atomic_write_text(out_dir / "config.yaml",
                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True))
     best_goal = metric_goal(cfg.train.best_metric, model.tasks.values())  # "min" for errors
@@ -304,6 +365,7 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None, tracker: Tracker
         skipped = int(ckpt.get("skipped_nonfinite", 0))
         early.load(ckpt.get("early_stopping"))
         log.info("resuming from %s at step %d", last_path, step)
+    train_log = TrainLog(out_dir / TRAIN_LOG, resume_step=step) if env.is_main else None
 
     if tracker is not None:
         run_id = tracker.start(run_id=run_id, run_name=f"train-{'-'.join(cfg.model.tasks)}",
@@ -324,6 +386,8 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None, tracker: Tracker
                    "best_value": best_value, "metrics": metrics, "mlflow_run_id": run_id,
                    "skipped_nonfinite": skipped, "early_stopping": early.state(), "hooks": {}}
         runner.call("densepipe_on_checkpoint", state=state, payload=payload, path=path)
+        if path == last_path and train_log is not None:
+            train_log.write()  # first: the log covers at least the checkpoint's steps
         save_checkpoint(path, payload)
 
     if cfg.train.compile:
@@ -371,6 +435,8 @@ def train(cfg: Config, *, registry: TaskRegistry | None = None, tracker: Tracker
                     seen += batch["image"].shape[0] * env.world_size
                     images_per_s = seen / max(time.perf_counter() - t0, 1e-9)
                     history.append(row)
+                    if train_log is not None:
+                        train_log.add(step, row)
                     runner.call("densepipe_after_step", state=state, losses=row)
                     log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
                     info = " ".join(f"{k}={v:.3f}" for k, v in row.items()
