@@ -12,6 +12,7 @@ Each takes ``parent_run_id`` (except predict) so a pipeline run nests one MLflow
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_path, atomic_write_json, atomic_write_png
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,6 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
                    "run_id": result.run_id, "images_per_s": result.images_per_s,
                    "skipped_nonfinite": result.skipped_nonfinite,
                    "stopped_early": result.stopped_early, "model_uri": None}
-        if main and result.losses:
-            _write_loss_curve(out_dir / "train_log.csv", result.losses,
-                              start=result.step - len(result.losses))
         if tracker is not None:
             tracker.log_artifact(out_dir / "config.yaml")
             if result.losses and result.best is not None and result.best.exists():
@@ -171,21 +169,17 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
 
 def log_trained_model(cfg: Config, tracker: Any, checkpoint: Path) -> str:
     """Log the checkpoint's model (EMA weights when kept) in the tracker's run as an MLflow
-    PyTorch model whose metadata holds the step, the tasks and the config; returns its URI."""
+    model of weights plus config (``pipeline.model_store``: no pickled object), whose metadata
+    holds the step, the tasks and the config; returns its URI."""
     from pipeline.engine.trainer import load_trained_model
+    from pipeline.model_store import model_payload
 
     model, ckpt = load_trained_model(cfg, checkpoint)
+    config = cfg.model_dump(mode="json")
     metadata = {"step": int(ckpt["step"]), "tasks": list(model.tasks),
-                "train_run_id": tracker.run_id, "config": cfg.model_dump(mode="json")}
-    return tracker.log_model(model, metadata=metadata)
-
-
-def _write_loss_curve(path: Path, rows: list[dict[str, float]], *, start: int) -> None:
-    keys = sorted({k for r in rows for k in r})
-    lines = [",".join(["step", *keys])]
-    for i, row in enumerate(rows):
-        lines.append(",".join([str(start + i + 1), *(f"{row.get(k, float('nan')):.6g}" for k in keys)]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+                "train_run_id": tracker.run_id, "config": config}
+    payload = model_payload(model, config=config, step=int(ckpt["step"]), train_run_id=tracker.run_id)
+    return tracker.log_model(payload, metadata=metadata)
 
 
 def default_checkpoint(cfg: Config) -> Path:
@@ -324,40 +318,60 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
             "run_id": tracker.run_id or ""}
 
 
-# -- predict ------------------------------------------------------------------------------------
+# -- predict ---------------------------------------------------------------------------------
 def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path | None = None,
             model_uri: str | None = None, out_dir: str | Path) -> list[str]:
     """Run a trained model on image files: the checkpoint's (with its own stored config) or the
     MLflow model ``model_uri`` (``models:/densepipe/latest``); one of them is required.
 
-    Writes ``<stem>_<task>_vis.png`` and each task's raw outputs into ``out_dir``."""
-    from PIL import Image, UnidentifiedImageError
+    Writes ``<stem>_<task>_vis.png`` and each task's raw outputs into ``out_dir``. All or nothing:
+    every image is read before the model is loaded, outputs are written into a temporary folder
+    beside ``out_dir`` and moved in only when every image succeeded, so a failing run leaves
+    ``out_dir`` as it was (not created when it did not exist). Two inputs with the same file stem
+    would overwrite each other's outputs and are refused."""
+    import shutil
+    import tempfile
 
+    from pipeline.data.reader import read_image
     from pipeline.engine.trainer import resolve_device
 
     if checkpoint is None and model_uri is None:
         raise ConfigError("predict: give --checkpoint PATH or --model models:/<name>/<version>")
+    paths = [Path(p) for p in images]
+    stems: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in stems and stems[path.stem] != path:
+            raise DataError(path, f"same file stem as {stems[path.stem]}: their outputs would "
+                                  "overwrite each other; predict them in separate runs")
+        stems[path.stem] = path
+    for path in paths:  # fail before loading the model or writing anything
+        read_image(path)
     device = resolve_device(cfg.train.device)
     model, *_ = load_model_to_evaluate(cfg, checkpoint=checkpoint, model_uri=model_uri, device=device)
     card = model.card
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
-    for image_path in map(Path, images):
-        try:
-            with Image.open(image_path) as im:
-                rgb = np.array(im.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            raise DataError(image_path, f"cannot read image ({type(e).__name__})") from None
-        batch = {"image": torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous(),
-                 "image_ids": [0], "has": {}}
-        predictions = model.predict(batch)
-        for name, task in model.tasks.items():
-            pred = predictions[name][0]
-            vis = task.visualize(rgb, pred, card=card)
-            vis_path = out / f"{image_path.stem}_{name}_vis.png"
-            with atomic_path(vis_path) as tmp:
-                Image.fromarray(vis).save(tmp, format="PNG")
-            written.append(str(vis_path))
-            written += task.save_prediction(pred, str(out / image_path.stem), card=card)
-    return written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name or 'predictions'}.", suffix=".tmp",
+                                    dir=out.parent))
+    try:
+        written: list[str] = []
+        for path in paths:
+            rgb = np.require(read_image(path), requirements=["C", "W"])
+            batch = {"image": torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous(),
+                     "image_ids": [0], "has": {}}
+            predictions = model.predict(batch)
+            for name, task in model.tasks.items():
+                pred = predictions[name][0]
+                vis = task.visualize(rgb, pred, card=card)
+                vis_path = staging / f"{path.stem}_{name}_vis.png"
+                atomic_write_png(vis_path, vis)
+                written.append(vis_path.name)
+                written += [Path(f).relative_to(staging).as_posix()
+                            for f in task.save_prediction(pred, str(staging / path.stem), card=card)]
+        out.mkdir(exist_ok=True)
+        for name in written:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [str(out / name) for name in written]

@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.data import collate, open_dataset
 from pipeline.data.card import DatasetCard
 from pipeline.engine.checkpoint import load_checkpoint
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, DataError
 from pipeline.model import build_model
 from tests.conftest import tiny_overrides
 
@@ -52,7 +52,8 @@ def test_train_resume_evaluate_and_mlflow_run(tiny_dataset: Path, tmp_path: Path
     resumed = stages.train(cfg6)
     assert resumed["step"] == 6 and resumed["run_id"] == summary["run_id"]
     csv = (tmp_path / "train" / "train_log.csv").read_text().splitlines()
-    assert csv[0].startswith("step,") and csv[1].startswith("5,")  # only the new steps 5..6
+    assert csv[0].startswith("step,")  # the whole history, each step once
+    assert [int(line.split(",")[0]) for line in csv[1:]] == [1, 2, 3, 4, 5, 6]
 
     metrics = stages.evaluate(cfg6)
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -111,6 +112,29 @@ def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_p
     assert raw.size == Image.open(image).size
     card = DatasetCard.load(tiny_dataset / "meta.json")
     assert int(np.asarray(raw).max()) < card.num_classes
+
+    # a 16-bit grayscale PNG is read by its bit depth: the same outputs as its 8-bit version
+    gray8 = np.asarray(Image.open(image).convert("L"))
+    Image.fromarray(gray8).save(tmp_path / "gray8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    for name in ("gray8", "gray16"):
+        stages.predict(cfg, [tmp_path / f"{name}.png"], checkpoint=tmp_path / "train" / "best.pt",
+                       out_dir=tmp_path / name)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "gray8" / "gray8_semantic.png")),
+                          np.asarray(Image.open(tmp_path / "gray16" / "gray16_semantic.png")))
+
+    # all or nothing: a bad input among good ones writes nothing, into a new or an existing folder
+    (tmp_path / "notimage.png").write_text("not an image")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    for out in ("fresh", "mine"):
+        with pytest.raises(DataError, match=r"notimage\.png: "):
+            stages.predict(cfg, [image, tmp_path / "notimage.png"],
+                           checkpoint=tmp_path / "train" / "best.pt", out_dir=tmp_path / out)
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_prepare_renders_once_then_skips_identical(tmp_path: Path) -> None:
