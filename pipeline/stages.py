@@ -57,11 +57,12 @@ def dataset_ready(cfg: Config) -> bool:
 
 
 def prepare(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Make ``data.root`` ready. Synthetic: render it unless an identical render is there.
+    """Make ``data.root`` ready. Synthetic: render it unless an identical render is there (only
+    into a new or empty folder or over its own earlier render: ``synthetic.ownership``). A user's
+    folder (``data.source: folder``) is only read: ``pipeline.data.check.check_dataset`` checks
+    every referenced file and reports all problems in one ``DataError``.
 
     With ``parent_run_id`` (a pipeline run), the stage is a nested MLflow run with the data params."""
-    from pipeline.data import open_dataset
-
     root = Path(cfg.data.root)
     if cfg.data.source == "synthetic":
         wanted = _wanted_synthetic(cfg)
@@ -80,13 +81,10 @@ def prepare(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
                        **wanted,
                        **{k: v for k, v in rendered.items() if isinstance(v, int | float | str)}}
     else:
-        counts = {}
-        for split in (cfg.data.train_split, cfg.data.val_split):
-            ds = open_dataset(root, split)
-            counts[split] = len(ds)
-            if len(ds) == 0:
-                raise DataError(root, f"split {split!r} has no images")
-        summary = {"root": str(root), "rendered": False, "images": counts}
+        from pipeline.data.check import check_dataset
+
+        checked = check_dataset(root, (cfg.data.train_split, cfg.data.val_split))
+        summary = {"rendered": False, **checked}
     if parent_run_id is not None:
         _log_stage_run(cfg, "prepare", parent_run_id=parent_run_id,
                        params={k: v for k, v in cfg.flat().items() if k.startswith("data.")},

@@ -22,6 +22,7 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from pipeline import model_store  # noqa: E402
 from pipeline.config import TrackingConfig  # noqa: E402
 
 MAX_PARAM_LEN = 6000
@@ -253,8 +254,6 @@ class Tracker:
         import torch
         from mlflow.models import Model
 
-        from pipeline import model_store
-
         with tempfile.TemporaryDirectory(prefix="densepipe-model-") as tmp:
             weights = Path(tmp) / model_store.WEIGHTS_FILE
             sha256 = model_store.write_weights(payload, weights)
@@ -275,12 +274,10 @@ class Tracker:
         version is also tagged with the weights checksum recorded for ``model_uri``."""
         from mlflow.exceptions import MlflowException
 
-        from pipeline.model_store import SHA256_TAG
-
         with store_uri(self.uri):
             recorded = _recorded_sha256(self.client, model_uri)
         if recorded and len(set(recorded)) == 1:
-            tags = {**tags, SHA256_TAG: recorded[0]}
+            tags = {**tags, model_store.SHA256_TAG: recorded[0]}
         try:
             self.client.get_registered_model(name)
         except MlflowException:
@@ -359,7 +356,6 @@ def _with_model(model_uri: str, tracking_uri: str, *, load: bool, device: Any = 
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    from pipeline import model_store
     from pipeline.errors import TrackingError
 
     with tempfile.TemporaryDirectory(prefix="densepipe-model-") as tmp, store_uri(tracking_uri), \
@@ -428,7 +424,6 @@ def _densepipe_flavor(model_uri: str, flavors: dict[str, Any]) -> dict[str, Any]
     """The MLmodel's ``densepipe`` flavor; ``TrackingError`` for a model without it (e.g. one an
     older densepipe logged as a pickled PyTorch model, which is never unpickled) or in a format
     this densepipe does not read."""
-    from pipeline import model_store
     from pipeline.errors import TrackingError
 
     flavor = flavors.get(model_store.FLAVOR)
@@ -453,18 +448,16 @@ def _recorded_sha256(client: Any, model_uri: str) -> list[str] | None:
     from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    from pipeline.model_store import SHA256_TAG
-
     found: list[str | None] = []
     if model_uri.startswith("models:/"):
         resolved = get_model_name_and_version(client, model_uri)
         if len(resolved) == 1:
-            found.append(client.get_logged_model(resolved[0]).tags.get(SHA256_TAG))
+            found.append(client.get_logged_model(resolved[0]).tags.get(model_store.SHA256_TAG))
         else:
             version = client.get_model_version(*resolved)
-            found.append(version.tags.get(SHA256_TAG))
+            found.append(version.tags.get(model_store.SHA256_TAG))
             if version.model_id:
-                found.append(client.get_logged_model(version.model_id).tags.get(SHA256_TAG))
+                found.append(client.get_logged_model(version.model_id).tags.get(model_store.SHA256_TAG))
     elif model_uri.startswith("runs:/"):
         run_id, path = RunsArtifactRepository.parse_runs_uri(model_uri)
         name = (path or "").split("/")[0]
@@ -475,7 +468,7 @@ def _recorded_sha256(client: Any, model_uri: str) -> list[str] | None:
                                                filter_string=f"name = '{name}'", page_token=token)
             match = next((m for m in page if m.source_run_id == run_id), None)
             if match is not None:
-                found.append(match.tags.get(SHA256_TAG))
+                found.append(match.tags.get(model_store.SHA256_TAG))
                 break
             if not page.token:
                 break

@@ -127,3 +127,18 @@ def test_outputs_get_umask_modes(tmp_path: Path) -> None:
                  tmp_path / "synthetic" / "annotations" / "instances_train.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE((tmp_path / "synthetic").stat().st_mode) == 0o755
+
+
+def test_prepare_of_a_user_folder_reports_every_problem_in_one_line(tmp_path: Path) -> None:
+    """`prepare --set data.source=folder` reads the images it lists: a missing and a truncated
+    image are both named, with the count, before any training; the folder is not written."""
+    root = tmp_path / "mine"
+    write_synthetic_dataset(root, seed=0, num_train=3, num_val=1, image_size=32)
+    (root / "images" / "train" / "000001.png").unlink()
+    png = root / "images" / "train" / "000002.png"
+    png.write_bytes(png.read_bytes()[:60])
+    before = _tree(root)
+    line = _error_line(_prepare(tmp_path, "data.source=folder", f"data.root={root}"))
+    assert "2 problems in split 'train'" in line
+    assert "000001.png: file missing" in line and "000002.png: truncated or corrupt" in line
+    assert _tree(root) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import struct
 import zlib
@@ -16,7 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.data.card import ClassInfo, DatasetCard, KeypointSpec
-from pipeline.data.reader import CocoDataset, open_dataset, read_png
+from pipeline.data.reader import CocoDataset, open_dataset, read_image, read_png
 from pipeline.data.transforms import build_transforms, collate
 from pipeline.engine.loaders import worker_context
 from pipeline.errors import DataError
@@ -170,6 +171,70 @@ def test_png_16bit_roundtrip(tmp_path: Path) -> None:
     arr, mode = read_png(tmp_path / "n.png")
     assert mode == "RGB;16" and arr.dtype == np.uint16
     np.testing.assert_array_equal(arr, rgb)
+
+
+GRADIENT16 = np.linspace(0, 65535, H * W).round().astype(np.uint16).reshape(H, W)
+
+
+def _gray16_png(path: Path) -> None:
+    Image.fromarray(GRADIENT16).save(path)  # PIL mode I;16
+
+
+def _gray16_big_endian_tiff(path: Path) -> None:
+    Image.fromarray(GRADIENT16.astype(">u2")).save(path)  # PIL mode I;16B
+
+
+def _int32_tiff(path: Path) -> None:
+    Image.fromarray(GRADIENT16.astype(np.int32)).save(path)  # PIL mode I
+
+
+@pytest.mark.parametrize("writer", [_gray16_png, _gray16_big_endian_tiff, _int32_tiff])
+def test_read_image_16bit_gray_scaled_not_clipped(tmp_path: Path, writer: Any) -> None:
+    path = tmp_path / ("g.png" if writer is _gray16_png else "g.tif")
+    writer(path)
+    img = read_image(path)
+    assert img.shape == (H, W, 3) and img.dtype == np.uint8 and img.flags.c_contiguous
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2])
+    np.testing.assert_array_equal(img[..., 0], (GRADIENT16 >> 8).astype(np.uint8))
+    flat = img[..., 0].ravel()
+    assert flat[0] == 0 and flat[-1] == 255 and np.all(np.diff(flat.astype(int)) >= 0)
+    assert (flat == 255).mean() < 0.01  # convert("RGB") made 99.7 % of them 255
+
+
+def test_read_image_float_gray(tmp_path: Path) -> None:
+    f = (GRADIENT16 / 65535.0).astype(np.float32)
+    Image.fromarray(f).save(tmp_path / "f.tif")  # PIL mode F
+    img = read_image(tmp_path / "f.tif")
+    np.testing.assert_array_equal(img[..., 2], np.rint(f * 255).astype(np.uint8))
+
+
+def test_read_image_refuses_what_it_cannot_scale(tmp_path: Path) -> None:
+    Image.fromarray(np.full((H, W), 70000, np.int32)).save(tmp_path / "i.tif")
+    with pytest.raises(DataError, match=r"i\.tif: .*mode I with values 70000\.\.70000: "
+                                        r"expected 0\.\.65535"):
+        read_image(tmp_path / "i.tif")
+    Image.fromarray(np.full((H, W), 200.0, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=r"f\.tif: .*mode F with values 200\.\.200: "
+                                        r"expected finite values in 0\.\.1"):
+        read_image(tmp_path / "f.tif")
+
+
+def test_read_image_palette_alpha_and_16bit_rgb(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(2).integers(0, 256, (H, W, 3)).astype(np.uint8)
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), rgb)
+    gray = rgb[..., 0]
+    Image.fromarray(np.stack([gray, np.full_like(gray, 7)], -1), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png"), np.repeat(gray[..., None], 3, 2))
+    pal = Image.fromarray((gray % 4).astype(np.uint8), "P")
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 8, 7)]
+    pal.putpalette([c for col in colours for c in col])
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png"),
+                                  np.asarray(colours, np.uint8)[gray % 4])
+    rgb16 = np.random.default_rng(3).integers(0, 65536, (H, W, 3)).astype(np.uint16)
+    (tmp_path / "rgb16.png").write_bytes(png16_rgb(rgb16))
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb16.png"), (rgb16 >> 8).astype(np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,6 +492,11 @@ def _bad_cases() -> dict[str, Any]:
                    lambda o: o["annotations"][1].update(bbox=[28, 5, 8, 8]))
         return "instances_train.json"
 
+    def polygon_not_numbers(root: Path) -> str:
+        _edit_json(root / "annotations" / "instances_train.json",
+                   lambda o: o["annotations"][1].update(segmentation=[[15, 5, "x", 5, 23, 13]]))
+        return "instances_train.json"
+
     def semantic_wrong_size(root: Path) -> str:
         Image.fromarray(np.zeros((H, W + 1), np.uint8)).save(root / "semantic/train/000002.png")
         return "000002.png"
@@ -477,6 +547,64 @@ def test_box_tolerance_one_pixel(tmp_path: Path) -> None:
                lambda o: o["annotations"][1].update(bbox=[24.6, 5, 8, 8]))  # 0.6 px outside
     ds = CocoDataset.from_layout(root, "train")
     assert float(ds[0]["instances"]["boxes"][1, 2]) == W  # clipped to the image
+
+
+@pytest.mark.parametrize(("polygon", "reason"), [
+    ([15, 5, 23, 5], "2 point(s), fewer than 3"),
+    ([15, 5, 23, 5, 23], "odd number of coordinates (5)"),
+    ([15, 5, 19, 5, 23, 5, 17, 5], "zero area"),  # collinear
+    ([15, 5, 15, 5, 23, 13], "fewer than 3 distinct points"),
+])
+def test_degenerate_polygon_dropped_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 polygon: list[float], reason: str) -> None:
+    root = tmp_path / "poly"
+    write_hand_dataset(root)
+    _edit_json(root / "annotations" / "instances_train.json",
+               lambda o: o["annotations"][1].update(segmentation=[polygon]))  # annotation 11
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.reader"):
+        ds = CocoDataset.from_layout(root, "train")
+    assert ds.dropped_annotations == 1 and ds.dropped_polygons == 1
+    assert ds[0]["instances"]["ids"].tolist() == [10, 12]  # not an empty mask for 11
+    warns = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warns) == 1, warns
+    assert "dropped 1 annotation(s)" in warns[0]
+    assert f"instances_train.json: annotation id 11: polygon 0: {reason}" in warns[0]
+
+
+def test_invalid_polygon_dropped_valid_one_kept(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "poly"
+    info = write_hand_dataset(root)
+    before = CocoDataset.from_layout(root, "train")[0]["instances"]["masks"]
+    square = [15, 5, 23, 5, 23, 13, 15, 13]
+    _edit_json(root / "annotations" / "instances_train.json",
+               lambda o: o["annotations"][1].update(segmentation=[[1, 1, 2, 2], square, [3.0]]))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.reader"):
+        ds = CocoDataset.from_layout(root, "train")
+    assert ds.dropped_annotations == 0 and ds.dropped_polygons == 2
+    inst = ds[0]["instances"]
+    assert inst["ids"].tolist() == [10, 11, 12]
+    assert torch.equal(inst["masks"], before)  # valid polygons produce what they did
+    assert inst["masks"][0].numpy().tolist() == info["person"].tolist()
+    assert "annotation id 11: polygon 0: 2 point(s)" in caplog.text
+
+
+def test_degenerate_polygon_in_instances_and_keypoints_counted_once(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _write_coco2017(root)
+    for name in ("instances_val2017.json", "person_keypoints_val2017.json"):
+        _edit_json(root / "annotations" / name,
+                   lambda o: o["annotations"][0].update(segmentation=[[3, 2, 11, 2]]))  # id 10
+    ds = open_dataset(root, "val")
+    assert ds.dropped_annotations == 1 and ds.dropped_polygons == 1
+    assert ds[0]["instances"]["ids"].tolist() == [11, 12]
+
+
+def test_valid_dataset_drops_nothing(hand: tuple[Path, dict[str, Any]],
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.reader"):
+        ds = CocoDataset.from_layout(hand[0], "train")
+    assert ds.dropped_annotations == 0 and ds.dropped_polygons == 0 and not caplog.records
 
 
 # ------------------------------------------------------------------------------------------------

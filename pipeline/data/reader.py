@@ -3,9 +3,14 @@
 ``CocoDataset`` reads the formats users already have (see ``pipeline.data.sample`` for the
 sample contract it returns):
 
-- images: any PIL-readable file (PNG, JPEG), converted to RGB;
+- images: any PIL-readable file (PNG, JPEG), converted to RGB (``read_image``: 16-bit and
+  float grayscale scaled to 8 bit, not clipped);
 - instances (+ keypoints): COCO instances JSON, segmentation as polygons, uncompressed or
-  compressed RLE (a missing ``segmentation`` falls back to the filled box);
+  compressed RLE (a missing ``segmentation`` falls back to the filled box). Invalid polygons
+  (fewer than 3 points, an odd number of coordinates, zero area) are dropped, and so is an
+  annotation left without a valid polygon, as detectron2's ``load_coco_json`` does; one warning
+  per dataset says how many, and ``CocoDataset.dropped_annotations`` / ``dropped_polygons``
+  count them;
 - keypoints may also come from a separate COCO person-keypoints JSON; its annotations are merged
   into the instances by annotation id (COCO 2017 uses the same ids in both files);
 - panoptic: COCO panoptic JSON + RGB PNGs (segment id = R + 256 G + 256^2 B);
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import struct
 import warnings
@@ -47,12 +53,17 @@ from pipeline.errors import DataError
 LABEL_KINDS = ("semantic", "instances", "panoptic", "depth", "normals", "keypoints")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 BOX_TOLERANCE = 1.0  # pixels a COCO box may stick out of its image
+MIN_POLYGON_AREA = 1e-6  # square pixels; a polygon with less is degenerate (its mask is empty)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LABEL_KINDS",
     "CocoDataset",
+    "SampleFiles",
     "open_dataset",
     "read_image",
+    "read_label",
     "read_png",
     "panoptic_rgb_to_ids",
 ]
@@ -78,19 +89,70 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as RGB ``HxWx3 uint8`` (grayscale, palette, CMYK, alpha converted).
+    """Read an image file as RGB: a C-contiguous ``HxWx3 uint8`` array, fully decoded.
 
-    Raises ``DataError`` naming the file when it is missing or not a readable image."""
+    The stored size is kept (EXIF orientation is not applied). Conversions:
+
+    - 8-bit RGB as is; grayscale (``L``, ``1``), palette (``P``, ``PA``), ``LA``, ``RGBA``,
+      CMYK, YCbCr by PIL's ``convert("RGB")`` (alpha dropped, palette looked up);
+    - 16-bit RGB/RGBA PNGs: PIL keeps the high byte (value >> 8);
+    - 16-bit grayscale (PIL modes ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) and 32-bit integer
+      grayscale (mode ``I``) whose values lie in 0..65535: value >> 8 (65535 -> 255), repeated
+      on 3 channels;
+    - float grayscale (mode ``F``) with finite values in 0..1: round(value * 255).
+
+    Raises ``DataError`` naming the file when it is missing, truncated or corrupt (the pixels are
+    decoded, so a truncated PNG or JPEG is caught), or in a mode that cannot be read faithfully
+    (``I`` outside 0..65535, ``F`` outside 0..1, modes PIL cannot convert to RGB)."""
     path = Path(path)
     data = _read_bytes(path, "image file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            return np.asarray(img)
+        img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise DataError(path, "not an image file PIL can read (unknown or corrupt header; "
+                              f"expected PNG, JPEG or another of {', '.join(IMAGE_SUFFIXES)})"
+                        ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(path, f"corrupt or unreadable image ({type(e).__name__}: {e})") from e
+        raise DataError(path, f"corrupt image header ({type(e).__name__}: {e})") from e
+    with img:
+        fmt = img.format or "unknown format"
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(path, f"truncated or corrupt image ({fmt}: {e})") from e
+        return _to_rgb8(img, path, fmt)
+
+
+def _to_rgb8(img: Image.Image, path: Path, fmt: str) -> np.ndarray:
+    """A loaded PIL image as ``HxWx3 uint8`` (see ``read_image`` for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(img))
+    gray: np.ndarray | None = None
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img)
+        if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DataError(path, f"{fmt} image in 32-bit integer mode I with values "
+                                  f"{int(a.min())}..{int(a.max())}: expected 0..65535 "
+                                  "(16-bit) to scale to 8 bit")
+        gray = (a.astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+            finite = a[np.isfinite(a)]
+            found = (f"{float(finite.min()):g}..{float(finite.max()):g}" if finite.size
+                     else "none finite")
+            found += "" if np.isfinite(a).all() else " and NaN/inf"
+            raise DataError(path, f"{fmt} image in float mode F with values {found}: expected "
+                                  "finite values in 0..1 to scale to 8 bit")
+        gray = np.rint(a * np.float32(255.0)).astype(np.uint8)
+    if gray is not None:
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    try:
+        return np.ascontiguousarray(np.asarray(img.convert("RGB")))
+    except (ValueError, OSError) as e:
+        raise DataError(path, f"{fmt} image in PIL mode {mode} cannot be converted to RGB "
+                              f"({e})") from e
 
 
 def read_png(path: str | os.PathLike[str], what: str = "label PNG") -> tuple[np.ndarray, str]:
@@ -118,6 +180,9 @@ def read_png(path: str | os.PathLike[str], what: str = "label PNG") -> tuple[np.
             img.load()
             mode = img.mode
             arr = np.asarray(img)
+    except Image.UnidentifiedImageError:
+        raise DataError(path, f"corrupt or unreadable {what} (not an image file PIL can read: "
+                              "unknown or corrupt header)") from None
     except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
         raise DataError(path, f"corrupt or unreadable {what} ({type(e).__name__}: {e})") from e
     if mode.startswith("I;16"):
@@ -133,8 +198,12 @@ def _describe(arr: np.ndarray, mode: str) -> str:
     return f"{shape}{chans} {arr.dtype} (PNG mode {mode})"
 
 
-def _read_label(path: Path, kind: str, hw: tuple[int, int]) -> np.ndarray:
-    """Read and check one label PNG of ``kind`` for an image of size ``hw``."""
+def read_label(path: Path, kind: str, hw: tuple[int, int] | None) -> np.ndarray:
+    """Read and check one label PNG of ``kind`` (semantic, depth, normals, panoptic) for an
+    image of size ``hw`` (None: any size): the array as stored, depth as uint16 millimetres.
+
+    Raises ``DataError`` naming the file when it is missing, corrupt, or of the wrong size,
+    channel count or bit depth for its kind."""
     expect = {
         "semantic": "uint8 single-channel (PNG mode L or P)",
         "depth": "uint16 single-channel millimetres (PNG mode I;16)",
@@ -148,14 +217,17 @@ def _read_label(path: Path, kind: str, hw: tuple[int, int]) -> np.ndarray:
         "normals": arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype in (np.uint8, np.uint16),
         "panoptic": arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8,
     }[kind]
-    if not ok or arr.shape[:2] != hw:
-        raise DataError(path, f"expected a {hw[0]}x{hw[1]} (HxW, the image's size) {expect}, "
-                              f"got {_describe(arr, mode)}")
+    if not ok or (hw is not None and arr.shape[:2] != hw):
+        size = f"{hw[0]}x{hw[1]} (HxW, the image's size) " if hw is not None else ""
+        raise DataError(path, f"expected a {size}{expect}, got {_describe(arr, mode)}")
     if kind == "depth" and arr.dtype != np.uint16:  # mode "I" (int32) from older encoders
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise DataError(path, f"depth values outside 0..65535 mm ({_describe(arr, mode)})")
         arr = arr.astype(np.uint16)
     return arr
+
+
+_read_label = read_label  # the name the reader's other callers use
 
 
 def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
@@ -239,6 +311,25 @@ def _check_categories(path: Path, obj: dict[str, Any]) -> set[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class SampleFiles:
+    """The files ``CocoDataset.load`` reads for one sample (what ``check_dataset`` checks).
+
+    ``image``: the image file; ``size``/``size_source``: ``(H, W)`` as declared by the JSON
+    ``size_source`` (None for a folder without JSON); ``labels``: kind -> label PNG, the panoptic
+    PNG whenever the panoptic JSON lists one (it must exist), semantic/depth/normals PNGs only
+    when present in their folder; ``unlabelled``: dense kinds whose folder exists but holds no
+    PNG for this image (not an error: the sample lacks that key); ``listed_in``: kind -> the JSON
+    that references the file (``"image"``, ``"panoptic"``)."""
+
+    image: Path
+    size: tuple[int, int] | None
+    size_source: Path | None
+    labels: dict[str, Path]
+    unlabelled: tuple[str, ...]
+    listed_in: dict[str, Path]
+
+
 @dataclass
 class _ImageRecord:
     id: int
@@ -271,7 +362,10 @@ class CocoDataset(torch.utils.data.Dataset):
     file stem, else position + 1).
 
     Attributes: ``card``, ``image_ids`` (in sample order), ``label_kinds`` (which of
-    ``LABEL_KINDS`` this split has), the paths given above.
+    ``LABEL_KINDS`` this split has), the paths given above; ``dropped_annotations`` (annotations
+    left without a valid polygon, not loaded), ``dropped_polygons`` (invalid polygons removed,
+    those of dropped annotations included) and ``drop_examples`` (the first few, as
+    ``"file: annotation id N: reason"``).
     """
 
     def __init__(
@@ -313,6 +407,11 @@ class CocoDataset(torch.utils.data.Dataset):
         self._kp_specs: dict[int, KeypointSpec] = {s.category_id: s for s in self.card.keypoints}
         self.num_keypoints = max((s.num_keypoints for s in self.card.keypoints), default=0)
 
+        self.dropped_annotations = 0
+        self.dropped_polygons = 0
+        self.drop_examples: list[str] = []
+        self._dropped_ids: set[int] = set()
+
         # images: union over the JSONs, each image remembers which labels it has
         records: dict[int, _ImageRecord] = {}
         for path, obj in ((self.instances_json, inst), (self.keypoints_json, kps),
@@ -331,6 +430,11 @@ class CocoDataset(torch.utils.data.Dataset):
         if pan is not None:
             assert self.panoptic_json is not None
             self._add_panoptic(self.panoptic_json, pan, records)
+        if self.dropped_polygons:
+            log.warning("%s: dropped %d annotation(s) without a valid polygon and %d invalid "
+                        "polygon(s) in all (fewer than 3 points, odd coordinate count or zero "
+                        "area; detectron2's rule); first: %s", self.image_dir,
+                        self.dropped_annotations, self.dropped_polygons, self.drop_examples[0])
         if not records:
             if inst is None and kps is None and pan is None:
                 records = self._images_from_folder()
@@ -458,6 +562,7 @@ class CocoDataset(torch.utils.data.Dataset):
             for r in records.values():
                 for a in r.anns or ():
                     by_id[a["id"]] = a
+        dropped_ids = self._dropped_ids
         any_kp = False
         card = self.card
         for i, a in enumerate(obj["annotations"]):
@@ -498,6 +603,20 @@ class CocoDataset(torch.utils.data.Dataset):
                 if kp:
                     by_id[aid]["keypoints"] = kp
                 continue
+            if merge and aid in dropped_ids:  # the instances file's copy was dropped already
+                continue
+            seg = entry["segmentation"]
+            if isinstance(seg, list) and seg:
+                valid, problems = _valid_polygons(path, where, seg)
+                if problems:
+                    self.dropped_polygons += len(problems)
+                    if len(self.drop_examples) < 5:
+                        self.drop_examples.append(f"{path.name}: {where}: {problems[0]}")
+                if not valid:
+                    self.dropped_annotations += 1
+                    dropped_ids.add(aid)
+                    continue
+                entry["segmentation"] = valid
             assert rec.anns is not None
             rec.anns.append(entry)
         return any_kp
@@ -548,6 +667,56 @@ class CocoDataset(torch.utils.data.Dataset):
         if self.transforms is not None:
             sample = self.transforms(sample)
         return sample
+
+    def sample_files(self, index: int) -> SampleFiles:
+        """The files sample ``index`` is read from (see ``SampleFiles``); no file is opened."""
+        rec = self._records[index]
+        labels: dict[str, Path] = {}
+        listed: dict[str, Path] = {}
+        if rec.source is not None:
+            listed["image"] = Path(rec.source)
+        if rec.panoptic is not None:
+            assert self.panoptic_dir is not None and self.panoptic_json is not None
+            labels["panoptic"] = self.panoptic_dir / rec.panoptic["file_name"]
+            listed["panoptic"] = self.panoptic_json
+        stem = Path(rec.file_name).stem + ".png"
+        unlabelled = []
+        for kind, d in (("semantic", self.semantic_dir), ("depth", self.depth_dir),
+                        ("normals", self.normals_dir)):
+            if d is None:
+                continue
+            if stem in self._label_files[kind]:
+                labels[kind] = d / stem
+            else:
+                unlabelled.append(kind)
+        size = (rec.height, rec.width) if rec.height is not None and rec.width is not None else None
+        return SampleFiles(self.image_dir / rec.file_name, size,
+                           Path(rec.source) if rec.source is not None else None, labels,
+                           tuple(unlabelled), listed)
+
+    def listed_file_names(self) -> set[str] | None:
+        """``file_name`` of every image the JSONs list; None when the images are the folder's."""
+        if self.instances_json is None and self.keypoints_json is None \
+                and self.panoptic_json is None:
+            return None
+        return {r.file_name for r in self._records}
+
+    def segmentation_problems(self, index: int, hw: tuple[int, int]) -> list[tuple[str, str]]:
+        """What ``load`` would reject in sample ``index``'s segmentations for an image of size
+        ``hw`` (an RLE of another size, a malformed segmentation), as ``(json file, problem)``
+        pairs; polygons and RLEs are converted, no mask is decoded."""
+        from pycocotools import mask as mask_utils
+
+        out = []
+        for a in self._records[index].anns or ():
+            try:
+                _to_rle(a["segmentation"], a["bbox"], hw[0], hw[1], mask_utils)
+            except DataError as e:
+                out.append((a["source"], f"annotation id {a['id']}: {e.problem}"))
+            except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
+                out.append((a["source"], f"annotation id {a['id']}: cannot decode "
+                                         f"segmentation ({type(e).__name__}: {e})"))
+        return out
 
     def index_of_image_id(self, image_id: int) -> int:
         """Sample index of a COCO image id (KeyError if absent)."""
@@ -653,15 +822,59 @@ class CocoDataset(torch.utils.data.Dataset):
         return np.ascontiguousarray(m.transpose(2, 0, 1)).astype(bool, copy=False)
 
 
+def _polygon_problem(xy: np.ndarray) -> str | None:
+    """Why a COCO polygon (its coordinates ``[x0, y0, x1, y1, ...]`` as a float array) is
+    invalid: fewer than 3 points, an odd number of coordinates, zero area; None when valid."""
+    n = len(xy)
+    if n % 2:
+        return f"odd number of coordinates ({n})"
+    if n < 6:
+        return f"{n // 2} point(s), fewer than 3"
+    x, y = xy[0::2], xy[1::2]
+    twice = float(x[:-1] @ y[1:] - x[1:] @ y[:-1]) + float(x[-1] * y[0] - x[0] * y[-1])
+    if abs(twice) >= 2 * MIN_POLYGON_AREA:
+        return None
+    if len(set(zip(x.tolist(), y.tolist(), strict=True))) < 3:
+        return "fewer than 3 distinct points"
+    return "zero area"
+
+
+def _valid_polygons(path: Path, where: str, seg: list[Any]) -> tuple[list[list[Any]], list[str]]:
+    """Split a polygon segmentation into its valid polygons and the reasons for the others.
+
+    Raises ``DataError`` for a coordinate that is not a finite number (a broken file, not a
+    degenerate shape)."""
+    valid: list[list[Any]] = []
+    problems: list[str] = []
+    for k, poly in enumerate(seg):
+        if not isinstance(poly, list):
+            problems.append(f"polygon {k} is a {type(poly).__name__}, not a list of coordinates")
+            continue
+        try:
+            xy = np.asarray(poly)
+            ok = xy.ndim == 1 and xy.dtype.kind in "iuf" and bool(np.isfinite(xy).all())
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise DataError(path, f"{where}: segmentation polygon {k} must be finite numbers "
+                                  f"[x0, y0, x1, y1, ...], got {str(poly)[:80]}")
+        why = _polygon_problem(xy.astype(np.float64, copy=False))
+        if why is None:
+            valid.append(poly)
+        else:
+            problems.append(f"polygon {k}: {why}")
+    return valid, problems
+
+
 def _to_rle(seg: Any, bbox: tuple[float, float, float, float], H: int, W: int,
             mask_utils: Any) -> dict[str, Any]:
     """One COCO segmentation (polygons, RLE, compressed RLE, or none) as a compressed RLE."""
     if seg is None:  # no segmentation at all: the filled box
         x, y, w, h = bbox
         return mask_utils.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], H, W)[0]
-    if isinstance(seg, list):
+    if isinstance(seg, list):  # invalid polygons were dropped when the JSON was parsed
         polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-        if not polys:  # empty mask
+        if not polys:  # `segmentation: []`: empty mask
             return mask_utils.encode(np.zeros((H, W, 1), np.uint8, order="F"))[0]
         return mask_utils.merge(mask_utils.frPyObjects(polys, H, W))
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
