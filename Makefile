@@ -38,8 +38,11 @@ install-test: $(STAMP)-test
 demo: install
 	$(BIN)/densepipe run
 
+# Two test processes (pytest-xdist): CI has 2 cores, and many tests wait on servers and
+# subprocesses. TEST_WORKERS=0 runs in this process (pdb, -x); more suit a bigger machine.
+TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -90,7 +90,7 @@ def read_weights(path: str | Path, *, source: str) -> dict[str, Any]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle errors, unsafe globals
         raise CheckpointError(unreadable_message(Path(path), e, source=source,
-                                                 what="densepipe model weights file")) from None
+                                                 what="model weights file")) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or \
             not all(k in payload for k in ("model", "config", "card")):
         raise CheckpointError(f"{source}: weights file is not a densepipe model (expected format {FORMAT})")

@@ -12,6 +12,11 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # `make test`: one core per worker
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE = REPO_ROOT.parent / "shared" / "testdata" / "conformance"
 

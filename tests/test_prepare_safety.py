@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import stages
+from pipeline.config import load_config
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.data.synthetic.ownership import MARKER
 from pipeline.errors import OutputError
@@ -20,12 +22,12 @@ from tests.conftest import REPO_ROOT
 TINY = {"num_train": 1, "num_val": 1, "image_size": 32}
 
 
-def _prepare(cwd: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _prepare(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     over = [a for o in ("data.synthetic.num_train=1", "data.synthetic.num_val=1",
                         "data.synthetic.image_size=32", *overrides) for a in ("--set", o)]
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare", "--params",
                            str(REPO_ROOT / "params.yaml"), *over], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})})
+                          cwd=cwd)
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -40,7 +42,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_prepare_refuses_user_folders_and_keeps_their_files(tmp_path: Path) -> None:
+def test_prepare_refuses_user_folders_and_keeps_their_files(tmp_path: Path, monkeypatch) -> None:
     """A user's folder, a COCO folder (synthetic source by mistake), the working folder, a git
     checkout and the home folder are refused with one line; every file in them survives."""
     project = tmp_path / "project"
@@ -56,20 +58,28 @@ def test_prepare_refuses_user_folders_and_keeps_their_files(tmp_path: Path) -> N
     (home / ".bashrc").write_text("export A=1")
     before = {p: _tree(p) for p in (project, coco, checkout, home)}
 
+    # through the command: exit code 2 and one `error:` line
     line = _error_line(_prepare(project, "data.root=mine"))
     assert "mine: holds files densepipe did not write" in line and "data.root" in line
-    line = _error_line(_prepare(project, f"data.root={coco}"))
-    assert str(coco) in line and "data.source=folder" in line
-    line = _error_line(_prepare(project, f"data.root={project}"))
-    assert "it is the working folder" in line
-    line = _error_line(_prepare(project / "mine", "data.root=."))
-    assert "it is the working folder" in line
-    line = _error_line(_prepare(project, f"data.root={checkout}"))
-    assert "git checkout" in line
-    line = _error_line(_prepare(project, f"data.root={home}", env={"HOME": str(home)}))
-    assert "your home folder" in line
-    line = _error_line(_prepare(project, f"data.root={tmp_path}", env={"HOME": str(home)}))
-    assert "it holds" in line
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HOME", str(home))
+
+    def refusal(root: str | Path) -> str:
+        over = [f"data.root={root}", "data.synthetic.num_train=1", "data.synthetic.num_val=1",
+                "data.synthetic.image_size=32"]
+        with pytest.raises(OutputError) as caught:
+            stages.prepare(load_config(None, over))
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    assert str(coco) in refusal(coco) and "data.source=folder" in refusal(coco)
+    assert "it is the working folder" in refusal(project)
+    assert "it is the working folder" in refusal(".")
+    assert "git checkout" in refusal(checkout)
+    assert "it is your home folder" in refusal(home)
+    assert "it holds your home folder" in refusal(tmp_path)
+    assert "it is the filesystem root" in refusal("/")
     assert {p: _tree(p) for p in before} == before
     assert sorted(p.name for p in project.iterdir()) == ["mine"]
 

@@ -255,7 +255,7 @@ def test_writing_is_byte_identical_with_two_workers(tiny_dataset: Path, tmp_path
     assert summary["seconds"] > 0 and summary["instances"]["train"] > 0
     a = sorted(p.relative_to(tiny_dataset) for p in tiny_dataset.rglob("*") if p.is_file())
     b = sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
-    assert a == b and len(a) == 4 + 5 * 12 + 1
+    assert a == b and len(a) == 4 + 5 * 12 + 2  # JSONs, PNGs, meta.json, the render's marker
     for rel in a:
         assert (tiny_dataset / rel).read_bytes() == (other / rel).read_bytes(), rel
 

@@ -110,11 +110,11 @@ _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: (.*?)(?: Check the docum
 
 
 def unreadable_message(path: Path, e: Exception, *, source: str | None = None,
-                       what: str = "densepipe checkpoint") -> str:
+                       what: str = "checkpoint") -> str:
     """One line saying why ``torch.load(path, weights_only=True)`` raised ``e``, naming ``source``
     (default ``path``): the unsupported global a pickled object needs (from torch's message, else
     found by scanning the pickle without running it), or the error's first 160 characters for a
-    truncated or corrupt file. ``what``: what the file should have been."""
+    truncated or corrupt file. ``what``: what the file should have been (a densepipe ``what``)."""
     source = source or str(path)
     text = " ".join(_ANSI.sub("", str(e)).split())
     if _WEIGHTS_ONLY in text:
@@ -126,7 +126,7 @@ def unreadable_message(path: Path, e: Exception, *, source: str | None = None,
             detail = _UNPICKLER_ERROR.search(text)
             problem = (detail.group(1) if detail else text)[:160]
             why = f"the file is a pickle that torch will not read as weights ({problem})"
-        return (f"{source}: refuses to load: {why}, not a {what}; only weights are "
+        return (f"{source}: refuses to load: {why}, not a densepipe {what}; only weights are "
                 "loaded (torch.load weights_only=True)")
     return f"{source}: not a readable {what} (truncated or corrupt?): {type(e).__name__}: {text[:160]}"
 
