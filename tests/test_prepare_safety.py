@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.data.synthetic.ownership import MARKER
 from pipeline.errors import OutputError
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
 from tests.conftest import REPO_ROOT
 
 TINY = {"num_train": 1, "num_val": 1, "image_size": 32}
@@ -130,10 +130,13 @@ def test_outputs_get_umask_modes(tmp_path: Path) -> None:
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
         atomic_write_json(tmp_path / "b.json", {"a": 1})
+        with atomic_path(tmp_path / "c.pt") as tmp:  # checkpoints, torch.save's target
+            tmp.write_bytes(b"x")
         write_synthetic_dataset(tmp_path / "synthetic", seed=0, **TINY)
     finally:
         os.umask(old)
-    for path in (tmp_path / "a.txt", tmp_path / "b.json", tmp_path / "synthetic" / "meta.json",
+    for path in (tmp_path / "a.txt", tmp_path / "b.json", tmp_path / "c.pt",
+                 tmp_path / "synthetic" / "meta.json",
                  tmp_path / "synthetic" / "annotations" / "instances_train.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE((tmp_path / "synthetic").stat().st_mode) == 0o755

@@ -128,7 +128,8 @@ def unreadable_message(path: Path, e: Exception, *, source: str | None = None,
             why = f"the file is a pickle that torch will not read as weights ({problem})"
         return (f"{source}: refuses to load: {why}, not a densepipe {what}; only weights are "
                 "loaded (torch.load weights_only=True)")
-    return f"{source}: not a readable {what} (truncated or corrupt?): {type(e).__name__}: {text[:160]}"
+    first = text.split(". ")[0]  # torch's first sentence; the rest is advice about other causes
+    return f"{source}: not a readable {what} (truncated or corrupt?): {type(e).__name__}: {first[:160]}"
 
 
 def _first_unsafe_global(path: Path, *, limit: int = 16 << 20) -> str | None:
