@@ -2,9 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# --no-compile: pip does not byte-compile the ~30k files of torch & co. up front (about 80 s of
-# the install on 2 cores); Python compiles what is imported, once, on first use.
-PIP    := $(BIN)/pip install --disable-pip-version-check -q --no-compile -c constraints.txt
+PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.densepipe
 
 export MLFLOW_DISABLE_TELEMETRY = true
@@ -40,12 +38,11 @@ install-test: $(STAMP)-test
 demo: install
 	$(BIN)/densepipe run
 
-# Two test processes (pytest-xdist; an idle one takes queued tests from the other): CI has 2
-# cores, and many tests wait on servers and subprocesses. TEST_WORKERS=0 runs in this process
-# (pdb, -x); more suit a bigger machine.
+# Two test processes (pytest-xdist): CI has 2 cores, and many tests wait on servers and
+# subprocesses. TEST_WORKERS=0 runs in this process (pdb, -x); more suit a bigger machine.
 TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install-test
 	$(BIN)/ruff check .
