@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,16 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # `make test`: on
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFORMANCE = REPO_ROOT.parent / "shared" / "testdata" / "conformance"
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line a refused ``densepipe`` command printed, after checking that it
+    exited with code 2 and printed nothing else on stderr."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

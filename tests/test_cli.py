@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, one_error_line
 
 
 def densepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -19,26 +19,18 @@ def densepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd)
 
 
-def _one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 def test_bad_override_and_unknown_task(tmp_path: Path) -> None:
     params = ["--params", str(REPO_ROOT / "params.yaml")]
-    line = _one_error_line(densepipe("config", *params, "--set", "train.lrr=1", cwd=tmp_path))
+    line = one_error_line(densepipe("config", *params, "--set", "train.lrr=1", cwd=tmp_path))
     assert "unknown key 'lrr' in train; allowed:" in line
-    line = _one_error_line(densepipe("train", *params, "--set", "model.tasks=[semantic,sky]",
+    line = one_error_line(densepipe("train", *params, "--set", "model.tasks=[semantic,sky]",
                                      "--set", f"data.root={tmp_path}", cwd=tmp_path))
     assert "unknown task 'sky'" in line and "semantic" in line
-    line = _one_error_line(densepipe("train", *params, "--set", "model.backbone=vgg", cwd=tmp_path))
+    line = one_error_line(densepipe("train", *params, "--set", "model.backbone=vgg", cwd=tmp_path))
     assert "unknown backbone 'vgg'; allowed: mobilenet_v3_large, resnet18" in line
-    line = _one_error_line(densepipe("config", *params, "--set", "train.steps=abc", cwd=tmp_path))
+    line = one_error_line(densepipe("config", *params, "--set", "train.steps=abc", cwd=tmp_path))
     assert line.startswith("error: --set train.steps=abc: train.steps: ")  # not params.yaml
-    line = _one_error_line(densepipe("train", *params, "--set", f"data.root={tmp_path}", cwd=tmp_path))
+    line = one_error_line(densepipe("train", *params, "--set", f"data.root={tmp_path}", cwd=tmp_path))
     assert str(tmp_path) in line and "layout" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: no runs/, no mlflow.db
 
@@ -70,12 +62,12 @@ def test_semseg_eval_bad_folders(tmp_path: Path) -> None:
     _labels(tmp_path / "gt", "a.png", np.zeros((4, 4)))
     _labels(tmp_path / "gt", "b.png", np.zeros((4, 4)))
     _labels(tmp_path / "pred", "a.png", np.full((4, 4), 7))
-    line = _one_error_line(densepipe("semseg-eval", "--gt-dir", str(tmp_path / "gt"), "--pred-dir",
+    line = one_error_line(densepipe("semseg-eval", "--gt-dir", str(tmp_path / "gt"), "--pred-dir",
                                      str(tmp_path / "pred"), "--num-classes", "3",
                                      "--json", str(tmp_path / "m.json"), cwd=tmp_path))
     assert "b.png" in line
     (tmp_path / "gt" / "b.png").unlink()
-    line = _one_error_line(densepipe("semseg-eval", "--gt-dir", str(tmp_path / "gt"), "--pred-dir",
+    line = one_error_line(densepipe("semseg-eval", "--gt-dir", str(tmp_path / "gt"), "--pred-dir",
                                      str(tmp_path / "pred"), "--num-classes", "3",
                                      "--json", str(tmp_path / "m.json"), cwd=tmp_path))
     assert "a.png" in line and "7" in line
@@ -89,7 +81,7 @@ def test_show_sample_draws_every_label_and_rejects_bad_index(tiny_dataset: Path,
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as im:
         assert im.width > 4 * 64 and im.mode == "RGB"  # six panels and a legend side by side
-    line = _one_error_line(densepipe("show-sample", "--root", str(tiny_dataset), "--index", "99",
+    line = one_error_line(densepipe("show-sample", "--root", str(tiny_dataset), "--index", "99",
                                      "--split", "val", "--out", str(tmp_path / "x.png"), cwd=tmp_path))
     assert "99" in line and "val" in line
     assert not (tmp_path / "x.png").exists()
@@ -99,5 +91,5 @@ def test_user_text_is_printed_literally(tmp_path: Path) -> None:
     """Paths are not rich markup: `[/x]` does not crash, `[red]` is not swallowed."""
     params = ["--params", str(REPO_ROOT / "params.yaml")]
     name = "a[/x]my[red]ck.png"
-    line = _one_error_line(densepipe("predict", name, *params, "--checkpoint", "c.pt", cwd=tmp_path))
+    line = one_error_line(densepipe("predict", name, *params, "--checkpoint", "c.pt", cwd=tmp_path))
     assert line == f"error: {name}: image file not found"

@@ -17,7 +17,7 @@ from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.data.synthetic.ownership import MARKER
 from pipeline.errors import OutputError
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, one_error_line
 
 TINY = {"num_train": 1, "num_val": 1, "image_size": 32}
 
@@ -28,14 +28,6 @@ def _prepare(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare", "--params",
                            str(REPO_ROOT / "params.yaml"), *over], capture_output=True, text=True,
                           cwd=cwd)
-
-
-def _error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -59,7 +51,7 @@ def test_prepare_refuses_user_folders_and_keeps_their_files(tmp_path: Path, monk
     before = {p: _tree(p) for p in (project, coco, checkout, home)}
 
     # through the command: exit code 2 and one `error:` line
-    line = _error_line(_prepare(project, "data.root=mine"))
+    line = one_error_line(_prepare(project, "data.root=mine"))
     assert "mine: holds files densepipe did not write" in line and "data.root" in line
 
     monkeypatch.chdir(project)
@@ -151,7 +143,7 @@ def test_prepare_of_a_user_folder_reports_every_problem_in_one_line(tmp_path: Pa
     png = root / "images" / "train" / "000002.png"
     png.write_bytes(png.read_bytes()[:60])
     before = _tree(root)
-    line = _error_line(_prepare(tmp_path, "data.source=folder", f"data.root={root}"))
+    line = one_error_line(_prepare(tmp_path, "data.source=folder", f"data.root={root}"))
     assert "2 problems in split 'train'" in line
     assert "000001.png: file missing" in line and "000002.png: truncated or corrupt" in line
     assert _tree(root) == before
