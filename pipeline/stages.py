@@ -335,7 +335,7 @@ def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path | N
 
     if checkpoint is None and model_uri is None:
         raise ConfigError("predict: give --checkpoint PATH or --model models:/<name>/<version>")
-    paths = [Path(p) for p in images]
+    paths = list(dict.fromkeys(Path(p) for p in images))  # the same file twice: once
     stems: dict[str, Path] = {}
     for path in paths:
         if path.stem in stems and stems[path.stem] != path:

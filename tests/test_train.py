@@ -119,8 +119,8 @@ def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_p
     Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
     assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
     for name in ("gray8", "gray16"):
-        stages.predict(cfg, [tmp_path / f"{name}.png"], checkpoint=tmp_path / "train" / "best.pt",
-                       out_dir=tmp_path / name)
+        stages.predict(cfg, [tmp_path / f"{name}.png"] * 2,  # the same file twice: predicted once
+                       checkpoint=tmp_path / "train" / "best.pt", out_dir=tmp_path / name)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "gray8" / "gray8_semantic.png")),
                           np.asarray(Image.open(tmp_path / "gray16" / "gray16_semantic.png")))
 
