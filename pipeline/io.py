@@ -13,15 +13,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``):
+    ``os.umask`` must set a value to read one, which other threads would see meanwhile."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -115,14 +124,17 @@ def atomic_write_png(path: str | os.PathLike[str], array: Any) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], *,
+               may_replace: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; on success it replaces ``path``.
 
     The caller decides whether an existing ``path`` may be replaced (it must be provably the
-    caller's own output); ``atomic_dir`` itself refuses, with ``OutputError``, a ``path`` that
-    ``protected_reason`` names, or one that is not a folder. On failure the temporary folder is
-    removed and any existing ``path`` is untouched. The old folder is renamed to a fresh hidden
-    sibling (``.<name>.<random>.old``) before the new one takes its place, then deleted."""
+    caller's own output). ``may_replace(folder)`` (a reason to refuse, or ``None``) is asked again
+    at the swap, on the old folder just renamed aside, so nothing added while the caller was
+    writing is lost: on a reason the old folder is put back and ``OutputError`` raised. A
+    ``path`` that ``protected_reason`` names, or that is not a folder, is refused with
+    ``OutputError`` whatever the caller says; a symbolic link at ``path`` is replaced (its target
+    is not touched). On failure the temporary folder is removed and ``path`` is as it was."""
     from pipeline.errors import OutputError
 
     path = Path(path)
@@ -136,13 +148,24 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old)  # onto the empty folder just made: an atomic rename on POSIX
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+        if not path.exists() and not path.is_symlink():
+            os.rename(tmp, path)
+            return
+        old = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")
+        os.rename(path, old)  # atomic; from here on nobody can add to what we replace
+        refusal = None if old.is_symlink() or may_replace is None else may_replace(old)
+        if refusal is not None:
+            os.rename(old, path)
+            raise OutputError(f"{path}: {refusal}")
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        if old.is_symlink():
+            old.unlink()
         else:
-            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

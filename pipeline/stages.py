@@ -11,6 +11,7 @@ Each takes ``parent_run_id`` (except predict) so a pipeline run nests one MLflow
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -324,8 +325,8 @@ def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path | N
 
     Writes ``<stem>_<task>_vis.png`` and each task's raw outputs into ``out_dir``. All or nothing:
     every image is read before the model is loaded, outputs are written into a temporary folder
-    beside ``out_dir`` and moved in only when every image succeeded, so a failing run leaves
-    ``out_dir`` as it was (not created when it did not exist). Two inputs with the same file stem
+    inside ``out_dir`` and moved into place only when every image succeeded, so a failing run
+    leaves ``out_dir`` as it was (not created when it did not exist). Two inputs with the same file stem
     would overwrite each other's outputs and are refused."""
     import shutil
     import tempfile
@@ -348,9 +349,11 @@ def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path | N
     model, *_ = load_model_to_evaluate(cfg, checkpoint=checkpoint, model_uri=model_uri, device=device)
     card = model.card
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name or 'predictions'}.", suffix=".tmp",
-                                    dir=out.parent))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    # staged inside out: the same filesystem (a move, never a copy), and a folder the user can write
+    staging = Path(tempfile.mkdtemp(prefix=".predict.", suffix=".tmp", dir=out))
+    done = False
     try:
         written: list[str] = []
         for path in paths:
@@ -366,10 +369,13 @@ def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path | N
                 written.append(vis_path.name)
                 written += [Path(f).relative_to(staging).as_posix()
                             for f in task.save_prediction(pred, str(staging / path.stem), card=card)]
-        out.mkdir(exist_ok=True)
         for name in written:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / name, out / name)
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            with contextlib.suppress(OSError):  # only when empty: nothing of anyone's is removed
+                out.rmdir()
     return [str(out / name) for name in written]

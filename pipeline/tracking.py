@@ -124,7 +124,9 @@ class Tracker:
             user = os.environ["MLFLOW_TRACKING_USERNAME"]
             secret = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(secret).decode()
-        request = urllib.request.Request(url, headers=headers)
+        request = urllib.request.Request(url)
+        for key, value in headers.items():  # not sent on to another host on a redirect
+            request.add_unredirected_header(key, value)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - the user's URI
                 return answer.status, answer.read(1 << 16)
@@ -383,8 +385,13 @@ def _with_model(model_uri: str, tracking_uri: str, *, load: bool, device: Any = 
         if not weights.is_file():
             raise TrackingError(f"--model {model_uri}: its {model_store.WEIGHTS_FILE} is missing "
                                 f"from the artifact store of {tracking_uri}")
-        if recorded is None:  # a local folder: the tracking store knows nothing of it
-            recorded = [str(flavor.get("sha256"))]
+        if recorded is None:  # not a registry or run URI: the tracking store knows nothing of it
+            if "://" in model_uri and not model_uri.startswith("file://"):
+                raise TrackingError(
+                    f"--model {model_uri}: only models:/ and runs:/ URIs (whose weights checksum the "
+                    "tracking store records) or a local model folder can be loaded; register the "
+                    "model and load it as models:/<name>/<version>")
+            recorded = [str(flavor.get("sha256"))]  # a local folder: its own MLmodel's checksum
         elif not recorded:
             raise TrackingError(f"--model {model_uri}: {tracking_uri} records no weights checksum "
                                 f"for it (tag {model_store.SHA256_TAG}); re-register it from its "

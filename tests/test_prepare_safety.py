@@ -93,6 +93,42 @@ def test_own_render_is_replaced_until_the_user_changes_it(tmp_path: Path) -> Non
     assert (root / "images" / "train" / "my_photo.jpg").read_bytes() == b"user data"
 
 
+def test_files_added_during_a_render_and_links_are_never_lost(tmp_path: Path, monkeypatch) -> None:
+    """The ownership check is repeated at the swap: a file copied in while rendering survives; a
+    link added to a render makes it the user's; a linked data.root and an older, unsealed render
+    are refused with one line."""
+    from pipeline.data.synthetic import ownership
+
+    root = tmp_path / "synthetic"
+    write_synthetic_dataset(root, seed=0, **TINY)
+    seal = ownership.write_rendering_marker
+
+    def user_copies_a_file_meanwhile(tmp: Path) -> None:
+        seal(tmp)
+        (root / "copied_meanwhile.txt").write_text("mine")
+
+    monkeypatch.setattr(ownership, "write_rendering_marker", user_copies_a_file_meanwhile)
+    with pytest.raises(OutputError, match="changed since densepipe rendered it"):
+        write_synthetic_dataset(root, seed=1, **TINY)
+    monkeypatch.undo()
+    assert (root / "copied_meanwhile.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]  # old put back, tmp removed
+
+    (root / "copied_meanwhile.txt").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="changed since densepipe rendered it"):
+        write_synthetic_dataset(root, seed=1, **TINY)
+    (root / "link").unlink()
+
+    (tmp_path / "linked").symlink_to(root)
+    with pytest.raises(OutputError, match=r"linked: data.root is a symbolic link \(to "):
+        write_synthetic_dataset(tmp_path / "linked", seed=1, **TINY)
+    (root / MARKER).unlink()
+    with pytest.raises(OutputError, match="rendered by an older densepipe"):
+        write_synthetic_dataset(root, seed=1, **TINY)
+
+
 def test_stale_render_of_a_killed_writer_is_removed(tmp_path: Path) -> None:
     """A render killed mid-way leaves `.synthetic.<random>.tmp`; the next render removes it when
     its writer is dead, and leaves a live writer's and an unmarked folder alone."""

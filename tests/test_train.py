@@ -98,7 +98,8 @@ def test_checkpoint_errors_name_the_problem(tiny_dataset: Path, tmp_path: Path) 
         stages.evaluate(other, best)
 
 
-def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_path: Path,
+                                                      monkeypatch) -> None:
     cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path, None, train__steps=1))
     stages.train(cfg)
     image = next((tiny_dataset / "images" / "val").iterdir())
@@ -134,7 +135,20 @@ def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_p
                            checkpoint=tmp_path / "train" / "best.pt", out_dir=tmp_path / out)
     assert not (tmp_path / "fresh").exists()
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "mine").glob(".*"))
+    # a failure while predicting (here: a plugin's writer) leaves no outputs and no staging folder
+    from plugins.semantic import SemanticTask
+
+    def broken(*args: object, **kwargs: object) -> list[str]:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(SemanticTask, "save_prediction", broken)
+    for out in ("fresh", "mine"):
+        with pytest.raises(RuntimeError, match="disk full"):
+            stages.predict(cfg, [image], checkpoint=tmp_path / "train" / "best.pt",
+                           out_dir=tmp_path / out)
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
 
 
 def test_prepare_renders_once_then_skips_identical(tmp_path: Path) -> None:

@@ -106,7 +106,10 @@ def exit_when_gone(pid: int, *, poll_s: float = 0.5) -> threading.Thread:
     is the forkserver, which waits for every worker to close its "alive" pipe before it exits,
     while each worker waits for the forkserver (so a killed trainer left both running for good).
     Waits on a pidfd where the OS has one (Linux 5.3+; no polling), else polls every
-    ``poll_s`` seconds."""
+    ``poll_s`` seconds. On Windows (where ``os.kill(pid, 0)`` would end ``pid``) it does nothing
+    and returns an unstarted thread: workers there are ended by their pipes closing."""
+    if os.name == "nt":
+        return threading.Thread(target=lambda: None)
     try:
         pidfd: int | None = os.pidfd_open(pid)
     except ProcessLookupError:

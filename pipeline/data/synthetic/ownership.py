@@ -13,12 +13,14 @@ folder of a writer that was killed can be recognised and removed by the next ren
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +35,28 @@ MARKER_FORMAT = "densepipe-synthetic-marker/1"
 
 
 def content_fingerprint(root: Path) -> tuple[str, int]:
-    """``(sha256 hex, number of files)`` over the sorted relative paths and sizes of every file
-    under ``root`` except the marker. Symbolic links count as files (by their target's size)."""
+    """``(sha256 hex, number of files)`` over the sorted relative paths of everything under
+    ``root`` except the marker, not following links: files by size, folders (empty ones too) and
+    symbolic links (by their target path) by kind, so a file, folder or link added, removed or
+    resized changes it."""
     entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # does not descend into linked folders
         dirnames.sort()
-        for name in filenames:
+        for name in dirnames + filenames:
             full = Path(dirpath) / name
             rel = full.relative_to(root).as_posix()
             if rel == MARKER:
                 continue
-            try:
-                size = full.stat().st_size
-            except OSError:  # a dangling link: not something we wrote
-                size = -1
-            entries.append(f"{rel}\0{size}")
+            info = full.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                entries.append(f"{rel}\0link\0{os.readlink(full)}")
+            elif stat.S_ISDIR(info.st_mode):
+                entries.append(f"{rel}\0dir")
+            else:
+                entries.append(f"{rel}\0{info.st_size}")
     entries.sort()
     digest = hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
-    return digest, len(entries)
+    return digest, sum(1 for e in entries if not e.endswith("\0dir"))
 
 
 def write_rendering_marker(tmp: Path) -> None:
@@ -88,37 +94,59 @@ def is_own_render(root: Path) -> bool:
 
 def check_replaceable(root: Path) -> None:
     """Raise ``OutputError`` unless ``root`` is missing, an empty folder, or our own render, and
-    always for a folder that holds the home, the working folder, the project or a git checkout."""
+    always for a symbolic link or a folder that holds the home, the working folder, the project or
+    a git checkout."""
     reason = protected_reason(root)
     if reason is not None:
         raise OutputError(f"{root}: data.root will not be rendered into: {reason}; set data.root "
                           "to a new folder (the default is data/synthetic)")
-    if not root.exists() and not root.is_symlink():
-        return
-    if not root.is_dir():
+    if root.is_symlink():
+        raise OutputError(f"{root}: data.root is a symbolic link (to {os.readlink(root)}); set "
+                          "data.root to the folder itself, or to a new folder")
+    if root.exists() and not root.is_dir():
         raise OutputError(f"{root}: data.root exists and is not a folder; move it away or set "
                           "data.root to a new folder")
-    if not any(root.iterdir()):
-        return
+    refusal = replace_refusal(root)
+    if refusal is not None:
+        raise OutputError(f"{root}: {refusal}")
+
+
+def replace_refusal(root: Path) -> str | None:
+    """Why the folder ``root`` may not be replaced by a render (``None``: it is missing, empty or
+    a sealed render of ours with its files unchanged)."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
     marker = _read_marker(root)
     if marker is None:
+        if _is_unsealed_render(root):
+            return (f"was rendered by an older densepipe, before renders were sealed with {MARKER}, "
+                    "so it is not provably ours: delete or move it yourself (it is regenerated "
+                    "from data.synthetic), or set data.root to a new folder")
         hint = (" (it looks like a dataset: for your own data set data.source=folder)"
                 if (root / "annotations").is_dir() or (root / "meta.json").exists() else "")
-        raise OutputError(
-            f"{root}: holds files densepipe did not write (no {MARKER}){hint}; prepare renders the "
-            "synthetic dataset only into a new or empty folder or over its own earlier render: "
-            "set data.root to a new folder, or move this one away")
+        return (f"holds files densepipe did not write (no {MARKER}){hint}; prepare renders the "
+                "synthetic dataset only into a new or empty folder or over its own earlier render: "
+                "set data.root to a new folder, or move this one away")
     digest, files = content_fingerprint(root)
     if marker.get("state") != "complete" or digest != marker.get("fingerprint"):
-        raise OutputError(
-            f"{root}: its files changed since densepipe rendered it ({files} files now, "
-            f"{marker.get('files', '?')} when rendered), so it is no longer provably ours and will "
-            "not be replaced: set data.root to a new folder, or move this one away")
+        return (f"its files changed since densepipe rendered it ({files} files now, "
+                f"{marker.get('files', '?')} when rendered), so it is no longer provably ours and "
+                "will not be replaced: set data.root to a new folder, or move this one away")
+    return None
+
+
+def _is_unsealed_render(root: Path) -> bool:
+    """A render of an older densepipe: its ``meta.json`` names this generator."""
+    try:
+        extra = json.loads((root / "meta.json").read_text(encoding="utf-8")).get("extra", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(extra, dict) and extra.get("generator") == spec.GENERATOR
 
 
 def _writer_alive(marker: dict[str, Any]) -> bool:
-    if marker.get("host") != socket.gethostname():
-        return True  # another machine's writer (a shared disk): cannot tell, leave it
+    if marker.get("host") != socket.gethostname() or os.name == "nt":
+        return True  # another machine's writer (a shared disk), or no kill(pid, 0): cannot tell
     try:
         os.kill(int(marker.get("pid", -1)), 0)
     except ProcessLookupError:
@@ -135,7 +163,7 @@ def remove_stale_renders(root: Path) -> int:
     removed = 0
     if not root.parent.is_dir():
         return 0
-    for sibling in root.parent.glob(f".{root.name}.*"):
+    for sibling in root.parent.glob(f".{glob.escape(root.name)}.*"):
         if not sibling.is_dir() or sibling.is_symlink():
             continue
         marker = _read_marker(sibling)

@@ -97,7 +97,7 @@ def write_synthetic_dataset(
 
     start = time.perf_counter()
     n_ann: dict[str, int] = {}
-    with atomic_dir(root) as tmp:
+    with atomic_dir(root, may_replace=ownership.replace_refusal) as tmp:
         ownership.write_rendering_marker(tmp)
         for folder in FOLDERS:
             for split in SPLITS:
