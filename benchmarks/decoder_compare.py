@@ -29,7 +29,7 @@ batch 8, 128x128 crops, the semantic head's ``norm: BN``) with ``model.tasks=[se
     python benchmarks/decoder_compare.py --smoke     # seconds: 2 decoders, tiny data and budget
 
 Results: ``benchmarks/results/decoder_compare.json`` and a Markdown table on stdout
-(``--update-readme`` writes it between the README's ``decoder_compare`` markers).
+(``--update-readme`` writes it between the ``decoder_compare`` markers of docs/decoders.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from pipeline.config import Config, load_config  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "decoder_compare.json"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "decoders.md"
 MARK_BEGIN, MARK_END = "<!-- decoder_compare:begin -->", "<!-- decoder_compare:end -->"
 BACKBONE = "resnet18"
 DILATED = {"aspp": 8, "context_basic": 8, "context_large": 8}
@@ -192,7 +192,7 @@ def markdown(report: dict[str, Any]) -> str:
 def update_readme(table: str) -> None:
     text = README.read_text()
     if MARK_BEGIN not in text or MARK_END not in text:
-        sys.exit(f"README.md has no {MARK_BEGIN} ... {MARK_END} markers")
+        sys.exit(f"{README} has no {MARK_BEGIN} ... {MARK_END} markers")
     head, rest = text.split(MARK_BEGIN, 1)
     _, tail = rest.split(MARK_END, 1)
     README.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}")
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})")
     ap.add_argument("--smoke", action="store_true",
                     help="prove it works in seconds: fcn32s and aspp, 16 images at 64x64, 3 s budget")
-    ap.add_argument("--update-readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--update-readme", action="store_true", help="write the table into docs/decoders.md")
     args = ap.parse_args()
 
     rows = ROWS
@@ -263,7 +263,7 @@ def main() -> None:
     print(table)
     if args.update_readme:
         if args.smoke:
-            sys.exit("--update-readme is refused with --smoke (the README shows the full run)")
+            sys.exit("--update-readme is refused with --smoke (docs/decoders.md shows the full run)")
         update_readme(table)
     if any("error" in r for r in results):
         sys.exit(1)
