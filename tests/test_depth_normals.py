@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.card import ClassInfo, DatasetCard
-from pipeline.data.reader import _decode_normals, _read_label
+from pipeline.data.reader import _decode_normals, read_label
 from pipeline.data.transforms import hflip_sample
 from pipeline.errors import ConfigError
 from pipeline.metrics.depth import depth_metrics
@@ -298,7 +298,7 @@ def test_depth_png_round_trip_through_the_reader(tmp_path: Path) -> None:
     pred[0, 0] = 1e-5  # still known after saving (1 mm)
     (path,) = DepthTask().save_prediction(pred, str(tmp_path / "img"), card=CARD)
     assert path == str(tmp_path / "img_depth.png")
-    metres = _read_label(Path(path), "depth", (5, 7)).astype(np.float32) * np.float32(0.001)
+    metres = read_label(Path(path), "depth", (5, 7)).astype(np.float32) * np.float32(0.001)
     assert np.abs(metres - pred.numpy())[1:].max() <= 0.0005 + 1e-6 and metres[0, 0] == np.float32(0.001)
 
 
@@ -398,7 +398,7 @@ def test_normals_png_round_trip_and_drawing(tmp_path: Path) -> None:
     pred = _unit_field(g, (3, 5, 7))
     (path,) = NormalsTask().save_prediction(pred, str(tmp_path / "img"), card=CARD)
     assert path == str(tmp_path / "img_normals.png")
-    back = _decode_normals(_read_label(Path(path), "normals", (5, 7)))
+    back = _decode_normals(read_label(Path(path), "normals", (5, 7)))
     cos = (back * pred.numpy()).sum(0)
     assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 0.5  # 8-bit quantisation
     vis = NormalsTask().visualize(np.zeros((5, 7, 3), np.uint8), pred, card=CARD)

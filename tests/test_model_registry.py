@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from pipeline.engine.trainer import load_trained_model
 from pipeline.errors import ConfigError, TrackingError
 from pipeline.tracking import load_registered_model, parent_run
-from tests.conftest import REPO_ROOT, tiny_overrides
+from tests.conftest import REPO_ROOT, http_server, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -307,30 +307,10 @@ def test_a_model_logged_as_a_pickle_by_an_older_densepipe_is_refused_unread(
 # -- a tracking URI that is not MLflow ------------------------------------------------------------
 def test_a_tracking_uri_at_a_server_that_is_not_mlflow_fails_before_training(
         tiny_dataset: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    import http.server
-    import threading
-
-    class NotFound(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = b"<html>Not Found</html>"
-            self.send_response(404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with http_server(404, b"<html>Not Found</html>") as uri:
         monkeypatch.chdir(tmp_path)
         sets = sum((["--set", o] for o in tiny_overrides(tiny_dataset, tmp_path, uri)), [])
         code, out, err = _densepipe("train", *sets, capsys=capsys)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert code == 2
     assert _one_line(err).startswith(f"error: tracking.uri {uri}: answers HTTP 404 but is not an "
                                      "MLflow tracking server (GET /health: HTTP 404; GET /api/2.0/")

@@ -14,18 +14,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.server import PrefectServerError, check_api, free_port, local_prefect_server
-from tests.conftest import REPO_ROOT, write_tiny_params
+from tests.conftest import REPO_ROOT, http_server, write_tiny_params
 
 BIN = Path(sys.executable).parent
 DENSEPIPE = BIN / "densepipe"
@@ -157,27 +155,9 @@ def test_serve_at_a_silent_server_fails_within_the_stated_timeout(tmp_path: Path
 
 
 def test_health_probe_names_a_url_that_is_not_the_prefect_api() -> None:
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # a web UI: every path answers 200 with HTML
-            body = b"<html>hello</html>"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = HTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_port}"
+    with http_server(200, b"<html>hello</html>") as url:  # a web UI: every path answers HTML
         with pytest.raises(PrefectServerError, match=r"not as a Prefect API .* usually ends in /api"):
             check_api(url, timeout_s=5)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 # -- prefect.yaml ------------------------------------------------------------------------------------------

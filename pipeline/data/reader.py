@@ -227,7 +227,6 @@ def read_label(path: Path, kind: str, hw: tuple[int, int] | None) -> np.ndarray:
     return arr
 
 
-_read_label = read_label  # the name the reader's other callers use
 
 
 def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
@@ -749,7 +748,7 @@ class CocoDataset(torch.utils.data.Dataset):
         pan_ids: np.ndarray | None = None
         if rec.panoptic is not None:
             assert self.panoptic_dir is not None
-            rgb = _read_label(self.panoptic_dir / rec.panoptic["file_name"], "panoptic", hw)
+            rgb = read_label(self.panoptic_dir / rec.panoptic["file_name"], "panoptic", hw)
             ids = pan_ids = panoptic_rgb_to_ids(rgb)
             segs = rec.panoptic["segments"]
             sample["panoptic"] = {
@@ -759,18 +758,18 @@ class CocoDataset(torch.utils.data.Dataset):
             }
         if stem in files.get("semantic", ()):
             assert self.semantic_dir is not None
-            sem = _read_label(self.semantic_dir / stem, "semantic", hw)
+            sem = read_label(self.semantic_dir / stem, "semantic", hw)
             sample["semantic"] = torch.from_numpy(sem.astype(np.int64))
         elif rec.panoptic is not None and pan_ids is not None:
             sample["semantic"] = torch.from_numpy(
                 _semantic_from_panoptic(pan_ids, rec.panoptic["segments"]))
         if stem in files.get("depth", ()):
             assert self.depth_dir is not None
-            mm = _read_label(self.depth_dir / stem, "depth", hw)
+            mm = read_label(self.depth_dir / stem, "depth", hw)
             sample["depth"] = torch.from_numpy(mm.astype(np.float32) * np.float32(0.001))
         if stem in files.get("normals", ()):
             assert self.normals_dir is not None
-            enc = _read_label(self.normals_dir / stem, "normals", hw)
+            enc = read_label(self.normals_dir / stem, "normals", hw)
             sample["normals"] = torch.from_numpy(_decode_normals(enc))
         return sample
 
