@@ -181,18 +181,15 @@ def _pickle_globals(data: io.BytesIO) -> Iterator[str]:
             return
 
 
-def hold_out_dir(folder: str | Path) -> contextlib.AbstractContextManager[bool]:
+@contextlib.contextmanager
+def hold_out_dir(folder: str | Path) -> Iterator[bool]:
     """Hold an exclusive advisory lock (``flock``) on ``<folder>/.lock`` for the block; the block
     gets True. One densepipe training writes a ``train.out_dir`` at a time: while another process
     holds it, raises a one-line ``DensepipeError`` naming its pid. The lock dies with its process,
     even under ``kill -9``. Where the file system cannot lock (or not POSIX), logs a warning and the
     block gets False. The file stays (removing it would race with the next training); it holds
     the owner's pid while locked and is empty after a clean exit."""
-    return _hold_out_dir(Path(folder))
-
-
-@contextlib.contextmanager
-def _hold_out_dir(folder: Path) -> Iterator[bool]:
+    folder = Path(folder)
     fd = -1
     if fcntl is not None:
         try:
