@@ -60,16 +60,15 @@ def sha256_file(path: str | Path) -> str:
 
 def save_model(path: str, mlflow_model: Any, *, weights_file: str, sha256: str,
                pip_requirements: list[str] | None = None) -> None:
-    """The ``densepipe`` flavor for ``mlflow.models.Model.log``: copy ``weights_file`` (written
-    by ``write_weights``, whose hash is ``sha256``) into the new model folder ``path`` and write
-    its ``MLmodel`` (plus ``requirements.txt`` when ``pip_requirements`` are given)."""
+    """The ``densepipe`` flavor for ``mlflow.models.Model.log``: move ``weights_file`` (written
+    by ``write_weights`` into a temporary folder of the caller's, whose hash is ``sha256``) into
+    the new model folder ``path`` and write its ``MLmodel`` (plus ``requirements.txt`` when
+    ``pip_requirements`` are given)."""
     from mlflow.models.model import MLMODEL_FILE_NAME
 
     folder = Path(path)
     folder.mkdir(parents=True)
-    shutil.copyfile(weights_file, folder / WEIGHTS_FILE)
-    if sha256_file(folder / WEIGHTS_FILE) != sha256:
-        raise CheckpointError(f"{weights_file}: changed while being logged (sha256 differs)")
+    shutil.move(weights_file, folder / WEIGHTS_FILE)  # a rename on one filesystem: no second copy
     if pip_requirements:
         (folder / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
     mlflow_model.add_flavor(FLAVOR, weights=WEIGHTS_FILE, format=FORMAT, sha256=sha256,

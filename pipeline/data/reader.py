@@ -227,8 +227,6 @@ def read_label(path: Path, kind: str, hw: tuple[int, int] | None) -> np.ndarray:
     return arr
 
 
-
-
 def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
     """COCO panoptic encoding: ``HxWx3 uint8`` -> ``HxW int64`` ids (R + 256 G + 256^2 B)."""
     return rgb_to_ids(rgb).astype(np.int64)
