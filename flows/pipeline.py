@@ -8,6 +8,11 @@ parent run with a nested run per stage, registers the model and leaves a markdow
 
 from __future__ import annotations
 
+if __name__ == "pipeline":  # run from its file path (Prefect's `flows/pipeline.py:pipeline_flow`)
+    raise ImportError("flows/pipeline.py was loaded from its file path as a module named 'pipeline', which "
+                      "shadows densepipe's pipeline package; use the module entrypoint "
+                      "flows.pipeline.pipeline_flow (as prefect.yaml does)")
+
 from typing import Any
 
 from prefect import flow
