@@ -1,11 +1,21 @@
 """Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` only.
 
-A checkpoint is a dict: ``format``, ``step``, ``epoch``, ``samples_seen`` (the sampler position),
-``world_size``, ``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler`` (fp16 gradient
-scaler), ``loss_weighting`` (its state dict), ``rng`` (torch CPU/CUDA, Python and NumPy states),
-``config`` (the full config as plain data), ``card`` (dataset card JSON), ``metrics`` (last
-evaluation), ``best_value``, ``early_stopping``, ``skipped_nonfinite``, ``mlflow_run_id``,
-``hooks`` (per-hook plain data) and, with ``train.ema``, ``model_ema`` (the averaged weights).
+A checkpoint is a dict. ``last.pt`` (for resuming) holds all of it: ``format``, ``step``,
+``epoch``, ``samples_seen`` (the sampler position), ``world_size``, ``model`` (state dict),
+``optimizer``, ``scheduler``, ``scaler`` (fp16 gradient scaler), ``loss_weighting`` (its state
+dict), ``rng`` (torch CPU/CUDA, Python and NumPy states), ``config`` (the full config as plain data),
+``card`` (dataset card JSON), ``metrics`` (last evaluation), ``best_value``, ``early_stopping``,
+``skipped_nonfinite``, ``hooks`` (per-hook plain data) and, with ``train.ema``, ``model_ema`` (the
+averaged weights). ``best.pt`` (for evaluation, prediction, registration and fine-tuning) is the
+same without the resume state (``RESUME_KEYS``): ``weights_payload``. ``load_checkpoint(...,
+resume=True)`` refuses a checkpoint without it in one line.
+
+The bytes are a function of the payload alone: the same training (same params, same seed) writes
+the same files, so DVC sees no change when it reruns one. Nothing volatile is inside: the MLflow
+run that wrote a folder's checkpoints is in ``<folder>/mlflow_run.json`` (``RunRecord``), which
+names each checkpoint it belongs to by sha256; ``load_checkpoint`` reports that run as
+``mlflow_run_id`` only for a file the record names, so a record never lends its run to a
+checkpoint another training wrote.
 
 A training holds ``<train.out_dir>/.lock`` (``hold_out_dir``) while it writes there, so it can tell
 the temporary files of a killed writer (``remove_stale_temp_files``) from those of a live one.
@@ -14,7 +24,9 @@ the temporary files of a killed writer (``remove_stale_temp_files``) from those 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -22,6 +34,7 @@ import pickletools
 import random
 import re
 import stat
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,7 +45,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import CheckpointError, DensepipeError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, atomic_write_json
 
 try:
     import fcntl
@@ -44,6 +57,14 @@ log = logging.getLogger(__name__)
 FORMAT = "densepipe-checkpoint/1"
 LOCK_NAME = ".lock"
 """The advisory lock file a training holds in its ``train.out_dir``."""
+RUN_RECORD = "mlflow_run.json"
+"""Beside the checkpoints: the MLflow run that wrote them (``RunRecord``)."""
+RUN_RECORD_FORMAT = "densepipe-run/1"
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "loss_weighting", "rng", "early_stopping",
+               "hooks", "samples_seen", "skipped_nonfinite")
+"""What only resuming reads: in ``last.pt``, not in ``best.pt``."""
+REQUIRED_TO_RESUME = ("optimizer", "scheduler", "rng")
+"""What a checkpoint must hold for ``load_checkpoint(..., resume=True)``."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,18 +98,130 @@ def _as_python_state(state: Any) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus ``format``) to ``path`` through a temporary file and rename."""
+def weights_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` without the resume state (``RESUME_KEYS``): what ``best.pt`` holds. Weights
+    (``model``, ``model_ema`` and whatever else a hook added), config, card, step, metrics and
+    ``best_value`` stay."""
+    return {k: v for k, v in payload.items() if k not in RESUME_KEYS}
+
+
+class _FullPickler(pickle.Pickler):
+    """Writes every object in full (pickle's ``fast`` mode: no memo). With a memo, a second
+    occurrence of an object is a back-reference, so the bytes would depend on which equal
+    strings happen to be one object: a value read from params.yaml or given as a default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast = True
+
+
+_PICKLE = types.ModuleType("densepipe_checkpoint_pickle")
+_PICKLE.Pickler = _FullPickler  # type: ignore[attr-defined]
+"""What ``torch.save`` pickles with (it subclasses ``pickle_module.Pickler``)."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any], *,
+                    record: RunRecord | None = None) -> str:
+    """Write ``payload`` (plus ``format``) to ``path`` through a temporary file and rename;
+    returns the file's sha256. ``record``: the ``RunRecord`` of ``path``'s folder, which notes the
+    new file before it replaces the old one (a run killed in between still owns the old file).
+
+    The bytes are a function of the payload's values alone: ``torch.save`` into an open file names
+    the archive inside ``archive`` (given a file name, torch names it after the random temporary
+    name), zip entries carry no dates, storages are numbered in order of appearance and the pickle
+    has no memo (``_FullPickler``)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
-    return path
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f, pickle_module=_PICKLE)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        if record is not None:
+            record.note(path.name, digest)
+    return digest
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunRecord:
+    """``<folder>/mlflow_run.json``: the MLflow run that wrote the checkpoints of ``folder``.
+
+    ``{"format", "mlflow_run_id", "checkpoints": {name: [sha256, ...]}}``: for each checkpoint
+    name, the sha256 of the newest file the run wrote under it, then of the one before. Kept out
+    of the checkpoints so that their bytes do not depend on the run id; tied to them by content
+    so that a checkpoint of another training (restored by ``dvc checkout``, copied in, or written
+    after the record was) never inherits the run. ``mlflow_run_id`` may be None (tracking off)."""
+
+    def __init__(self, folder: str | Path, run_id: str | None = None,
+                 checkpoints: dict[str, list[str]] | None = None) -> None:
+        self.path = Path(folder) / RUN_RECORD
+        self.run_id = run_id
+        self.checkpoints = dict(checkpoints or {})
+
+    @classmethod
+    def read(cls, folder: str | Path) -> RunRecord | None:
+        """The record in ``folder``; None when there is none or it is unreadable (logged)."""
+        path = Path(folder) / RUN_RECORD
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != RUN_RECORD_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {RUN_RECORD_FORMAT}")
+            run_id = data["mlflow_run_id"]
+            checkpoints = {str(k): [str(h) for h in v] for k, v in data["checkpoints"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s: ignored, not a densepipe run record (%s)", path, e)
+            return None
+        return cls(folder, run_id if isinstance(run_id, str) else None, checkpoints)
+
+    def owns(self, digest: str) -> bool:
+        """Whether the run wrote a checkpoint with this sha256."""
+        return any(digest in hashes for hashes in self.checkpoints.values())
+
+    def note(self, name: str, digest: str) -> None:
+        """Record that the run wrote ``name`` with sha256 ``digest`` (keeping the previous one)
+        and rewrite the file atomically."""
+        previous = [h for h in self.checkpoints.get(name, []) if h != digest]
+        self.checkpoints[name] = [digest, *previous[:1]]
+        atomic_write_json(self.path, {"format": RUN_RECORD_FORMAT, "mlflow_run_id": self.run_id,
+                                      "checkpoints": dict(sorted(self.checkpoints.items()))})
+
+    def start(self, run_id: str | None) -> None:
+        """The checkpoints written from now on are ``run_id``'s; those noted for another run
+        are forgotten."""
+        if run_id != self.run_id:
+            self.run_id, self.checkpoints = run_id, {}
+
+
+def recorded_run_id(path: str | Path) -> str | None:
+    """The MLflow run id that ``path``'s folder record (``RunRecord``) gives for this very file
+    (by sha256), else None."""
+    path = Path(path)
+    record = RunRecord.read(path.parent)
+    if record is None or record.run_id is None:
+        return None
+    return record.run_id if record.owns(sha256_file(path)) else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    resume: bool = False) -> dict[str, Any]:
     """Read a densepipe checkpoint with ``torch.load(weights_only=True)``; anything else (missing,
     truncated, corrupt, a pickled object, another format) raises a one-line ``CheckpointError``.
-    torch's warnings while reading (e.g. about the pickle protocol of a raw pickle) are not shown."""
+    torch's warnings while reading (e.g. about the pickle protocol of a raw pickle) are not shown.
+
+    ``mlflow_run_id`` in the result: the run that wrote the file, from the folder's ``RunRecord``
+    when it names this file (older checkpoints carry it inside), else None. ``resume``: the
+    checkpoint must hold the resume state (``REQUIRED_TO_RESUME``), else a one-line
+    ``CheckpointError`` names the file and what it lacks (``best.pt`` holds weights only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -100,6 +233,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(unreadable_message(path, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a densepipe checkpoint (expected format {FORMAT})")
+    if resume:
+        missing = [k for k in REQUIRED_TO_RESUME if k not in ckpt]
+        if missing:
+            raise CheckpointError(
+                f"{path}: cannot resume from it: it holds weights only (as best.pt does), without "
+                f"the resume state ({', '.join(missing)}); resume needs the last.pt a training "
+                f"wrote, or move {path.name} away to train afresh")
+    if ckpt.get("mlflow_run_id") is None:
+        ckpt["mlflow_run_id"] = recorded_run_id(path)
     return ckpt
 
 

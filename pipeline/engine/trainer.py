@@ -6,10 +6,17 @@ batch; rank 0 writes), a progress bar with each task's loss, images/s and ETA, e
 ``train.eval_every`` steps with ``best.pt`` and early stopping on a metric, lifecycle hooks
 (``pipeline.hookspecs``), and atomic ``last.pt`` / ``best.pt``.
 
+Outputs (``train.out_dir``): ``last.pt``, ``best.pt`` (weights, config, card, step, metrics; no
+resume state: ``checkpoint.weights_payload``), ``config.yaml`` and ``train_log.csv``
+(``TRACKED_OUTPUTS``: the same params and seed give the same bytes), and
+``mlflow_run.json`` (``checkpoint.RunRecord``: the MLflow run id, which differs from run to run).
+
 Resume: rerunning the same command continues from ``<train.out_dir>/last.pt``, which carries the
 model, optimizer, scheduler, scaler, loss-weighting state, step, epoch, sample position, every RNG
-state and hook state. Augmentation is seeded by each sample's position in the stream
-(``engine.loaders``), so on CPU the resumed run's weights equal an uninterrupted run's, bit for bit.
+state and hook state; it continues the MLflow run that ``mlflow_run.json`` names for that very
+file (a new run when the record is missing or names other files). Augmentation is seeded by each
+sample's position in the stream (``engine.loaders``), so on CPU the resumed run's weights equal an
+uninterrupted run's, bit for bit.
 ``train_log.csv`` is rewritten before each ``last.pt``: after a crash and resume it holds every
 step once (``TrainLog``).
 
@@ -31,13 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from rich.console import Console  # at import, not in training: rich.style draws from Python's RNG
 from torch import nn
 
 from pipeline.config import Config
 from pipeline.engine import distributed
 from pipeline.engine.checkpoint import (
+    RUN_RECORD,
+    RunRecord,
     hold_out_dir,
     load_checkpoint,
     load_model_state,
@@ -45,6 +56,7 @@ from pipeline.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    weights_payload,
 )
 from pipeline.engine.evaluation import evaluate_model
 from pipeline.engine.hooks import TrainState, build_hooks
@@ -62,7 +74,10 @@ from pipeline.tracking import Tracker
 log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.csv"
-OUTPUTS = ("last.pt", "best.pt", "config.yaml", TRAIN_LOG)
+TRACKED_OUTPUTS = ("best.pt", "config.yaml", "last.pt", TRAIN_LOG)
+"""What a training writes into ``train.out_dir`` whose bytes depend only on the params and seed:
+DVC's ``train`` outs (dvc.yaml)."""
+OUTPUTS = (*TRACKED_OUTPUTS, RUN_RECORD)
 """What a training writes into ``train.out_dir`` (atomically, holding its lock): the names whose
 temporary files a new training may remove as stale."""
 
@@ -90,7 +105,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all of which ``last.pt`` stores:
+    an unseeded one would make its bytes differ from process to process)."""
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -188,8 +206,6 @@ class _Progress:
     nothing at all when ``silent`` (ranks other than 0)."""
 
     def __init__(self, *, total: int, start: int, enabled: bool, silent: bool = False) -> None:
-        from rich.console import Console
-
         self.console = Console(stderr=True)
         self.silent = silent
         self.live = enabled and not silent and self.console.is_terminal
@@ -350,8 +366,9 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
                            goal=metric_goal(stop_metric, model.tasks.values()))
     step, best_value, run_id, metrics, skipped = 0, None, None, {}, 0
     ckpt: dict[str, Any] | None = None
+    record = RunRecord(out_dir)  # the run's checkpoints: none yet
     if last_path.exists():
-        ckpt = load_checkpoint(last_path)
+        ckpt = load_checkpoint(last_path, resume=True)
         load_model_state(model, ckpt["model"], source=last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -362,12 +379,15 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
         set_rng_state(ckpt["rng"])
         step, best_value = int(ckpt["step"]), ckpt.get("best_value")
         run_id, metrics = ckpt.get("mlflow_run_id"), dict(ckpt.get("metrics") or {})
+        if run_id is not None:  # the record names this last.pt: its checkpoints are this run's
+            record = RunRecord.read(out_dir) or record
         skipped = int(ckpt.get("skipped_nonfinite", 0))
         early.load(ckpt.get("early_stopping"))
         log.info("resuming from %s at step %d", last_path, step)
     train_log = TrainLog(out_dir / TRAIN_LOG, resume_step=step) if env.is_main else None
 
-    if tracker is not None:
+    if tracker is not None and step < cfg.train.steps and not early.stopped:  # else: nothing to
+        # train, and the run that trained the checkpoint is left as it is
         run_id = tracker.start(run_id=run_id, run_name=f"train-{'-'.join(cfg.model.tasks)}",
                                tags={"densepipe.stage": "train"})
         tracker.log_params(cfg.flat())
@@ -383,12 +403,14 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                    "loss_weighting": weighting.state_dict(), "rng": rng_state(),
                    "config": cfg.model_dump(mode="json"), "card": card.to_json(),
-                   "best_value": best_value, "metrics": metrics, "mlflow_run_id": run_id,
+                   "best_value": best_value, "metrics": metrics,
                    "skipped_nonfinite": skipped, "early_stopping": early.state(), "hooks": {}}
         runner.call("densepipe_on_checkpoint", state=state, payload=payload, path=path)
         if path == last_path and train_log is not None:
             train_log.write()  # first: the log covers at least the checkpoint's steps
-        save_checkpoint(path, payload)
+        record.start(run_id)  # the MLflow run id stays out of the checkpoint's bytes
+        save_checkpoint(path, payload if path == last_path else weights_payload(payload),
+                        record=record)
 
     if cfg.train.compile:
         model.backbone.compile()
@@ -488,7 +510,7 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
         distributed.barrier()
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-    if tracker is not None:
+    if tracker is not None and tracker.run_id is not None:
         tracker.set_tags({"densepipe.best_metric": cfg.train.best_metric,
                           "densepipe.best_value": str(best_value),
                           "densepipe.skipped_nonfinite": str(skipped),
