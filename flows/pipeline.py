@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from flows.report import metrics_markdown, publish_report
 from flows.tasks import evaluate_task, register_task, run_prepare, train_task
 from pipeline.config import Config, load_config
-from pipeline.tracking import parent_run
+from pipeline.tracking import SKIPPED_TAG, parent_run
 
 REPORT_KEY = "densepipe-metrics"
 
@@ -63,7 +63,15 @@ def pipeline_flow(params: str = "params.yaml", overrides: list[str] | None = Non
     with parent_run(cfg.tracking, run_name=run_name, params=cfg.flat(),
                     tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}) as tracker:
         parent_id = tracker.run_id if tracker is not None else None
-        run_prepare(cfg, parent_id)
+        prepared = run_prepare(cfg, parent_id)
+        if prepared["cached"]:
+            source = prepared.get("run_id")
+            note = (f"cached: Prefect's prepare cache answered (same data.* params, data code and "
+                    f"{cfg.data.root} still holds the dataset)"
+                    + (f"; prepared in MLflow run {source}" if source else ""))
+            print(f"prepare {note}")
+            if tracker is not None:
+                tracker.set_tags({SKIPPED_TAG.format(stage="prepare"): note})
         trained = train_task(cfg, params=params, overrides=overrides, parent_run_id=parent_id,
                              nproc_per_node=nproc_per_node)
         metrics = evaluate_task(cfg, parent_run_id=parent_id)

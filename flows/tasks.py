@@ -71,8 +71,14 @@ def prepare_task(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any
 
 
 def run_prepare(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
-    """``prepare_task``, refreshing its cache when the dataset is no longer on disk."""
-    return prepare_task.with_options(refresh_cache=not stages.dataset_ready(cfg))(cfg, parent_run_id)
+    """``prepare_task``, refreshing its cache when the dataset is no longer on disk. The summary
+    has ``cached: True`` when Prefect's cache answered (the stage did not run; its ``run_id`` is
+    then the MLflow run of the prepare that did)."""
+    state = prepare_task.with_options(refresh_cache=not stages.dataset_ready(cfg))(
+        cfg, parent_run_id, return_state=True)
+    summary = dict(state.result())
+    summary["cached"] = state.name == "Cached"
+    return summary
 
 
 @task(name="train")

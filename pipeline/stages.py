@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,19 @@ def prepare(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
     every referenced file and reports all problems in one ``DataError``.
 
     With ``parent_run_id`` (a pipeline run), the stage is a nested MLflow run with the data params."""
+    with _stage_run(cfg, "prepare", parent_run_id=parent_run_id) as tracker:
+        if tracker is not None:
+            tracker.log_params({k: v for k, v in cfg.flat().items() if k.startswith("data.")})
+        summary = _prepare_data(cfg)
+        if tracker is not None:
+            tracker.log_metrics({k: float(v) for k, v in summary.items()
+                                 if isinstance(v, int | float) and not isinstance(v, bool)}, 0)
+            summary["run_id"] = tracker.run_id
+    return summary
+
+
+def _prepare_data(cfg: Config) -> dict[str, Any]:
+    """``prepare``'s work, untracked: its summary."""
     root = Path(cfg.data.root)
     if cfg.data.source == "synthetic":
         wanted = _wanted_synthetic(cfg)
@@ -86,24 +99,22 @@ def prepare(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
 
         checked = check_dataset(root, (cfg.data.train_split, cfg.data.val_split))
         summary = {"rendered": False, **checked}
-    if parent_run_id is not None:
-        _log_stage_run(cfg, "prepare", parent_run_id=parent_run_id,
-                       params={k: v for k, v in cfg.flat().items() if k.startswith("data.")},
-                       metrics={k: float(v) for k, v in summary.items()
-                                if isinstance(v, int | float) and not isinstance(v, bool)})
     return summary
 
 
-def _log_stage_run(cfg: Config, name: str, *, parent_run_id: str, params: dict[str, Any],
-                   metrics: dict[str, float]) -> None:
+@contextlib.contextmanager
+def _stage_run(cfg: Config, name: str, *, parent_run_id: str | None) -> Iterator[Any]:
+    """The block as MLflow run ``name`` nested under ``parent_run_id`` (the ``Tracker``; FAILED
+    with the error as tag ``densepipe.error`` if the block raises), or ``None`` without a parent
+    or with tracking off."""
     from pipeline.tracking import make_tracker
 
-    tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id)
+    tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id) if parent_run_id else None
     if tracker is None:
+        yield None
         return
     with tracker.running(run_name=name, tags={"densepipe.stage": name}):
-        tracker.log_params(params)
-        tracker.log_metrics(metrics, 0)
+        yield tracker
 
 
 def check_config(cfg: Config) -> None:
@@ -146,15 +157,15 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
                    "run_id": result.run_id, "images_per_s": result.images_per_s,
                    "skipped_nonfinite": result.skipped_nonfinite,
                    "stopped_early": result.stopped_early, "model_uri": None}
-        if tracker is not None:
+        if tracker is not None and tracker.run_id is not None:  # None: nothing was trained
             tracker.log_artifact(out_dir / "config.yaml")
             if result.losses and result.best is not None and result.best.exists():
                 tracker.log_artifact(result.best, "checkpoints")
                 if cfg.tracking.log_model:  # not again when the run was already complete
                     summary["model_uri"] = log_trained_model(cfg, tracker, result.best)
-    except BaseException:
-        if tracker is not None and tracker.run_id is not None:
-            tracker.finish("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+    except BaseException as e:
+        if tracker is not None:
+            tracker.fail(e)
         raise
     finally:
         distributed.destroy()
@@ -162,8 +173,39 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
         return summary
     if tracker is not None:
         tracker.finish()
+    _report_train_lineage(cfg, summary, tracker=tracker, parent_run_id=parent_run_id)
     atomic_write_json(out_dir / TRAIN_SUMMARY, summary)
     return summary
+
+
+def _report_train_lineage(cfg: Config, summary: dict[str, Any], *, tracker: Any,
+                          parent_run_id: str | None) -> None:
+    """Say what a training that did not simply train under ``parent_run_id`` did. Nothing
+    trained (the checkpoint is already at ``train.steps`` or stopped early): a warning, and on
+    the pipeline run tag ``densepipe.skipped.train`` naming the run that trained it. A run
+    resumed from an earlier pipeline or a standalone ``train``: it keeps its parent, and the
+    pipeline run gets tag ``densepipe.resumed.train`` naming it."""
+    from pipeline.tracking import SKIPPED_TAG
+
+    run_id = summary.get("run_id")
+    from_run = f"; trained in MLflow run {run_id}" if run_id else ""
+    if summary["steps_run"] == 0:
+        why = "stopped early" if summary.get("stopped_early") else f"at step {summary['step']} of " \
+            f"train.steps={cfg.train.steps}"
+        note = f"nothing trained: {summary['last']} is already {why}{from_run}"
+        log.warning("%s", note)
+        if tracker is not None and parent_run_id is not None:
+            tracker.client.set_tag(parent_run_id, SKIPPED_TAG.format(stage="train"), note)
+        return
+    if tracker is None or parent_run_id is None or run_id is None:
+        return
+    parent = tracker.parent_of(run_id)
+    if parent != parent_run_id:
+        start = summary["step"] - summary["steps_run"]
+        where = f"nested under run {parent}" if parent else "a top-level run"
+        tracker.client.set_tag(parent_run_id, "densepipe.resumed.train",
+                               f"resumed MLflow run {run_id} ({where}) at step {start}, "
+                               f"trained {summary['steps_run']} steps to step {summary['step']}")
 
 
 def log_trained_model(cfg: Config, tracker: Any, checkpoint: Path) -> str:

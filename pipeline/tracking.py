@@ -26,6 +26,23 @@ from pipeline import model_store  # noqa: E402
 from pipeline.config import TrackingConfig  # noqa: E402
 
 MAX_PARAM_LEN = 6000
+ERROR_TAG = "densepipe.error"
+"""Tag of a FAILED or KILLED run: the error that ended it, one line."""
+SKIPPED_TAG = "densepipe.skipped.{stage}"
+"""Tag of a pipeline run whose stage did no work (cached or already done): what and from which run."""
+MAX_TAG_LEN = 5000
+
+
+def error_line(error: BaseException) -> str:
+    """The one line an operator reads: densepipe's own errors as they are, others with their type;
+    at most ``MAX_TAG_LEN`` characters (what MLflow stores in a tag)."""
+    from pipeline.errors import DensepipeError
+
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C or SIGTERM)"
+    text = " ".join(str(error).split()) or type(error).__name__
+    line = text if isinstance(error, DensepipeError) else f"{type(error).__name__}: {text}"
+    return line[:MAX_TAG_LEN]
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -155,14 +172,12 @@ class Tracker:
 
     def start(self, *, run_id: str | None = None, run_name: str | None = None,
               tags: dict[str, str] | None = None) -> str:
-        """Resume ``run_id`` when it exists in this store (marked RUNNING again and, with a
-        ``parent_run_id``, moved under that parent: the latest pipeline run that continued it),
-        else create a new run (nested under ``parent_run_id`` when one is set)."""
+        """Resume ``run_id`` when it exists in this store (marked RUNNING again; its parent, if
+        any, is kept: a run's parent never changes once set), else create a new run (nested under
+        ``parent_run_id`` when one is set)."""
         if run_id is not None and self.run_exists(run_id):
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-            if self.parent_run_id is not None and self.parent_run_id != run_id:
-                self.client.set_tag(run_id, "mlflow.parentRunId", self.parent_run_id)
             return run_id
         tags = dict(tags or {})
         if self.parent_run_id is not None:
@@ -179,18 +194,37 @@ class Tracker:
         except Exception:  # noqa: BLE001 - MlflowException (not found) or a run of another store
             return False
 
+    def parent_of(self, run_id: str) -> str | None:
+        """The run ``run_id`` is nested under (MLflow's ``mlflow.parentRunId`` tag), if any."""
+        return self.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
 
+    def fail(self, error: BaseException) -> None:
+        """End the active run KILLED (Ctrl-C, SIGTERM) or FAILED, with the error's one line as tag
+        ``densepipe.error``. Never raises: the error being reported is what the caller re-raises."""
+        if self.run_id is None:
+            return
+        try:
+            self.client.set_tag(self.run_id, ERROR_TAG, error_line(error))
+            self.finish("KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED")
+        except Exception as e:  # noqa: BLE001 - the store may be what failed
+            import logging
+
+            logging.getLogger(__name__).warning("could not mark MLflow run %s failed: %s", self.run_id,
+                                                error_line(e))
+
     @contextmanager
     def running(self, *, run_name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-        """A new run for the block: FINISHED after it, FAILED (KILLED on Ctrl-C) if it raises."""
+        """A new run for the block: FINISHED after it, FAILED (KILLED on Ctrl-C) with tag
+        ``densepipe.error`` if it raises."""
         run_id = self.start(run_name=run_name, tags=tags)
         try:
             yield run_id
         except BaseException as e:
-            self.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            self.fail(e)
             raise
         self.finish()
 

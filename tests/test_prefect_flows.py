@@ -185,3 +185,91 @@ def test_flows_package_gives_the_temporary_server_two_minutes_unless_set() -> No
     outs = [p.communicate(timeout=120)[0].split() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert [o[-1] for o in outs] == ["120", "7"]
+
+
+def _runs_by_id(client: mlflow.MlflowClient) -> dict[str, mlflow.entities.Run]:
+    experiment = client.get_experiment_by_name("densepipe").experiment_id
+    return {r.info.run_id: r for r in client.search_runs([experiment])}
+
+
+def _parents(runs: dict[str, mlflow.entities.Run]) -> dict[str, str | None]:
+    return {run_id: r.data.tags.get("mlflow.parentRunId") for run_id, r in runs.items()}
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_parent_and_skipped_stages_say_so(prefect_harness, tmp_path: Path, mlflow_uri: str,
+                                                         monkeypatch, capfd, caplog) -> None:
+    """`dvc repro` trains (a top-level run); a `densepipe run` that trains nothing, one that resumes,
+    and another that trains nothing: no run ever changes parent, and each pipeline run says which
+    stage it skipped or resumed, and from which run."""
+    from flows.pipeline import pipeline_flow
+    from pipeline import stages
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    params = str(write_tiny_params(tmp_path, mlflow_uri=mlflow_uri))
+    stages.prepare(load_config(params, []))
+    trained = stages.train(load_config(params, []))  # as `dvc repro` runs it: no parent
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+
+    def pipeline(*overrides: str) -> tuple[mlflow.entities.Run, dict[str, str | None]]:
+        before = _parents(_runs_by_id(client))
+        state = pipeline_flow(params=params, overrides=list(overrides), return_state=True)
+        assert state.is_completed(), state.message
+        runs = _runs_by_id(client)
+        assert {k: v for k, v in _parents(runs).items() if k in before} == before, "a run changed parent"
+        (new_parent,) = [r for k, r in runs.items() if k not in before
+                         and r.data.tags.get("densepipe.stage") == "pipeline"]
+        return new_parent, {r.data.tags["densepipe.stage"]: k for k, r in runs.items()
+                            if r.data.tags.get("mlflow.parentRunId") == new_parent.info.run_id}
+
+    capfd.readouterr()
+    first, children = pipeline()
+    assert set(children) == {"prepare", "evaluate"}  # nothing trained, nothing registered
+    note = first.data.tags["densepipe.skipped.train"]
+    assert note.startswith("nothing trained: ") and "at step 2 of train.steps=2" in note
+    assert note.endswith(f"trained in MLflow run {trained['run_id']}")
+    # on the terminal too (where it lands under pytest depends on when Prefect set up its logging)
+    assert note in capfd.readouterr().err + caplog.text
+    assert client.get_run(trained["run_id"]).data.tags.get("mlflow.parentRunId") is None
+
+    second, children = pipeline("train.steps=4")  # resumes the dvc run: it stays top-level
+    assert set(children) == {"evaluate", "register"}
+    assert second.data.tags["densepipe.resumed.train"] == (
+        f"resumed MLflow run {trained['run_id']} (a top-level run) at step 2, trained 2 steps to step 4")
+    resumed = client.get_run(trained["run_id"])
+    assert resumed.data.tags.get("mlflow.parentRunId") is None and resumed.info.status == "FINISHED"
+    assert client.get_metric_history(trained["run_id"], "train/loss")[-1].step == 4
+    # the cache answered with the first pipeline's prepare, the only prepare run there is
+    (prepare_run,) = [k for k, r in _runs_by_id(client).items()
+                      if r.data.tags["densepipe.stage"] == "prepare"]
+    assert second.data.tags["densepipe.skipped.prepare"].startswith("cached: Prefect's prepare cache")
+    assert second.data.tags["densepipe.skipped.prepare"].endswith(f"prepared in MLflow run {prepare_run}")
+
+    third, children = pipeline("train.steps=4")  # nothing to train: the second's runs stay its own
+    assert "densepipe.skipped.train" in third.data.tags and set(children) == {"evaluate"}
+
+
+@pytest.mark.slow
+def test_a_failed_stage_leaves_its_error_on_the_runs_and_the_flow_state(prefect_harness, tmp_path: Path,
+                                                                       mlflow_uri: str, monkeypatch) -> None:
+    from flows.pipeline import pipeline_flow
+    from pipeline.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    params = str(write_tiny_params(tmp_path, mlflow_uri=mlflow_uri))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine")  # prepare refuses to replace it
+    state = pipeline_flow(params=params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(OutputError) as raised:
+        state.result()
+    line = str(raised.value)
+    assert "\n" not in line and str(tmp_path / "data") in line
+    assert state.message == f"Flow run encountered an exception: OutputError: {line}"
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    runs = {r.data.tags["densepipe.stage"]: r for r in _runs_by_id(client).values()}
+    assert set(runs) == {"pipeline", "prepare"}
+    for run in runs.values():
+        assert run.info.status == "FAILED" and run.data.tags["densepipe.error"] == line
+    assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
