@@ -13,6 +13,10 @@ weights strictly. The file's sha256 is also recorded in the tracking store (tag
 ``densepipe.weights_sha256`` on the MLflow logged model and on each registered version), which is
 checked before the file is read: whoever can write the artifact store cannot swap the weights.
 This module is also the flavor ``mlflow.models.Model.log`` saves with (``save_model``).
+
+The same folder is an MLflow ``python_function`` model (``loader_module`` ``pipeline.serving``,
+``data`` ``weights.pt``, an explicit signature; no pickled ``PythonModel``), so ``mlflow models
+serve`` and ``mlflow.pyfunc.load_model`` serve it; see ``pipeline.serving``.
 """
 
 from __future__ import annotations
@@ -58,13 +62,17 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_model(path: str, mlflow_model: Any, *, weights_file: str, sha256: str,
+def save_model(path: str, mlflow_model: Any, *, weights_file: str, sha256: str, tasks: list[str],
                pip_requirements: list[str] | None = None) -> None:
     """The ``densepipe`` flavor for ``mlflow.models.Model.log``: move ``weights_file`` (written
     by ``write_weights`` into a temporary folder of the caller's, whose hash is ``sha256``) into
     the new model folder ``path`` and write its ``MLmodel`` (plus ``requirements.txt`` when
-    ``pip_requirements`` are given)."""
+    ``pip_requirements`` are given). The model also gets the ``python_function`` flavor, whose
+    signature names ``tasks`` (the model's, in order), and a ``python_env.yaml``
+    (``pipeline.serving.add_pyfunc_flavor``)."""
     from mlflow.models.model import MLMODEL_FILE_NAME
+
+    from pipeline.serving import add_pyfunc_flavor
 
     folder = Path(path)
     folder.mkdir(parents=True)
@@ -73,6 +81,7 @@ def save_model(path: str, mlflow_model: Any, *, weights_file: str, sha256: str,
         (folder / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
     mlflow_model.add_flavor(FLAVOR, weights=WEIGHTS_FILE, format=FORMAT, sha256=sha256,
                             torch_version=str(torch.__version__))
+    add_pyfunc_flavor(mlflow_model, folder, tasks=list(tasks))
     mlflow_model.save(str(folder / MLMODEL_FILE_NAME))
 
 

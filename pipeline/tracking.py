@@ -281,7 +281,8 @@ class Tracker:
     def log_model(self, payload: dict[str, Any], *, name: str = "model",
                   metadata: dict[str, Any] | None = None) -> str:
         """Log ``payload`` (``pipeline.model_store.model_payload``: weights plus config, no
-        pickled object) as an MLflow model of flavor ``densepipe`` in the active run; returns its
+        pickled object) as an MLflow model of flavors ``densepipe`` and ``python_function``
+        (``pipeline.serving``: ``mlflow models serve`` serves it) in the active run; returns its
         URI (``models:/m-...``). The weights file's sha256 is recorded in the tracking store, as
         the logged model's tag ``densepipe.weights_sha256``, and in the MLmodel flavor.
         ``metadata`` (JSON-able) lands in the model's MLmodel file."""
@@ -298,7 +299,7 @@ class Tracker:
                 info = Model.log(
                     None, name=name, flavor=model_store, flavor_name=model_store.FLAVOR,
                     run_id=self.run_id, metadata=metadata, tags={model_store.SHA256_TAG: sha256},
-                    weights_file=str(weights), sha256=sha256,
+                    weights_file=str(weights), sha256=sha256, tasks=list(payload["tasks"]),
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "densepipe"],
                 )
         return info.model_uri
