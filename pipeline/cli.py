@@ -2,15 +2,26 @@
 
 Every command reads ``params.yaml`` (``--params``) with ``--set a.b=c`` overrides. Errors a user can
 fix are printed as one ``error: ...`` line with exit code 2.
+
+Ctrl-C (SIGINT) and SIGTERM (``kill``, systemd, Kubernetes) stop a command the same way: the work is
+interrupted as by Ctrl-C (``KeyboardInterrupt``, so the stages end the MLflow runs they opened
+KILLED), one ``error: stopped by SIGTERM`` line is printed and the exit code is the shell's 128 + the
+signal number: 130 for SIGINT, 143 for SIGTERM. A command that has not ended ``STOP_GRACE_S`` seconds
+after the signal, or that gets a second one, exits at once with that code. ``densepipe serve`` is
+the exception: it stops serving, pauses its schedule and exits 0 (``flows.serve``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +35,99 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # (a path with "[/x]" or "my[red]ck.pt" is not rich markup)
 out = Console(markup=False)
 err = Console(stderr=True, markup=False)
+
+STOP_GRACE_S = 10.0
+"""Seconds a command may take to wind down after SIGINT/SIGTERM before it exits regardless."""
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _Stop:
+    """What the SIGINT/SIGTERM handler knows: the signals it handles, the first one received, and
+    what to do before giving up."""
+
+    handled: set[signal.Signals] = set()
+    received: signal.Signals | None = None
+    reported = False
+    before_exit: list[Callable[[], None]] = []  # run (errors ignored) before a forced exit
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM handler: the first signal raises ``KeyboardInterrupt`` (what Ctrl-C does) and
+    starts a ``STOP_GRACE_S`` deadline; a second signal, or the deadline, ends the process at once."""
+    if _Stop.received is not None:
+        _exit_now()
+    _Stop.received = signal.Signals(signum)
+    _quiet_background_errors()
+    deadline = threading.Timer(STOP_GRACE_S, _exit_now)
+    deadline.daemon = True
+    deadline.start()
+    raise KeyboardInterrupt
+
+
+def _quiet_background_errors() -> None:
+    """After a stop: no reports from Prefect's background workers that cannot deliver logs and
+    events (under systemd the same SIGTERM may have stopped the server; each undelivered event was a
+    screen-long line). Flow and task run lines (``Crash detected! ...``) still show."""
+    logging.raiseExceptions = False  # Prefect's API log worker prints "--- Error logging to API ---"
+    for name in ("prefect._internal", "prefect.events"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.CRITICAL)
+        for handler in logger.handlers:  # prefect._internal's loggers ignore logger levels
+            handler.setLevel(logging.CRITICAL)
+
+
+def _stop_on_signals() -> dict[signal.Signals, Any]:
+    """Install ``_on_stop_signal`` for SIGINT and SIGTERM, except where the signal is ignored (a
+    background job's SIGINT, ``nohup``): an ignored signal stays ignored. Returns the handlers
+    it replaced (for ``signal.signal``)."""
+    _Stop.received, _Stop.reported = None, False
+    _Stop.before_exit.clear()
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _on_stop_signal)
+    _Stop.handled = set(previous)
+    return previous
+
+
+def _stop_code() -> int:
+    """Print the one line about the stop (once) and return its exit code, 128 + the signal number."""
+    sig = _Stop.received or signal.SIGINT
+    if not _Stop.reported:
+        _Stop.reported = True
+        err.print(f"error: stopped by {sig.name}", highlight=False, soft_wrap=True)
+    return 128 + sig
+
+
+def _exit_now() -> None:
+    """End the process with the stop's exit code, without waiting for anything else: after
+    ``before_exit`` (e.g. stopping a temporary Prefect server), bypassing atexit handlers that may
+    wait on a server the same signal took down."""
+    for action in _Stop.before_exit:
+        try:
+            action()
+        except Exception:  # noqa: S110 - best effort on the way out
+            pass
+    code = _stop_code()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _log_to_stderr() -> None:
+    """Plain WARNING logging to stderr for the commands that do not run Prefect (its own logging
+    configuration leaves a root logger that already has a handler alone: see
+    ``flows.local_run.prefect_console_logging``, which removes this handler, named ``densepipe``)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.set_name("densepipe")
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Config file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: KEY=VALUE (YAML value).")]
@@ -224,17 +328,57 @@ def show_sample(
 
 @app.command()
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Run the whole pipeline once as a Prefect flow (prepare, train, evaluate, register)."""
-    from flows.pipeline import pipeline_flow  # first: flows/__init__ sets Prefect's defaults
+    """Run the whole pipeline once as a Prefect flow (prepare, train, evaluate, register).
+
+    The terminal shows Prefect's progress lines; a failure ends with one error line (its traceback is
+    in the flow run's logs on the Prefect server). Ctrl-C or SIGTERM: exit code 130 or 143.
+    """
+    from flows.local_run import TemporaryServer, console_without_tracebacks, prefect_console_logging
+
+    prefect_console_logging()  # first: before Prefect is imported (flows/__init__ sets its defaults)
     from flows.server import check_api
 
     cfg = _config(params, set_)  # fail fast on a bad config, before Prefect starts
-    from prefect.settings import get_current_settings  # after flows (see above)
+    from prefect.settings import get_current_settings
 
-    if get_current_settings().api.url:  # a configured server must answer (else: temporary server)
-        check_api(str(get_current_settings().api.url).rstrip("/"), timeout_s=10.0)
-    metrics = pipeline_flow(params=str(params), overrides=list(set_ or []))
+    settings = get_current_settings()
+    keeper = None
+    if settings.api.url:  # a configured server must answer (else: a temporary server)
+        check_api(str(settings.api.url).rstrip("/"), timeout_s=10.0)
+    elif settings.server.ephemeral.enabled:
+        keeper = TemporaryServer(log=Path(settings.home) / "temporary-server.log")
+        _Stop.before_exit.append(lambda: keeper.stop(timeout_s=2.0))
+    from flows.pipeline import pipeline_flow
+
+    console_without_tracebacks()
+    if keeper is not None:
+        keeper.use()
+    flow = pipeline_flow.with_options(on_running=[*pipeline_flow.on_running_hooks, sigterm_as_ctrl_c])
+    state = flow(params=str(params), overrides=list(set_ or []), return_state=True)
+    if not state.is_completed():
+        if _Stop.received is not None:  # stopped: main() prints the one line
+            raise typer.Exit(1)
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, DensepipeError):
+            raise error
+        what = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else state.message
+        err.print(f"error: the pipeline flow run ended {state.name}: {what} (traceback: `prefect "
+                  f"flow-run logs {state.state_details.flow_run_id}`)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    metrics = state.result()
     out.print(_metrics_table(metrics, title=f"metrics ({cfg.evaluate.metrics_file})"))
+
+
+def sigterm_as_ctrl_c(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect ``on_running`` hook of ``densepipe run``: SIGTERM interrupts the run as Ctrl-C does.
+
+    Prefect's flow engine swaps its own SIGTERM handler in for the run (it raises
+    ``TerminationSignal``, which the stages would record as FAILED, not KILLED); this puts
+    densepipe's back once the run is Running. Only in the main thread, and only where main() had
+    installed it.
+    """
+    if signal.SIGTERM in _Stop.handled and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_stop_signal)
 
 
 @app.command()
@@ -250,8 +394,12 @@ def serve(
     """Serve the pipeline flow on a schedule against the Prefect server at PREFECT_API_URL.
 
     Prefect's temporary server cannot schedule: `make serve` starts a local server when none is set.
-    Runs execute here, one at a time, until Ctrl-C (which pauses the schedule).
+    Runs execute here, one at a time, until Ctrl-C or SIGTERM, which cancel the run in flight, pause
+    the schedule and exit 0.
     """
+    from flows.local_run import prefect_console_logging
+
+    prefect_console_logging()  # first: before Prefect is imported
     from flows.serve import serve_pipeline, validate_schedule
 
     validate_schedule(cron=cron, interval=interval, timezone=timezone)
@@ -269,26 +417,53 @@ def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """The ``densepipe`` console script: exit codes 0, 1 (a failure), 2 (an error the user can fix,
+    or a usage error), 130 / 143 (stopped by SIGINT / SIGTERM); see the module docstring. The
+    process's SIGINT/SIGTERM handlers are put back on the way out (main() may run in-process)."""
+    _log_to_stderr()
+    previous = _stop_on_signals()
     try:
-        app(standalone_mode=False)
+        code = _run_app()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _Stop.handled = set()
+    if code not in (0, None):
+        sys.exit(code)
+
+
+def _run_app() -> int | str | None:
+    """Run the Typer app; its exit code (for ``sys.exit``), with the one-line reports of errors and
+    stops."""
+    code: int | str | None
+    try:
+        # without standalone mode, click returns the code of a typer.Exit (Typer's for Ctrl-C: 130),
+        # else what the command returned (nothing: ours print)
+        result = app(standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except KeyboardInterrupt:  # Typer turns one inside a command into Exit(130); this is outside one
+        return _stop_code()
     except DensepipeError as e:
+        if _Stop.received is not None:  # the stop surfaced as an error (e.g. an interrupted write)
+            return _stop_code()
         err.print(f"error: {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        return 2
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code)
     except typer.Abort:
-        sys.exit(1)
+        code = 1
     except Exception as e:  # click usage errors carry their own formatting
         import click
 
         if isinstance(e, click.ClickException):
             e.show()
-            sys.exit(e.exit_code)
+            return e.exit_code
+        if _Stop.received is not None:
+            return _stop_code()
         raise
+    if _Stop.received is not None:
+        return _stop_code()
+    return code
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def error_line(error: BaseException) -> str:
 
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (Ctrl-C or SIGTERM)"
+    if not isinstance(error, Exception):  # SystemExit, Prefect's TerminationSignal (a cancelled run)
+        return f"interrupted ({type(error).__name__})"
     text = " ".join(str(error).split()) or type(error).__name__
     line = text if isinstance(error, DensepipeError) else f"{type(error).__name__}: {text}"
     return line[:MAX_TAG_LEN]
@@ -203,13 +205,14 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
     def fail(self, error: BaseException) -> None:
-        """End the active run KILLED (Ctrl-C, SIGTERM) or FAILED, with the error's one line as tag
-        ``densepipe.error``. Never raises: the error being reported is what the caller re-raises."""
+        """End the active run FAILED (an ``Exception``) or KILLED (anything else: Ctrl-C, SIGTERM,
+        Prefect cancelling the run), with the error's one line as tag ``densepipe.error``. Never
+        raises: the error being reported is what the caller re-raises."""
         if self.run_id is None:
             return
         try:
             self.client.set_tag(self.run_id, ERROR_TAG, error_line(error))
-            self.finish("KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED")
+            self.finish("FAILED" if isinstance(error, Exception) else "KILLED")
         except Exception as e:  # noqa: BLE001 - the store may be what failed
             import logging
 
