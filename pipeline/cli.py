@@ -200,19 +200,61 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    inputs: Annotated[list[str], typer.Argument(
+        help="Image files, folders (searched recursively) and glob patterns such as "
+             "'photos/**/*.jpg' (quote them: densepipe expands them).", show_default=False)],
     checkpoint: Annotated[Path | None, typer.Option(
         help="Checkpoint (its own model config is used).")] = None,
     model: ModelOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Images per batch; a batch holds images of one size (default: "
+                    "evaluate.batch_size).")] = None,
+    num_workers: Annotated[int | None, typer.Option(
+        min=0, help="Image-reading processes (default: data.num_workers).")] = None,
+    vis: Annotated[bool, typer.Option("--vis/--no-vis", help="Write drawings under vis/.")] = True,
+    eval_files: Annotated[bool, typer.Option(
+        "--eval-files",
+        help="Also write eval/: what semseg-eval, coco-eval and panoptic-eval read.")] = False,
+    coco_gt: Annotated[Path | None, typer.Option(
+        "--coco-gt", help="COCO JSON whose images give the image ids, by file name (implies "
+                          "--eval-files).")] = None,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Progress (items/s, ETA) on a terminal and a summary line, "
+                                         "on stderr.")] = True,
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 ) -> None:
-    """Predict every task for image files: visualisations plus raw outputs."""
+    """Predict every task for images: raw outputs, drawings and evaluator-ready files (docs/deploy.md)."""
     from pipeline import stages
 
-    files = stages.predict(_config(params, set_), list(images), checkpoint=checkpoint,
-                           model_uri=model, out_dir=out_dir)
+    files = stages.predict(_config(params, set_), list(inputs), checkpoint=checkpoint, model_uri=model,
+                           out_dir=out_dir, batch_size=batch_size, num_workers=num_workers, vis=vis,
+                           eval_files=eval_files, coco_gt=coco_gt, progress=progress)
     out.print(f"wrote {len(files)} files to {out_dir}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Checkpoint (its own model config is used). Default: best.pt of train.out_dir.")] = None,
+    model: ModelOpt = None,
+    out_path: Annotated[Path, typer.Option(
+        "--out", help="The .onnx file; a .json sidecar goes next to it.")] = Path("model.onnx"),
+    format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated tasks, e.g. semantic,depth (default: all of the model's).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or later).")] = 18,
+    image_size: Annotated[str | None, typer.Option(
+        help="H or HxW of the traced example, multiples of the stride (default: data.image_size).")] = None,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+) -> None:
+    """Export the model's dense tasks to ONNX (dynamic batch, height and width) plus a JSON sidecar."""
+    from pipeline.cli_export import export_command
+
+    report = export_command(params=params, set_=set_, checkpoint=checkpoint, model_uri=model,
+                            out=out_path, format=format, tasks=tasks, opset=opset, image_size=image_size)
+    for line in report.summary():
+        out.print(line)
 
 
 @app.command()

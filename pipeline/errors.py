@@ -50,3 +50,8 @@ class PrefectServerError(DensepipeError):
 class OutputError(DensepipeError):
     """An output path cannot be written without losing something: it holds files densepipe did
     not write, the project, a git checkout or the user's home."""
+
+
+class ExportError(DensepipeError):
+    """A model, or some of its tasks, cannot be exported in the requested format; the message names
+    the tasks or values and what would work (``pipeline.export``)."""

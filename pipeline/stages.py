@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError, DataError
-from pipeline.io import atomic_path, atomic_write_json, atomic_write_png
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +105,13 @@ def _stage_run(cfg: Config, name: str, *, parent_run_id: str | None) -> Iterator
     """The block as MLflow run ``name`` nested under ``parent_run_id`` (the ``Tracker``; FAILED
     with the error as tag ``densepipe.error`` if the block raises), or ``None`` without a parent
     or with tracking off."""
-    from pipeline.tracking import make_tracker
-
-    tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id) if parent_run_id else None
-    if tracker is None:
+    if parent_run_id is None or not cfg.tracking.enabled:  # `densepipe prepare` imports no MLflow
         yield None
         return
+    from pipeline.tracking import make_tracker
+
+    tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id)
+    assert tracker is not None
     with tracker.running(run_name=name, tags={"densepipe.stage": name}):
         yield tracker
 
@@ -361,63 +360,27 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
 
 # -- predict ---------------------------------------------------------------------------------
 def predict(cfg: Config, images: list[str | Path], *, checkpoint: str | Path | None = None,
-            model_uri: str | None = None, out_dir: str | Path) -> list[str]:
-    """Run a trained model on image files: the checkpoint's (with its own stored config) or the
-    MLflow model ``model_uri`` (``models:/densepipe/latest``); one of them is required.
+            model_uri: str | None = None, out_dir: str | Path, batch_size: int | None = None,
+            num_workers: int | None = None, vis: bool = True, eval_files: bool = False,
+            coco_gt: str | Path | None = None, progress: bool = True) -> list[str]:
+    """Run a trained model on image files, folders and glob patterns (``images``): the
+    checkpoint's (with its own stored config) or the MLflow model ``model_uri``
+    (``models:/densepipe/latest``); one of them is required. Returns the written paths.
 
-    Writes ``<stem>_<task>_vis.png`` and each task's raw outputs into ``out_dir``. All or nothing:
-    every image is read before the model is loaded, outputs are written into a temporary folder
-    inside ``out_dir`` and moved into place only when every image succeeded, so a failing run
-    leaves ``out_dir`` as it was (not created when it did not exist). Two inputs with the same file stem
-    would overwrite each other's outputs and are refused."""
-    import shutil
-    import tempfile
+    Writes the layout of ``pipeline.predict`` into ``out_dir``: ``<task>/<name>_<task>.<ext>``
+    (raw outputs), ``vis/<task>/<name>.png`` (unless ``vis`` is false), ``eval/`` (files the
+    standalone evaluators read, with ``eval_files`` or ``coco_gt``: a COCO JSON whose ``images``
+    give the image ids) and ``predict_manifest.json``; ``<name>`` is the input's path relative to
+    the folder given, without extension. Batches of ``batch_size`` (default
+    ``evaluate.batch_size``) same-size images, read by ``num_workers`` processes (default
+    ``data.num_workers``); predictions at each image's original resolution. All or nothing: every
+    image is read before the model is loaded, outputs are staged in a temporary folder inside
+    ``out_dir`` and moved into place only when every image succeeded, so a failing run leaves
+    ``out_dir`` as it was (not created when it did not exist); a file there that an earlier
+    predict did not write is never replaced. ``progress``: items/s and ETA on a terminal's stderr,
+    and a summary line."""
+    from pipeline.predict import run_predict
 
-    from pipeline.data.reader import read_image
-    from pipeline.engine.trainer import resolve_device
-
-    if checkpoint is None and model_uri is None:
-        raise ConfigError("predict: give --checkpoint PATH or --model models:/<name>/<version>")
-    paths = list(dict.fromkeys(Path(p) for p in images))  # the same file twice: once
-    stems: dict[str, Path] = {}
-    for path in paths:
-        if path.stem in stems and stems[path.stem] != path:
-            raise DataError(path, f"same file stem as {stems[path.stem]}: their outputs would "
-                                  "overwrite each other; predict them in separate runs")
-        stems[path.stem] = path
-    for path in paths:  # fail before loading the model or writing anything
-        read_image(path)
-    device = resolve_device(cfg.train.device)
-    model, *_ = load_model_to_evaluate(cfg, checkpoint=checkpoint, model_uri=model_uri, device=device)
-    card = model.card
-    out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    # staged inside out: the same filesystem (a move, never a copy), and a folder the user can write
-    staging = Path(tempfile.mkdtemp(prefix=".predict.", suffix=".tmp", dir=out))
-    done = False
-    try:
-        written: list[str] = []
-        for path in paths:
-            rgb = np.require(read_image(path), requirements=["C", "W"])
-            batch = {"image": torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous(),
-                     "image_ids": [0], "has": {}}
-            predictions = model.predict(batch)
-            for name, task in model.tasks.items():
-                pred = predictions[name][0]
-                vis = task.visualize(rgb, pred, card=card)
-                vis_path = staging / f"{path.stem}_{name}_vis.png"
-                atomic_write_png(vis_path, vis)
-                written.append(vis_path.name)
-                written += [Path(f).relative_to(staging).as_posix()
-                            for f in task.save_prediction(pred, str(staging / path.stem), card=card)]
-        for name in written:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / name, out / name)
-        done = True
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not done:
-            with contextlib.suppress(OSError):  # only when empty: nothing of anyone's is removed
-                out.rmdir()
-    return [str(out / name) for name in written]
+    return run_predict(cfg, images, checkpoint=checkpoint, model_uri=model_uri, out_dir=out_dir,
+                       batch_size=batch_size, num_workers=num_workers, vis=vis,
+                       eval_files=eval_files, coco_gt=coco_gt, progress=progress)

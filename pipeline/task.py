@@ -26,6 +26,8 @@ A task with ``depends_on`` may have no head (``build_head`` returns ``None``): i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -71,6 +73,37 @@ class Evaluator(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PredictedImage:
+    """One predicted image, as ``Task.write_dataset_predictions`` receives it."""
+
+    name: str
+    """The input's path relative to the folder it was found in, POSIX (``sub/000001.png``); a
+    file given by itself: its file name. Unique within a run, also without its extension."""
+    image_id: int
+    """Its COCO image id: from ``densepipe predict --coco-gt`` (matched by file name), else 1..N
+    in input order."""
+    height: int
+    width: int
+    """The image's size: the prediction is at this, its original resolution."""
+    prediction: Any
+    """This task's prediction for the image, as ``postprocess`` returned it (read only: the same
+    object is drawn and saved by other writers meanwhile)."""
+
+
+@dataclass(frozen=True)
+class ExportOutput:
+    """One named output of a task's ONNX graph (``densepipe export``, ``pipeline.export``)."""
+
+    name: str
+    """The graph output's name (unique across tasks, e.g. ``depth``)."""
+    units: str
+    meaning: str
+    """What the values are, for the sidecar a deployer reads (shape, range, how to decode)."""
+    per_class: bool = False
+    """Channel ``i`` belongs to the dataset card's class ``i`` (the sidecar lists the classes)."""
+
+
 class Task(ABC):
     """One prediction task. Subclasses set the class attributes and implement the methods."""
 
@@ -91,6 +124,10 @@ class Task(ABC):
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
     """Metrics (names without the task prefix) where smaller is better (errors); every other
     metric is maximised (``metric_goal``)."""
+    export_outputs: ClassVar[tuple[ExportOutput, ...]] = ()
+    """What ``export_forward`` returns, in order. Empty: the task is not exported to ONNX."""
+    export_refusal: ClassVar[str] = "it defines no ONNX outputs (Task.export_outputs)"
+    """Why the task cannot be exported when ``export_outputs`` is empty: one clause, for the error."""
 
     def parse_options(self, raw: dict[str, Any] | None) -> BaseModel:
         from pydantic import ValidationError
@@ -144,6 +181,39 @@ class Task(ABC):
     def save_prediction(self, prediction: Any, path_stem: str, *, card: DatasetCard) -> list[str]:
         """Write the raw prediction next to ``path_stem`` (``densepipe predict``); return paths."""
         return []
+
+    def write_dataset_predictions(self, items: Iterable[PredictedImage], out_dir: str, *,
+                                  card: DatasetCard) -> list[str]:
+        """Write one run's predictions as the dataset-level files this task's standalone
+        evaluator reads (``densepipe predict --eval-files``); return the paths of the files.
+
+        Contract:
+
+        - ``items`` yields every predicted image once, in processing order, while the images are
+          being predicted (``densepipe predict`` feeds it from another thread): iterate it once,
+          to the end, and keep only what the output format needs (e.g. COCO results, not the
+          masks), so a run of any size fits in memory;
+        - write only under ``out_dir``, into names that start with the task's name
+          (``<name>_....json``, ``<name>_pred/``, ``<name>.json``), in the format of the task's
+          evaluator, at the original resolution. Per-image files keep the item's folders and
+          stem (``<name>_pred/sub/000001.png``) so they pair with ground truth named like the
+          images; image ids in JSON files are the items' ``image_id``;
+        - write atomically (``pipeline.io``); the folder is published only when the whole run
+          succeeded, so a half-written set never shows;
+        - raise a one-line ``DensepipeError`` naming the file for bad data.
+
+        Default: writes nothing (a task whose ``save_prediction`` files are already what its
+        metric reads needs nothing more)."""
+        return []
+
+    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
+                       image: torch.Tensor, options: BaseModel) -> dict[str, torch.Tensor]:
+        """The ``export_outputs`` tensors, by name, for the ONNX graph: what ``postprocess``
+        computes, at the input resolution, in a form ``torch.export`` can trace (tensor ops only:
+        no Python ``int()`` of sizes, no data-dependent branches). ``features``: the backbone
+        levels of this task's input view; ``image``: float32 ``N x 3 x H x W`` sRGB levels 0..255.
+        Only called when ``export_outputs`` is not empty."""
+        raise NotImplementedError(f"{self.name}: export_outputs is set but export_forward is not")
 
     def describe(self) -> dict[str, Any]:
         return {

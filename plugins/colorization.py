@@ -56,7 +56,7 @@ from pipeline.nn.ab_bins import (
     soft_targets,
 )
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_dense_head
-from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import panel_grid
 
 PSNR_CAP_DB = 100.0
@@ -215,6 +215,20 @@ def predicted_ab(output: dict[str, Any], options: ColorizationOptions) -> torch.
     return raw.float() * REGRESSION_SCALE
 
 
+def lightness(image: torch.Tensor) -> torch.Tensor:
+    """CIE L* (D65, 0..100) of ``N x 3 x H x W`` sRGB levels 0..255 -> ``N x 1 x H x W`` float32:
+    ``rgb_to_lab``'s L for inputs in range, written without ``copysign`` (which the ONNX
+    translator lacks)."""
+    from pipeline.data.color import CIE_EPSILON, CIE_KAPPA, SRGB_DECODE_KNEE, SRGB_TO_XYZ
+
+    c = (image.float() / 255.0).clamp(0.0, 1.0)
+    power = ((c.clamp_min(SRGB_DECODE_KNEE) + 0.055) / 1.055) ** 2.4
+    linear = torch.where(c <= SRGB_DECODE_KNEE, c / 12.92, power)
+    y = (linear * c.new_tensor(SRGB_TO_XYZ[1]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)  # white Y = 1
+    f = torch.where(y > CIE_EPSILON, y.clamp_min(CIE_EPSILON) ** (1.0 / 3.0), (CIE_KAPPA * y + 16.0) / 116.0)
+    return 116.0 * f - 16.0
+
+
 def _to_rgb8(lab: torch.Tensor) -> np.ndarray:
     """3 x H x W Lab -> float64 3 x H x W sRGB in [0, 1], clipped and quantised to 8 bits."""
     rgb = lab_to_rgb(lab.double(), channels_first=True, clip=True)
@@ -325,6 +339,20 @@ class ColorizationTask(Task):
 
     def evaluator(self, *, card: DatasetCard, options: BaseModel) -> ColorizationEvaluator:
         return ColorizationEvaluator()
+
+    export_outputs = (ExportOutput("colorization_lab", "CIE L*a*b* (D65)",
+                                   "N x 3 x H x W: L* (0..100) of the input, predicted a*b*; "
+                                   "lab_to_rgb gives sRGB"),)
+
+    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,  # type: ignore[override]
+                       image: torch.Tensor, options: ColorizationOptions) -> dict[str, torch.Tensor]:
+        """``postprocess``'s Lab from the dense head alone (the full head's forward also computes
+        the rebalancing weights, a data-dependent branch inference does not use) and L* by
+        ``lightness``."""
+        raw = head.dense(features, image_size=image.shape[-2:])  # type: ignore[operator]
+        ab = predicted_ab({"raw": raw, "centres": head.prior.centres}, options)  # type: ignore[union-attr]
+        ab = F.interpolate(ab, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return {"colorization_lab": torch.cat([lightness(image), ab.float()], dim=1)}
 
     def visualize(self, image: np.ndarray, prediction: dict[str, torch.Tensor], *,
                   card: DatasetCard) -> np.ndarray:

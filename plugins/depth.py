@@ -43,7 +43,7 @@ from pipeline.metrics.depth import DepthMetricAccumulator
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_task_decoder_from_options
 from pipeline.nn.regression_losses import build_regression_loss, log_gradient_matching
-from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import depth_with_colorbar
 
 LOG_DEPTH_MAX = math.log(1e4)
@@ -200,6 +200,12 @@ class DepthTask(Task):
                     options: DepthOptions) -> list[torch.Tensor]:  # type: ignore[override]
         """Per image: ``HxW`` float32 depth in metres (> 0), on the CPU."""
         return list(to_depth(output.detach(), options.output)[:, 0].cpu())
+
+    export_outputs = (ExportOutput("depth", "metres", "N x 1 x H x W depth along the optical axis, > 0"),)
+
+    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,  # type: ignore[override]
+                       image: torch.Tensor, options: DepthOptions) -> dict[str, torch.Tensor]:
+        return {"depth": to_depth(head(features, image_size=image.shape[-2:]), options.output)}
 
     def evaluator(self, *, card: DatasetCard, options: DepthOptions) -> DepthEvaluator:  # type: ignore[override]
         return DepthEvaluator(options)

@@ -76,6 +76,7 @@ class InstanceTask(RCNNTask):
     requires = ("instances",)
     input_view = "rgb"
     Options = InstanceOptions
+    coco_iou_types = ("bbox", "segm")
 
     def resolve_options(self, options: InstanceOptions, *,  # type: ignore[override]
                         card: DatasetCard) -> InstanceOptions:

@@ -118,6 +118,10 @@ class KeypointsTask(RCNNTask):
     shares_with = ("instance",)
     input_view = "rgb"
     Options = KeypointOptions
+    coco_iou_types = ("keypoints",)
+
+    def coco_classes(self, card: DatasetCard) -> list[int]:
+        return keypointed_classes(card)[0]
 
     def resolve_options(self, options: KeypointOptions, *,  # type: ignore[override]
                         card: DatasetCard) -> KeypointOptions:

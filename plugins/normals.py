@@ -32,7 +32,7 @@ from pipeline.metrics.merge import check_mergeable
 from pipeline.metrics.normals import NormalsMetricAccumulator
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.regression_losses import build_regression_loss, channel_norm, unit_channels
-from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import normals_to_rgb
 
 
@@ -150,6 +150,13 @@ class NormalsTask(Task):
                     options: NormalsOptions) -> list[torch.Tensor]:  # type: ignore[override]
         """Per image: ``3xHxW`` float32 unit vectors (camera frame), on the CPU."""
         return list(unit_channels(output.detach().float()).cpu())
+
+    export_outputs = (ExportOutput("normals", "unit vectors", "N x 3 x H x W surface normals in the "
+                                   "camera frame (OpenCV: x right, y down, z forward)"),)
+
+    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
+                       image: torch.Tensor, options: Any) -> dict[str, torch.Tensor]:
+        return {"normals": unit_channels(head(features, image_size=image.shape[-2:]).float())}
 
     def evaluator(self, *, card: DatasetCard,  # type: ignore[override]
                   options: NormalsOptions) -> NormalsEvaluator:

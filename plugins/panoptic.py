@@ -14,7 +14,8 @@ inputs, small images need a smaller area limit.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,14 @@ from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.io import atomic_write_json
-from pipeline.metrics.panoptic_evaluator import PanopticEvaluator, segment_info
-from pipeline.metrics.panoptic_files import write_panoptic_png
+from pipeline.metrics.panoptic_evaluator import (
+    PanopticEvaluator,
+    panoptic_categories_json,
+    segment_info,
+)
+from pipeline.metrics.panoptic_files import write_panoptic_json, write_panoptic_png
 from pipeline.nn.panoptic_fusion import combine_semantic_and_instances
-from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.task import Batch, FeatureSpec, PredictedImage, Task
 from pipeline.viz import draw_panoptic
 
 
@@ -51,6 +56,7 @@ class ResolvedPanopticOptions(PanopticOptions):
 
 class PanopticTask(Task):
     name = "panoptic"
+    export_refusal = "semantic and instance predictions are fused in Python, no graph of its own"
     main_metric = "PQ"
     requires = ("panoptic",)
     depends_on = ("semantic", "instance")
@@ -100,6 +106,26 @@ class PanopticTask(Task):
         segments = segment_info(ids, prediction["segments"])
         atomic_write_json(info, {"file_name": png.name, "segments_info": segments})
         return [str(png), str(info)]
+
+    def write_dataset_predictions(self, items: Iterable[PredictedImage], out_dir: str, *,
+                                  card: DatasetCard) -> list[str]:
+        """COCO panoptic predictions: ``panoptic_pred/<name stem>.png`` (RGB-encoded ids) and
+        ``panoptic_pred.json`` (``images``, ``annotations`` with ``segments_info``, ``categories``),
+        what ``densepipe panoptic-eval --pred-json ... --pred-dir ...`` reads (and ``evaluate``
+        writes under the same names)."""
+        folder = Path(out_dir) / "panoptic_pred"
+        annotations, images, written = [], [], []
+        for item in items:
+            file_name = str(PurePosixPath(item.name).with_suffix(".png"))
+            ids = item.prediction["ids"].cpu().numpy()
+            written.append(str(write_panoptic_png(folder / file_name, ids)))
+            annotations.append({"image_id": item.image_id, "file_name": file_name,
+                                "segments_info": segment_info(ids, item.prediction["segments"])})
+            images.append({"id": item.image_id, "file_name": item.name, "height": item.height,
+                           "width": item.width})
+        path = write_panoptic_json(Path(out_dir) / "panoptic_pred.json", annotations,
+                                   panoptic_categories_json(card), images)
+        return [*written, str(path)]
 
 
 @hookimpl

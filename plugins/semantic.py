@@ -11,6 +11,8 @@ matrix (``pipeline.metrics.confusion``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -26,7 +28,7 @@ from pipeline.metrics.confusion import ConfusionMatrix
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.dense_losses import build_dense_loss
-from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.task import Batch, ExportOutput, FeatureSpec, PredictedImage, Task
 from pipeline.viz import colorize_labels, overlay, with_legend
 
 
@@ -142,6 +144,14 @@ class SemanticTask(Task):
                     predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:
         return list(output.argmax(dim=1).to(torch.int64).cpu())
 
+    export_outputs = (ExportOutput(
+        "semantic_logits", "logits", "N x C x H x W class scores at the input resolution; argmax "
+        "over axis 1 is the index into classes (densepipe predict's label map)", per_class=True),)
+
+    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
+                       image: torch.Tensor, options: BaseModel) -> dict[str, torch.Tensor]:
+        return {"semantic_logits": head(features, image_size=image.shape[-2:])}
+
     def evaluator(self, *, card: DatasetCard, options: BaseModel) -> SemanticEvaluator:
         return SemanticEvaluator(card)
 
@@ -159,6 +169,20 @@ class SemanticTask(Task):
 
         path = atomic_write_png(f"{path_stem}_semantic.png", np.asarray(prediction, dtype=np.uint8))
         return [str(path)]
+
+    def write_dataset_predictions(self, items: Iterable[PredictedImage], out_dir: str, *,
+                                  card: DatasetCard) -> list[str]:
+        """``semantic_pred/<name stem>.png``: label PNGs (class index, uint8; uint16 beyond 255
+        classes) named like the dataset's ground-truth PNGs, for ``densepipe semseg-eval
+        --pred-dir <out_dir>/semantic_pred``."""
+        from pipeline.io import atomic_write_png
+
+        dtype = np.uint8 if card.num_classes <= 255 else np.uint16
+        written = []
+        for item in items:
+            path = Path(out_dir) / "semantic_pred" / PurePosixPath(item.name).with_suffix(".png")
+            written.append(str(atomic_write_png(path, np.asarray(item.prediction).astype(dtype))))
+        return written
 
 
 @hookimpl

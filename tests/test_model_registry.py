@@ -103,7 +103,7 @@ def test_cli_evaluate_and_predict_from_the_registry(registered, tiny_dataset: Pa
     code, out, err = _densepipe("predict", str(image), "--model", "models:/densepipe/1",
                                 "--out", str(tmp_path / "pred"), *sets, capsys=capsys)
     assert code == 0, err
-    assert (tmp_path / "pred" / f"{image.stem}_semantic_vis.png").exists()
+    assert (tmp_path / "pred" / "vis" / "semantic" / f"{image.stem}.png").exists()
 
     code, out, err = _densepipe("evaluate", "--model", "models:/densepipe/latest", *sets, capsys=capsys)
     assert code == 0, err

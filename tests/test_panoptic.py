@@ -440,8 +440,8 @@ def test_train_evaluate_export_and_standalone_eval_agree(
     assert len(logged) == 4 and all(p.endswith(".png") for p in logged)
     image = next((tiny_dataset / "images" / "val").iterdir())
     files = stages.predict(cfg, [image], checkpoint=tmp_path / "train" / "best.pt", out_dir=tmp_path / "pred")
-    png = tmp_path / "pred" / f"{image.stem}_panoptic.png"
-    assert str(png) in files and f"{tmp_path / 'pred' / image.stem}_panoptic_vis.png" in files
-    info = json.loads((tmp_path / "pred" / f"{image.stem}_panoptic.json").read_text())
+    png = tmp_path / "pred" / "panoptic" / f"{image.stem}_panoptic.png"
+    assert str(png) in files and str(tmp_path / "pred" / "vis" / "panoptic" / f"{image.stem}.png") in files
+    info = json.loads((tmp_path / "pred" / "panoptic" / f"{image.stem}_panoptic.json").read_text())
     ids = read_panoptic_png(png)
     assert sorted(s["id"] for s in info["segments_info"]) == sorted(set(np.unique(ids).tolist()) - {0})

@@ -220,10 +220,10 @@ def test_train_evaluate_writes_coco_files_that_coco_eval_scores_alike(
     assert json.loads(out.read_text())["AP"] == pytest.approx(metrics["instance/segm_AP"], abs=1e-12)
     image = next((tiny_dataset / "images" / "val").iterdir())
     files = stages.predict(cfg, [image], checkpoint=tmp_path / "train" / "best.pt", out_dir=tmp_path / "pred")
-    names = {Path(f).name for f in files}
-    assert {f"{image.stem}_instance.json", f"{image.stem}_keypoints.json",
-            f"{image.stem}_instance_vis.png", f"{image.stem}_keypoints_vis.png"} <= names
-    detections = json.loads((tmp_path / "pred" / f"{image.stem}_instance.json").read_text())
+    names = {Path(f).relative_to(tmp_path / "pred").as_posix() for f in files}
+    assert {f"instance/{image.stem}_instance.json", f"keypoints/{image.stem}_keypoints.json",
+            f"vis/instance/{image.stem}.png", f"vis/keypoints/{image.stem}.png"} <= names
+    detections = json.loads((tmp_path / "pred" / "instance" / f"{image.stem}_instance.json").read_text())
     assert detections and all(len(d["bbox"]) == 4 and "segmentation" in d for d in detections)
     from mlflow.tracking import MlflowClient
 

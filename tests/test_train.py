@@ -105,11 +105,12 @@ def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_p
     image = next((tiny_dataset / "images" / "val").iterdir())
     files = stages.predict(cfg, [image], checkpoint=tmp_path / "train" / "best.pt",
                            out_dir=tmp_path / "pred")
-    names = sorted(Path(f).name for f in files)
-    assert names == [f"{image.stem}_semantic.png", f"{image.stem}_semantic_vis.png"]
+    names = sorted(Path(f).relative_to(tmp_path / "pred").as_posix() for f in files)
+    assert names == ["predict_manifest.json", f"semantic/{image.stem}_semantic.png",
+                     f"vis/semantic/{image.stem}.png"]
     from PIL import Image
 
-    raw = Image.open(tmp_path / "pred" / f"{image.stem}_semantic.png")
+    raw = Image.open(tmp_path / "pred" / "semantic" / f"{image.stem}_semantic.png")
     assert raw.size == Image.open(image).size
     card = DatasetCard.load(tiny_dataset / "meta.json")
     assert int(np.asarray(raw).max()) < card.num_classes
@@ -122,8 +123,8 @@ def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_p
     for name in ("gray8", "gray16"):
         stages.predict(cfg, [tmp_path / f"{name}.png"] * 2,  # the same file twice: predicted once
                        checkpoint=tmp_path / "train" / "best.pt", out_dir=tmp_path / name)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "gray8" / "gray8_semantic.png")),
-                          np.asarray(Image.open(tmp_path / "gray16" / "gray16_semantic.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "gray8" / "semantic" / "gray8_semantic.png")),
+                          np.asarray(Image.open(tmp_path / "gray16" / "semantic" / "gray16_semantic.png")))
 
     # all or nothing: a bad input among good ones writes nothing, into a new or an existing folder
     (tmp_path / "notimage.png").write_text("not an image")

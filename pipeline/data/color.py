@@ -39,8 +39,8 @@ D65_WHITE = (0.95047, 1.0, 1.08883)
 CIE_EPSILON = 216.0 / 24389.0
 CIE_KAPPA = 24389.0 / 27.0
 
-_SRGB_DECODE_KNEE = 0.04045
-_SRGB_ENCODE_KNEE = 0.5 * (_SRGB_DECODE_KNEE / 12.92 + ((_SRGB_DECODE_KNEE + 0.055) / 1.055) ** 2.4)
+SRGB_DECODE_KNEE = 0.04045
+_SRGB_ENCODE_KNEE = 0.5 * (SRGB_DECODE_KNEE / 12.92 + ((SRGB_DECODE_KNEE + 0.055) / 1.055) ** 2.4)
 
 
 def _channels_last(t: torch.Tensor, name: str, channels_first: bool) -> torch.Tensor:
@@ -76,8 +76,8 @@ def _matrix(rows: Any, like: torch.Tensor) -> torch.Tensor:
 def srgb_to_linear(c: torch.Tensor) -> torch.Tensor:
     """IEC 61966-2-1 decoding (gamma-encoded -> linear), odd-extended below 0."""
     a = c.abs()
-    power = ((a.clamp_min(_SRGB_DECODE_KNEE) + 0.055) / 1.055) ** 2.4
-    lin = torch.where(a <= _SRGB_DECODE_KNEE, a / 12.92, power)
+    power = ((a.clamp_min(SRGB_DECODE_KNEE) + 0.055) / 1.055) ** 2.4
+    lin = torch.where(a <= SRGB_DECODE_KNEE, a / 12.92, power)
     return torch.copysign(lin, c)
 
 
@@ -153,7 +153,8 @@ def srgb8_to_lab(image: torch.Tensor, *, channels_first: bool = False) -> torch.
     """8-bit sRGB (a uint8 tensor) -> CIE L*a*b* float64, the same values as
     ``rgb_to_lab(image / 255)`` with the gamma decoding read from a 256-entry table (2x faster)."""
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
-        raise ValueError(f"image: expected a uint8 tensor, got {getattr(image, 'dtype', type(image).__name__)}")
+        got = getattr(image, "dtype", type(image).__name__)
+        raise ValueError(f"image: expected a uint8 tensor, got {got}")
     rgb = _channels_last(image, "image", channels_first)
     linear = _srgb8_linear(str(image.device))[rgb.long()]
     lab = xyz_to_lab(linear @ _matrix(SRGB_TO_XYZ, linear).T)

@@ -58,7 +58,7 @@ class DenseHead(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], *, image_size: tuple[int, int],
                 batch: Any = None) -> torch.Tensor:
         s = self.output_stride
-        size = (-(-int(image_size[0]) // s), -(-int(image_size[1]) // s))
+        size = (-(-image_size[0] // s), -(-image_size[1] // s))  # no int(): export keeps H, W symbolic
         return self.decoder(features, output_size=size)
 
 

@@ -22,7 +22,7 @@ HEAD_UPSAMPLING = ("bilinear", "convex")
 
 
 def _ceil_div(size: Sequence[int], factor: int) -> tuple[int, int]:
-    return (-(-int(size[0]) // factor), -(-int(size[1]) // factor))
+    return (-(-size[0] // factor), -(-size[1] // factor))  # no int(): export keeps sizes symbolic
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:

@@ -2,27 +2,57 @@
 
 Their heads return an ``RCNNOutput``: the loss terms are computed inside the head (the RoI
 sampler needs the targets), predictions are its ``predictions()``, drawings show boxes, masks and
-skeletons, and ``densepipe predict`` writes the detections as COCO results JSON.
+skeletons, and ``densepipe predict`` writes the detections as COCO results JSON: per image
+(``save_prediction``) and, for the evaluators, one file per run (``write_dataset_predictions``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel
 
 from pipeline.data.card import DatasetCard
+from pipeline.metrics.coco import write_results_json
 from pipeline.metrics.coco_evaluator import save_detections_json
+from pipeline.metrics.coco_results import detections_to_results
 from pipeline.nn.rcnn import RCNNOutput
-from pipeline.task import Batch, Task
+from pipeline.task import Batch, PredictedImage, Task
 from pipeline.viz import draw_detections
+
+
+def coco_results(prediction: dict[str, torch.Tensor], *, image_id: int, card: DatasetCard,
+                 class_indices: list[int], iou_types: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One image's detections as COCO results, exactly as ``CocoEvaluator`` scores them for an
+    image evaluated at its original size: only the detections of ``class_indices`` (card class
+    indices), boxes as float64 ``[x, y, w, h]``, the card's category ids, plus ``segmentation``
+    (RLE) when ``segm`` is in ``iou_types`` and ``keypoints`` when ``keypoints`` is."""
+    labels = prediction["labels"].to(torch.int64)
+    keep = torch.isin(labels, torch.tensor(class_indices, dtype=torch.int64)).nonzero().flatten()
+    if len(keep) == 0:
+        return []
+    return detections_to_results(
+        image_id, boxes=prediction["boxes"][keep].double(), scores=prediction["scores"][keep],
+        category_ids=[card.classes[c].id for c in labels[keep].tolist()],
+        masks=prediction["masks"][keep].bool() if "segm" in iou_types else None,
+        keypoints=prediction["keypoints"][keep].double() if "keypoints" in iou_types else None)
 
 
 class RCNNTask(Task):
     """Base of tasks whose head returns an ``RCNNOutput`` (subclasses add head and evaluator)."""
+
+    coco_iou_types: ClassVar[tuple[str, ...]] = ("bbox",)
+    export_refusal = ("the R-CNN detector's score filter and NMS keep a data-dependent number of "
+                      "boxes, which torch.export cannot trace")
+    """What the task's COCO results carry and are scored on (``bbox``, ``segm``, ``keypoints``)."""
+
+    def coco_classes(self, card: DatasetCard) -> list[int]:
+        """The card classes the task's COCO evaluation covers (default: the thing classes)."""
+        return list(card.thing_indices)
 
     def losses(self, output: RCNNOutput, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
         return output.losses
@@ -38,3 +68,15 @@ class RCNNTask(Task):
     def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
                         card: DatasetCard) -> list[str]:
         return save_detections_json(prediction, Path(f"{path_stem}_{self.name}.json"), card)
+
+    def write_dataset_predictions(self, items: Iterable[PredictedImage], out_dir: str, *,
+                                  card: DatasetCard) -> list[str]:
+        """``<name>_coco_results.json``: every image's detections of ``coco_classes`` as one COCO
+        results list (``image_id`` from the items), for ``densepipe coco-eval --pred`` with the
+        types of ``coco_iou_types``; the name and content ``evaluate`` writes."""
+        classes = self.coco_classes(card)
+        results: list[dict[str, Any]] = []
+        for item in items:
+            results += coco_results(item.prediction, image_id=item.image_id, card=card,
+                                    class_indices=classes, iou_types=self.coco_iou_types)
+        return [str(write_results_json(Path(out_dir) / f"{self.name}_coco_results.json", results))]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 def upsample_to(x: Tensor, size: Sequence[int], *, mode: str = "bilinear") -> Tensor:
     """Resize Bx C x h x w ``x`` to ``size`` = (H, W) (``align_corners=False``); no-op if equal."""
-    size = (int(size[0]), int(size[1]))
+    size = (size[0], size[1])  # no int(): export keeps sizes symbolic
     if tuple(x.shape[-2:]) == size:
         return x
     if mode in ("bilinear", "bicubic"):
