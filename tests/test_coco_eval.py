@@ -197,6 +197,27 @@ def test_tiny_ground_truth_against_itself() -> None:
     assert result.num_images == 1 and result.num_results == 1
 
 
+def test_pycocotools_prints_nothing_even_where_print_is_logged(monkeypatch, capsys) -> None:
+    """Inside a Prefect run with ``log_prints``, ``print`` is patched to log every call aimed at
+    stdout, whatever ``sys.stdout`` is: pycocotools' "creating index..." lines reached the run's
+    logs and the terminal of `densepipe run`."""
+    import builtins
+
+    real, logged = builtins.print, []
+
+    def as_log(*args: Any, **kwargs: Any) -> None:  # what Prefect's print_as_log does
+        if kwargs.get("file") in (None, sys.stdout, sys.stderr):
+            logged.append(" ".join(map(str, args)))
+        else:
+            real(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "print", as_log)
+    gt = _tiny_gt(first_ann_id=1)
+    result = evaluate_coco(gt, _results_for(gt, "bbox"), "bbox")
+    assert logged == [] and capsys.readouterr().out == ""
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in result.summary
+
+
 @pytest.mark.parametrize(("iou_type", "change", "message"), [
     ("bbox", {"image_id": 99}, "result 0: image_id 99 is not in the ground truth (1 images)"),
     ("bbox", {"image_id": "5"}, "result 0: image_id '5' is not in the ground truth"),

@@ -30,18 +30,43 @@ import json
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pycocotools.coco
+import pycocotools.cocoeval
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_write_json
 from pipeline.metrics.coco_results import to_compressed_rle
+
+
+@contextlib.contextmanager
+def _pycocotools_prints(into: io.StringIO | None = None) -> Iterator[None]:
+    """pycocotools' progress and summary prints go to ``into`` (or nowhere) for the block, also
+    inside a Prefect run with ``log_prints``, whose patched ``print`` logs a call whatever
+    ``sys.stdout`` is: a module-level ``print`` in pycocotools' modules shadows the builtin."""
+    import builtins
+
+    target = into if into is not None else io.StringIO()
+
+    def to_target(*args: Any, **kwargs: Any) -> None:
+        kwargs["file"] = target  # a file other than stdout: Prefect's print passes it through
+        builtins.print(*args, **kwargs)
+
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = to_target  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("print", None)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +130,7 @@ def load_coco_gt(gt: str | Path | dict[str, Any] | COCO) -> COCO:
     data = _checked_gt_dataset(data, source)
     coco = COCO()
     coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _pycocotools_prints():
         coco.createIndex()
     return coco
 
@@ -372,7 +397,7 @@ def evaluate_coco(
     _check_gt_for_type(coco_gt, iou_type, cats, imgs, gt_source)
 
     dets = _prepared(coco_gt, results, iou_type)  # type: ignore[arg-type]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _pycocotools_prints():
         coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.params.catIds = list(cats)
@@ -382,7 +407,7 @@ def evaluate_coco(
         evaluator.evaluate()
         evaluator.accumulate()
     summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
+    with _pycocotools_prints(summary):
         evaluator.summarize()
     return CocoEvalResult(iou_type=iou_type, stats=[float(s) for s in evaluator.stats],
                           summary=summary.getvalue(), num_images=len(imgs), num_results=len(results),
