@@ -60,6 +60,22 @@ class ModelConfig(Section):
     backbone: str = "resnet18"
     weights: str | None = None
     """Local path to backbone weights; ``None`` = random initialisation. Never downloaded."""
+    pretrained: str | None = None
+    """Backbone weights by name (docs/training.md, "Pretrained backbones"): ``imagenet`` (the
+    backbone's default ImageNet weights), a torchvision weights name of that backbone
+    (``ResNet50_Weights.IMAGENET1K_V2``) or, for ``timm:<model>`` backbones, a timm pretrained tag
+    (``fb_in22k_ft_in1k``). Read from torchvision's / timm's cache; ``None`` = random init.
+    Exclusive with ``weights``."""
+    download: bool = False
+    """Let densepipe download ``pretrained`` weights missing from the cache (also
+    ``DENSEPIPE_ALLOW_DOWNLOAD=1``); otherwise a missing file is an error naming URL and path."""
+    freeze_bn: Literal["auto"] | bool = "auto"
+    """Replace the backbone body's BatchNorm by ``FrozenBatchNorm2d`` after loading weights.
+    ``auto``: when ``pretrained`` is set and an enabled task needs ``instances`` labels (the R-CNN
+    tasks instance, keypoints and, through instance, panoptic), as detectron2 does."""
+    freeze_at: int = Field(0, ge=0, le=5)
+    """Stop gradients of the body's first levels ``c1``..``c<freeze_at>`` (detectron2's
+    FREEZE_AT: 1 = stem, 2 = stem and res2, its default with pretrained weights; 0 = none)."""
     backbone_norm: Literal["bn", "frozen_bn", "gn"] = "bn"
     """Normalisation in the backbone body: BatchNorm, frozen BatchNorm (fine-tuning on tiny
     batches) or GroupNorm (independent of the batch, so results do not depend on how a global
@@ -73,6 +89,21 @@ class ModelConfig(Section):
     """Per-task options, validated by each task's ``Options`` model (``model.heads.semantic``)."""
     loss_weights: dict[str, float] = Field(default_factory=dict)
     """Weight of each task's summed loss; 1.0 where not given."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(c.isspace() for c in v)):
+            raise ValueError("expected null, 'imagenet', a torchvision weights name such as "
+                             "ResNet50_Weights.IMAGENET1K_V2 or a timm pretrained tag")
+        return v
+
+    @field_validator("freeze_bn", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        if v != "auto" and not isinstance(v, bool):
+            raise ValueError("expected 'auto', true or false")
+        return v
 
 
 class LossWeightingConfig(Section):

@@ -145,17 +145,42 @@ class MultiTaskModel(nn.Module):
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
 
-def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = None) -> MultiTaskModel:
-    """Backbone from ``model.backbone`` (+ local ``model.weights``), heads of ``model.tasks`` and
-    their dependencies, from the registry."""
+DETECTION_LABELS = "instances"
+"""Tasks needing these labels train R-CNN heads: ``model.freeze_bn: auto`` freezes BatchNorm for them."""
+
+
+def wants_frozen_bn(cfg: Config, tasks: list[Task]) -> bool:
+    """``model.freeze_bn`` resolved: ``auto`` is true when ``model.pretrained`` is set, the body
+    uses BatchNorm and an enabled task (dependencies included) needs ``instances`` labels."""
+    from pipeline.errors import ConfigError
+
+    m = cfg.model
+    if m.freeze_bn == "auto":
+        return (m.pretrained is not None and m.backbone_norm == "bn"
+                and any(DETECTION_LABELS in t.requires for t in tasks))
+    if m.freeze_bn and m.backbone_norm == "gn":
+        raise ConfigError("model.freeze_bn=true needs model.backbone_norm bn or frozen_bn, got gn")
+    return bool(m.freeze_bn)
+
+
+def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = None, *,
+                load_weights: bool = True) -> MultiTaskModel:
+    """Backbone from ``model.backbone`` (+ local ``model.weights`` or ``model.pretrained``), heads
+    of ``model.tasks`` and their dependencies, from the registry.
+
+    ``load_weights=False`` builds the same modules (frozen BatchNorm and frozen levels included)
+    without reading ``weights`` / ``pretrained``: for loading a checkpoint over them."""
     from pipeline.config import check_tasks
 
     registry = registry or default_registry()
     check_tasks(cfg, registry.names)
     tasks = registry.resolve(cfg.model.tasks)
-    backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights,
-                              fpn_channels=cfg.model.fpn_channels, norm=cfg.model.backbone_norm,
-                              output_stride=cfg.model.output_stride)
+    m = cfg.model
+    backbone = build_backbone(m.backbone, weights=m.weights if load_weights else None,
+                              fpn_channels=m.fpn_channels, norm=m.backbone_norm,
+                              output_stride=m.output_stride,
+                              pretrained=m.pretrained if load_weights else None, download=m.download,
+                              freeze_bn=wants_frozen_bn(cfg, tasks), freeze_at=m.freeze_at)
     heads: dict[str, nn.Module] = {}
     options: dict[str, BaseModel] = {}
     for task in tasks:

@@ -119,6 +119,6 @@ def build_from_payload(payload: dict[str, Any], *, source: str,
     tree["model"] = {**tree.get("model", {}), "weights": None}
     cfg = config_from_dict(tree, source=source)
     card = DatasetCard.from_json(payload["card"], source=source)
-    model = build_model(cfg, card)
+    model = build_model(cfg, card, load_weights=False)  # no pretrained file read: the payload's weights
     load_model_state(model, payload["model"], source=source)
     return model.to(device or "cpu").eval()

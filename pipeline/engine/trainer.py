@@ -536,7 +536,7 @@ def load_trained_model(cfg: Config | None, checkpoint: str | Path, card: Any = N
         cfg = config_from_dict(ckpt["config"], source=str(checkpoint))
     if card is None:
         card = DatasetCard.from_json(ckpt["card"], source=str(checkpoint))
-    model = build_model(cfg, card, registry)
+    model = build_model(cfg, card, registry, load_weights=False)  # the checkpoint's weights replace them
     load_model_state(model, ckpt.get("model_ema") or ckpt["model"], source=checkpoint)
     model.to(device or torch.device("cpu")).eval()
     return model, ckpt

@@ -26,12 +26,15 @@ Supported: resnet18/34/50 (8, 16, 32), mobilenet_v3_large (16, 32), vgg11_bn/vgg
 
 Builders are registered by name (``@register_backbone("name", output_strides=(...))``) and built
 with ``build_backbone(name, weights=..., fpn_channels=..., norm=..., output_stride=...)``.
-Builders never download: torchvision models are built with ``weights=None``; pretrained weights
-come only from a local file.
+Builders never download: torchvision models are built with ``weights=None``. Pretrained weights
+come from a local file (``weights``) or by name (``pretrained``, :mod:`pipeline.nn.pretrained`):
+read from torchvision's / timm's cache, downloaded only when allowed. ``timm:<model>`` builds a
+timm ``features_only`` network as the body (``TimmBody``), with the same FPN.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -55,6 +58,7 @@ BODY_LEVELS = ("c2", "c3", "c4", "c5")  # the FPN's inputs, at strides 4, 8, 16,
 FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")  # backbone outputs at strides 4, 8, 16, 32, 64 (undilated)
 OUTPUT_STRIDES = (8, 16, 32)
 _SHOWN_KEYS = 3  # how many mismatching keys an error message names
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,9 @@ class Backbone(nn.Module):
             extra_blocks=LastLevelMaxPool(),
         )
         self.classifier_key_map = classifier_key_map
+        self.pretrained_source: str | None = None
+        """What ``model.pretrained`` resolved to (e.g. ``ResNet50_Weights.IMAGENET1K_V2
+        (resnet50-11ad3fa6.pth)``), ``None`` without it."""
         self.body_levels = tuple(body_spec)
         strides = [body_spec[k].stride for k in BODY_LEVELS]
         fpn_spec = {name: FeatureLevel(channels=fpn_channels, stride=s)
@@ -223,6 +230,12 @@ def register_backbone(
     return decorator
 
 
+def known_backbone(name: str) -> bool:
+    """Whether ``build_backbone`` knows ``name``: a registered backbone or ``timm:<model>`` (the
+    timm model itself is checked when built)."""
+    return name in BACKBONES or (name.startswith("timm:") and len(name) > len("timm:"))
+
+
 def dilatable_backbones() -> list[str]:
     """Registered backbones that can be built with an output stride below 32."""
     return sorted(n for n in BACKBONES if min(BACKBONE_OUTPUT_STRIDES.get(n, (32,))) < 32)
@@ -235,12 +248,17 @@ def build_backbone(
     fpn_channels: int = 128,
     norm: str = "bn",
     output_stride: int = 32,
+    pretrained: str | None = None,
+    download: bool = False,
+    freeze_bn: bool = False,
+    freeze_at: int = 0,
 ) -> Backbone:
-    """Build the registered backbone ``name``, optionally loading weights from a local file.
+    """Build the registered backbone ``name`` (or ``timm:<model>``), optionally with weights.
 
     Args:
         name: a key of :data:`BACKBONES` (built-ins: resnet18, resnet34, resnet50,
-            mobilenet_v3_large, vgg11_bn, vgg16_bn).
+            mobilenet_v3_large, vgg11_bn, vgg16_bn), or ``timm:<model_name>`` (any timm model
+            with ``features_only`` levels at strides 4, 8, 16 and 32; needs ``densepipe[timm]``).
         weights: ``None`` (random init) or a local path to either a torchvision classification
             state dict of the same network (loaded into the body; the FPN stays random) or a
             densepipe backbone state dict (``Backbone.state_dict()``: body and FPN).
@@ -250,16 +268,47 @@ def build_backbone(
             or ``"gn"`` (GroupNorm with ``gcd(32, channels)`` groups). BatchNorm uses PyTorch's
             momentum 0.1 everywhere (MobileNet keeps its eps 0.001); training with ``"bn"`` on
             batch 1 needs inputs over 32 px on a side (c5 must hold more than one value per
-            channel). The FPN has no norm.
+            channel). The FPN has no norm. timm backbones keep their own norms (``"gn"`` refused).
         output_stride: 32, or 16 / 8 to dilate the last stages (``model.output_stride``); the
-            backbone must support it (:data:`BACKBONE_OUTPUT_STRIDES`).
+            backbone must support it (:data:`BACKBONE_OUTPUT_STRIDES`; timm backbones: 32).
+        pretrained: ``model.pretrained`` (see :mod:`pipeline.nn.pretrained`): ``None``, or
+            weights by name read from torchvision's / timm's cache; exclusive with ``weights``.
+        download: allow fetching ``pretrained`` weights missing from the cache.
+        freeze_bn: after loading, replace the body's BatchNorm by ``FrozenBatchNorm2d``.
+        freeze_at: stop gradients of body levels ``c1``..``c{freeze_at}`` (0: none).
 
     Raises:
         ConfigError: unknown ``name`` or ``norm``, bad ``fpn_channels``, an ``output_stride`` the
-            backbone does not support, or ``weights`` missing, unreadable or not fitting.
+            backbone does not support, or ``weights`` / ``pretrained`` missing, unreadable or not
+            fitting.
     """
+    if weights is not None and pretrained is not None:
+        raise ConfigError(f"model.weights={str(weights)!r} and model.pretrained={pretrained!r} are "
+                          f"exclusive; set one of them")
+    if name.startswith(TIMM_PREFIX):
+        backbone = _timm_backbone(name, fpn_channels=fpn_channels, norm=norm,
+                                  output_stride=output_stride, pretrained=pretrained, download=download)
+    else:
+        backbone = _registered_backbone(name, fpn_channels=fpn_channels, norm=norm,
+                                        output_stride=output_stride)
+        if weights is not None:
+            load_backbone_weights(backbone, weights, name=name)
+        if pretrained is not None:
+            from pipeline.nn.pretrained import load_torchvision_pretrained
+
+            backbone.pretrained_source = load_torchvision_pretrained(
+                backbone, name=name, value=pretrained, download=download)
+    _freeze(backbone, name=name, freeze_bn=freeze_bn, freeze_at=freeze_at)
+    return backbone
+
+
+TIMM_PREFIX = "timm:"
+
+
+def _registered_backbone(name: str, *, fpn_channels: int, norm: str, output_stride: int) -> Backbone:
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}")
+        raise ConfigError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}, "
+                          f"{TIMM_PREFIX}<timm model name>")
     if norm not in NORMS:
         raise ConfigError(f"unknown backbone norm {norm!r}; allowed: {', '.join(NORMS)}")
     if fpn_channels < 1:
@@ -279,8 +328,108 @@ def build_backbone(
         raise ValueError(f"backbone {name!r} built with output stride {backbone.output_stride}, "
                          f"asked for {output_stride}")
     backbone.info = replace(backbone.info, name=name, output_strides=supported)
-    if weights is not None:
-        load_backbone_weights(backbone, weights, name=name)
+    return backbone
+
+
+def _freeze(backbone: Backbone, *, name: str, freeze_bn: bool, freeze_at: int) -> None:
+    """Frozen BatchNorm in the body and frozen early levels (detectron2), logged at INFO."""
+    from pipeline.nn.pretrained import freeze_batchnorm, freeze_stages
+
+    if freeze_bn:
+        count = freeze_batchnorm(backbone.body)
+        log.info("backbone %s: %d BatchNorm layers of the body frozen (FrozenBatchNorm2d)", name, count)
+    if freeze_at > 0:
+        levels = freeze_stages(backbone, freeze_at)
+        if not levels:
+            raise ConfigError(f"model.freeze_at={freeze_at}: backbone {name!r} has no stages densepipe "
+                              f"can freeze; use model.freeze_at=0")
+        log.info("backbone %s: body levels %s frozen (model.freeze_at=%d)", name, ", ".join(levels),
+                 freeze_at)
+
+
+class TimmBody(nn.Module):
+    """A timm ``features_only`` network whose list of maps is returned as ``c{k}`` levels.
+
+    ``levels`` names each of the network's outputs (``c1``..``c5`` by stride 2..32)."""
+
+    def __init__(self, net: nn.Module, levels: tuple[str, ...], out_indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.levels = levels
+        self.out_indices = out_indices
+
+    @property
+    def return_layers(self) -> dict[str, str]:
+        """``{module name in net: level}`` where timm's feature net says (``FeatureDictNet``);
+        empty for feature nets that do not (EfficientNet's), which cannot be frozen by stage."""
+        layers = getattr(self.net, "return_layers", None) or {}
+        by_index = dict(zip(self.out_indices, self.levels, strict=True))
+        return {m: by_index[int(i)] for m, i in layers.items() if str(i).isdigit() and int(i) in by_index}
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return OrderedDict(zip(self.levels, self.net(x), strict=True))
+
+
+def _timm_key_map(key: str) -> str | None:
+    return key if key.startswith("net.") else None
+
+
+def _timm_backbone(name: str, *, fpn_channels: int, norm: str, output_stride: int,
+                   pretrained: str | None, download: bool) -> Backbone:
+    """``timm:<model>``: ``timm.create_model(model, features_only=True, out_indices=...)`` with
+    one level per stride 2 (if any), 4, 8, 16, 32 (the last feature of each stride)."""
+    model_name = name.removeprefix(TIMM_PREFIX)
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model.backbone={name!r} needs timm: pip install 'densepipe[timm]'") from None
+    if norm == "gn":
+        raise ConfigError(f"model.backbone_norm='gn' is not supported by timm backbone {name!r}; "
+                          f"allowed: bn, frozen_bn")
+    if output_stride != 32:
+        raise ConfigError(f"model.output_stride={output_stride} is not supported by backbone {name!r} "
+                          f"(timm backbones: 32)")
+    if fpn_channels < 1:
+        raise ConfigError(f"fpn_channels must be a positive integer, got {fpn_channels}")
+    if not timm.is_model(model_name):
+        raise ConfigError(f"unknown timm model {model_name!r} in model.backbone={name!r}; see "
+                          f"timm.list_models()")
+    kwargs: dict[str, object] = {"pretrained": False}
+    full = model_name
+    if pretrained is not None:
+        from pipeline.nn.pretrained import timm_pretrained
+
+        full, kwargs = timm_pretrained(model_name, pretrained, download=download)
+    probe = timm.create_model(model_name, features_only=True, pretrained=False)
+    reductions = list(probe.feature_info.reduction())
+    channels = list(probe.feature_info.channels())
+    del probe
+    indices: dict[int, int] = {}  # stride -> index of the last feature at that stride
+    for i, r in enumerate(reductions):
+        indices[int(r)] = i
+    missing = [s for s in (4, 8, 16, 32) if s not in indices]
+    if missing:
+        raise ConfigError(f"model.backbone={name!r}: its features_only levels have strides "
+                          f"{sorted(indices)}, the FPN needs 4, 8, 16 and 32 (missing {missing})")
+    strides = [s for s in (2, 4, 8, 16, 32) if s in indices]
+    out_indices = tuple(indices[s] for s in strides)
+    net = timm.create_model(full, features_only=True, out_indices=out_indices, **kwargs)
+    if pretrained is not None:
+        source = kwargs.get("pretrained_cfg_overlay", {}).get("file", "the Hugging Face hub")  # type: ignore[union-attr]
+        count = len(net.state_dict())
+        log.info("backbone %s: loaded %d tensors of %s from %s", name, count, full, source)
+    if norm == "frozen_bn":
+        from pipeline.nn.pretrained import freeze_batchnorm
+
+        freeze_batchnorm(net)
+    levels = tuple(f"c{int(math.log2(s))}" for s in strides)
+    spec = {lvl: FeatureLevel(channels[i], s) for lvl, i, s in zip(levels, out_indices, strides, strict=True)}
+    body_channels = tuple(spec[k].channels for k in BODY_LEVELS)
+    backbone = Backbone(body=TimmBody(net, levels, out_indices), body_channels=body_channels,  # type: ignore[arg-type]
+                        fpn_channels=fpn_channels, classifier_key_map=_timm_key_map, body_spec=spec)
+    backbone.info = replace(backbone.info, name=name, output_strides=(32,))
+    if pretrained is not None:
+        backbone.pretrained_source = full
     return backbone
 
 
@@ -302,26 +451,38 @@ def load_backbone_weights(backbone: Backbone, path: str | Path, *, name: str = "
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is a config problem
         raise ConfigError(f"cannot read backbone weights {path}: {exc}".splitlines()[0]) from exc
+    load_state_into_backbone(backbone, state, source=str(path), name=name)
+
+
+def load_state_into_backbone(backbone: Backbone, state: object, *, source: str, name: str = "backbone",
+                             body_only: bool = False) -> int:
+    """Load ``state`` (read from ``source``) into ``backbone``; returns the number of tensors loaded.
+
+    A densepipe backbone state dict (keys ``body.*`` / ``fpn.*``) loads into the whole backbone
+    (refused when ``body_only``); a classification network's state dict loads into the body
+    through ``backbone.classifier_key_map`` (the classifier dropped). Strict: every key of the
+    target but ``num_batches_tracked``, no other, same shapes; else one ``ConfigError`` line."""
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
-        raise ConfigError(f"backbone weights {path} is not a state dict (str -> tensor mapping)")
+        raise ConfigError(f"backbone weights {source} is not a state dict (str -> tensor mapping)")
 
-    if any(k.startswith(("body.", "fpn.")) for k in state):
+    if any(k.startswith(("body.", "fpn.")) for k in state) and not body_only:
         target: nn.Module = backbone
-        source = dict(state)
+        given = dict(state)
     else:  # a classification network's state dict: keep what the body uses
         target = backbone.body
-        source = {}
+        given = {}
         for key, value in state.items():
             mapped = backbone.classifier_key_map(key)
             if mapped is not None:
-                source[mapped] = value
+                given[mapped] = value
 
-    problem = _state_dict_mismatch(target.state_dict(), source)
+    problem = _state_dict_mismatch(target.state_dict(), given)
     if problem:
-        raise ConfigError(f"backbone weights {path} do not fit backbone {name!r}: {problem}")
-    target.load_state_dict(source, strict=False)  # only num_batches_tracked may be absent
+        raise ConfigError(f"backbone weights {source} do not fit backbone {name!r}: {problem}")
+    target.load_state_dict(given, strict=False)  # only num_batches_tracked may be absent
+    return len(given)
 
 
 def _state_dict_mismatch(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> str:
@@ -569,10 +730,14 @@ __all__ = [
     "BackboneInfo",
     "BackboneSpec",
     "FeatureLevel",
+    "TIMM_PREFIX",
+    "TimmBody",
     "VGGEncoder",
     "build_backbone",
     "dilatable_backbones",
     "dilate_stage",
+    "known_backbone",
     "load_backbone_weights",
+    "load_state_into_backbone",
     "register_backbone",
 ]
