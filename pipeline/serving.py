@@ -13,7 +13,7 @@ and the model rebuilt from its config and dataset card through the task registry
 Request (``pyfunc_signature``): a DataFrame with a string column ``image``, one image per row,
 each the base64 of an image *file* (PNG, JPEG, anything ``read_image`` reads; whitespace and a
 ``data:...;base64,`` prefix are allowed). Pixels are read as ``densepipe predict`` reads them
-(``pipeline.data.reader.read_image``: stored pixel grid, EXIF orientation not applied).
+(``pipeline.data.reader.read_image``: upright, EXIF orientation applied).
 
 Answer: one dict per row, ``{task: {file: value}}`` for every task of the model. ``file`` is the
 name of a file the task's ``save_prediction`` writes, without the ``<stem>_`` prefix

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +120,49 @@ def check_config(cfg: Config) -> None:
     """Fail fast, before any data is read or file written: unknown tasks or backbone."""
     from pipeline.config import check_tasks
     from pipeline.errors import ConfigError
-    from pipeline.nn.backbones import BACKBONES
+    from pipeline.nn.backbones import BACKBONES, known_backbone
     from pipeline.registry import default_registry
 
     registry = default_registry()
     check_tasks(cfg, registry.names)
     registry.resolve(cfg.model.tasks)
-    if cfg.model.backbone not in BACKBONES:
+    if not known_backbone(cfg.model.backbone):
         raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; "
-                          f"allowed: {', '.join(sorted(BACKBONES))}")
+                          f"allowed: {', '.join(sorted(BACKBONES))} or timm:<model name>")
+
+
+def check_labels(cfg: Config, label_kinds: Iterable[str], *, split: str,
+                 tasks: Iterable[str] | None = None) -> None:
+    """Refuse a task (of ``tasks``, default ``model.tasks``, or one they enable) whose required
+    label kinds (``Task.requires``) are absent from split ``split`` (``label_kinds``): it would
+    train at zero loss and vanish from the metrics. One ``ConfigError`` naming the task and the
+    kind."""
+    from pipeline.registry import default_registry
+
+    have = set(label_kinds)
+    named = list(cfg.model.tasks if tasks is None else tasks)
+    tasks_ = default_registry().resolve(named)
+    for task in tasks_:
+        lacking = [k for k in task.requires if k not in have]
+        if not lacking:
+            continue
+        users = [t.name for t in tasks_ if task.name in t.depends_on]
+        why = f" (enabled by {', '.join(users)})" if task.name not in named and users else ""
+        found = ", ".join(sorted(have)) or "none"
+        raise ConfigError(f"model.tasks: task '{task.name}'{why} needs {' and '.join(lacking)} "
+                          f"labels, but split '{split}' of {cfg.data.root} has none (label kinds "
+                          f"found: {found}); remove the task from model.tasks or add "
+                          f"{lacking[0]} labels (docs/own-data.md)")
+
+
+def _check_train_labels(cfg: Config) -> None:
+    """``check_labels`` for the train split, from which label files exist (no JSON parsed);
+    nothing when ``data.root`` is not a dataset yet (training then says so)."""
+    from pipeline.data.reader import split_label_kinds
+
+    kinds = split_label_kinds(cfg.data.root, cfg.data.train_split)
+    if kinds is not None:
+        check_labels(cfg, kinds, split=cfg.data.train_split)
 
 
 # -- train --------------------------------------------------------------------------------------
@@ -144,6 +178,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
     from pipeline.tracking import make_tracker
 
     check_config(cfg)
+    _check_train_labels(cfg)
     out_dir = Path(cfg.train.out_dir)
     main = distributed.env_from_torchrun().is_main
     tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id) if main else None
@@ -273,8 +308,13 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: st
     check_config(cfg)
     device = resolve_device(cfg.train.device)
     dataset = eval_dataset(cfg)
+    kinds = dataset.label_kinds  # type: ignore[attr-defined]
+    if model_uri is None:  # a checkpoint's model is built with model.tasks: refuse before loading
+        check_labels(cfg, kinds, split=cfg.data.val_split)
     model, step, train_run_id, source = load_model_to_evaluate(
         cfg, checkpoint=checkpoint, model_uri=model_uri, card=dataset.card, device=device)  # type: ignore[attr-defined]
+    if model_uri is not None:  # a registered model's own tasks
+        check_labels(cfg, kinds, split=cfg.data.val_split, tasks=list(model.tasks))
     loader = eval_loader(cfg, dataset, batch_size=cfg.evaluate.batch_size)
     out_dir = Path(cfg.evaluate.out_dir)
     artifacts: list[Path] = []

@@ -60,7 +60,8 @@ def served(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory, _mlflow
     """A model of all seven tasks (random init: the serving path does not care what it learnt),
     logged by ``Tracker.log_model`` and registered as ``densepipe`` version 1 in a SQLite store
     with its artifacts in the same temp folder; two inputs: a 48x64 PNG and a 64x40 JPEG whose
-    EXIF says rotate 90 degrees (each saved as ``image.*`` in its own folder for ``predict``)."""
+    EXIF says rotate 90 degrees, so it is read upright at 40x64 (each saved as ``image.*`` in its
+    own folder for ``predict``)."""
     import shutil
 
     folder = tmp_path_factory.mktemp("serving")
@@ -80,7 +81,7 @@ def served(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory, _mlflow
 
     rgb = np.asarray(Image.open(sorted((tiny_dataset / "images" / "val").iterdir())[0]).convert("RGB"))
     exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 CW to display; read_image keeps the stored grid
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display; read_image applies it (64x40 -> 40x64)
     inputs = {"png": _encoded(np.ascontiguousarray(rgb[:48]), "PNG"),
               "jpeg": _encoded(np.ascontiguousarray(rgb[:, :40]), "JPEG", exif=exif.tobytes())}
     paths = {}
@@ -89,7 +90,7 @@ def served(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory, _mlflow
         paths[kind] = folder / kind / f"image.{'png' if kind == 'png' else 'jpg'}"
         paths[kind].write_bytes(data)
     return {"cfg": cfg, "uri": uri, "model_uri": model_uri, "run_id": run_id, "payload": payload,
-            "inputs": inputs, "paths": paths, "sizes": {"png": (48, 64), "jpeg": (64, 40)},
+            "inputs": inputs, "paths": paths, "sizes": {"png": (48, 64), "jpeg": (40, 64)},
             "card": model.card}
 
 

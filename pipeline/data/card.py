@@ -134,10 +134,13 @@ class DatasetCard:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], *, source: str = "meta.json") -> DatasetCard:
+        """A card from its JSON: ``classes`` (each ``id`` and ``name``; ``color`` defaults to a
+        spread palette, ``isthing`` to 1) is required, every other key optional."""
         try:
             classes = [
-                ClassInfo(int(c["id"]), str(c["name"]), tuple(int(v) for v in c["color"]),
-                          bool(c["isthing"]))  # type: ignore[arg-type]
+                ClassInfo(int(c["id"]), str(c["name"]),
+                          tuple(int(v) for v in c.get("color") or _fallback_color(int(c["id"]))),  # type: ignore[arg-type]
+                          bool(c.get("isthing", 1)))
                 for c in obj["classes"]
             ]
             keypoints = [
@@ -151,7 +154,10 @@ class DatasetCard:
                 for k in obj.get("keypoints", [])
             ]
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(source, f"not a densepipe dataset card ({type(e).__name__}: {e})") from e
+            raise DataError(source, f"not a densepipe dataset card ({type(e).__name__}: {e}); "
+                                    'expected at least {"classes": [{"id": 0, "name": "road"}, '
+                                    '...]} (docs/own-data.md, section "Dataset card (meta.json)")'
+                            ) from e
         return cls(
             name=str(obj.get("name", "dataset")),
             classes=classes,

@@ -4,7 +4,9 @@
 sample contract it returns):
 
 - images: any PIL-readable file (PNG, JPEG), converted to RGB (``read_image``: 16-bit and
-  float grayscale scaled to 8 bit, not clipped);
+  float grayscale scaled to 8 bit, not clipped) and turned upright by its EXIF orientation, as
+  COCO tools do (a phone photo stored 375x500 with orientation 6 is read 500x375, the size its
+  JSON ``height``/``width`` give);
 - instances (+ keypoints): COCO instances JSON, segmentation as polygons, uncompressed or
   compressed RLE (a missing ``segmentation`` falls back to the filled box). Invalid polygons
   (fewer than 3 points, an odd number of coordinates, zero area) are dropped, and so is an
@@ -14,7 +16,8 @@ sample contract it returns):
 - keypoints may also come from a separate COCO person-keypoints JSON; its annotations are merged
   into the instances by annotation id (COCO 2017 uses the same ids in both files);
 - panoptic: COCO panoptic JSON + RGB PNGs (segment id = R + 256 G + 256^2 B);
-- semantic: uint8 PNGs (class index, 255 = ignore) sharing the image's file stem; without them,
+- semantic: uint8 PNGs (class index 0..C-1 of the card's C classes, 255 = ignore; any other value
+  is a ``DataError``) sharing the image's file stem; without them,
   a split with panoptic labels gets ``semantic`` derived from the panoptic map (segment category ->
   class index, void and crowd -> 255);
 - depth: uint16 PNGs in millimetres (0 = unknown) -> float32 metres;
@@ -44,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
 from pipeline.data.panoptic_ids import rgb_to_ids
@@ -54,6 +57,9 @@ LABEL_KINDS = ("semantic", "instances", "panoptic", "depth", "normals", "keypoin
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 BOX_TOLERANCE = 1.0  # pixels a COCO box may stick out of its image
 MIN_POLYGON_AREA = 1e-6  # square pixels; a polygon with less is degenerate (its mask is empty)
+CARD_DOC = 'docs/own-data.md, section "Dataset card (meta.json)"'
+CARD_EXAMPLE = ('{"name": "mydata", "classes": [{"id": 0, "name": "road"}, '
+                '{"id": 1, "name": "car"}]}')
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,8 @@ __all__ = [
     "read_image",
     "read_label",
     "read_png",
+    "check_semantic_values",
+    "split_label_kinds",
     "panoptic_rgb_to_ids",
 ]
 
@@ -91,7 +99,9 @@ def _read_bytes(path: Path, what: str) -> bytes:
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as RGB: a C-contiguous ``HxWx3 uint8`` array, fully decoded.
 
-    The stored size is kept (EXIF orientation is not applied). Conversions:
+    The image is turned upright by its EXIF orientation tag (``ImageOps.exif_transpose``, as
+    COCO tools and browsers show it): the size returned is the displayed one, the same for
+    training, evaluation, ``predict`` and serving. Conversions:
 
     - 8-bit RGB as is; grayscale (``L``, ``1``), palette (``P``, ``PA``), ``LA``, ``RGBA``,
       CMYK, YCbCr by PIL's ``convert("RGB")`` (alpha dropped, palette looked up);
@@ -120,7 +130,22 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             img.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(path, f"truncated or corrupt image ({fmt}: {e})") from e
+        _exif_upright(img, path, fmt)
         return _to_rgb8(img, path, fmt)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _exif_upright(img: Image.Image, path: Path, fmt: str) -> None:
+    """Apply ``img``'s EXIF orientation (2..8) in place; nothing for images without one."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            ImageOps.exif_transpose(img, in_place=True)
+    except (OSError, SyntaxError, ValueError, TypeError, struct.error) as e:
+        raise DataError(path, f"{fmt} image with unreadable EXIF orientation "
+                              f"({type(e).__name__}: {e})") from e
 
 
 def _to_rgb8(img: Image.Image, path: Path, fmt: str) -> np.ndarray:
@@ -225,6 +250,22 @@ def read_label(path: Path, kind: str, hw: tuple[int, int] | None) -> np.ndarray:
             raise DataError(path, f"depth values outside 0..65535 mm ({_describe(arr, mode)})")
         arr = arr.astype(np.uint16)
     return arr
+
+
+def check_semantic_values(sem: np.ndarray, path: str | os.PathLike[str], card: DatasetCard) -> None:
+    """Raise ``DataError`` naming ``path`` when the semantic map ``sem`` (uint8 ``HxW``) holds a
+    value that is neither a class index of ``card`` (0..C-1) nor its ignore value."""
+    counts = np.bincount(sem.ravel(), minlength=256)
+    values = np.flatnonzero(counts)
+    bad = values[(values >= card.num_classes) & (values != card.ignore_index)]
+    if bad.size == 0:
+        return
+    shown = ", ".join(str(int(v)) for v in bad[:5]) + (f" and {bad.size - 5} more" if bad.size > 5
+                                                         else "")
+    noun = "value" if bad.size == 1 else "values"
+    raise DataError(path, f"semantic {noun} {shown} ({int(counts[bad].sum())} pixels) out of range: "
+                          f"expected 0..{card.num_classes - 1} (the {card.num_classes} classes of "
+                          f"dataset card '{card.name}') or {card.ignore_index} (ignore)")
 
 
 def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
@@ -359,10 +400,10 @@ class CocoDataset(torch.utils.data.Dataset):
     file stem, else position + 1).
 
     Attributes: ``card``, ``image_ids`` (in sample order), ``label_kinds`` (which of
-    ``LABEL_KINDS`` this split has), the paths given above; ``dropped_annotations`` (annotations
-    left without a valid polygon, not loaded), ``dropped_polygons`` (invalid polygons removed,
-    those of dropped annotations included) and ``drop_examples`` (the first few, as
-    ``"file: annotation id N: reason"``).
+    ``LABEL_KINDS`` this split has; a label folder without a PNG gives none), the paths given
+    above; ``dropped_annotations`` (annotations left without a valid polygon, not loaded),
+    ``dropped_polygons`` (invalid polygons removed, those of dropped annotations included) and
+    ``drop_examples`` (the first few, as ``"file: annotation id N: reason"``).
     """
 
     def __init__(
@@ -448,7 +489,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 raise DataError(d, f"{kind} PNG folder not found")
             self._label_files[kind] = {n for n in os.listdir(d) if n.endswith(".png")}
 
-        kinds = set(self._label_files)
+        kinds = {k for k, names in self._label_files.items() if names}  # empty folder: none
         if inst is not None or kps is not None:
             kinds.add("instances")
         if has_keypoints and self.num_keypoints > 0:
@@ -485,10 +526,19 @@ class CocoDataset(torch.utils.data.Dataset):
         pan_json = opt(root / "annotations" / f"panoptic_{split}.json")
         pan_dir = root / "panoptic" / split
         meta = root / "meta.json"
+        inst_json = opt(root / "annotations" / f"instances_{split}.json")
+        kps_json = opt(root / "annotations" / f"person_keypoints_{split}.json")
+        if not meta.exists() and inst_json is None and kps_json is None and pan_json is None:
+            raise DataError(root, f"no dataset card (meta.json) and no annotation JSON for split "
+                                  f"'{split}' (annotations/instances_{split}.json, "
+                                  f"annotations/panoptic_{split}.json): nothing says what the "
+                                  f"classes are; write meta.json with at least {CARD_EXAMPLE} "
+                                  f"(the index in 'classes' is the value semantic PNGs store) or "
+                                  f"a COCO instances JSON; see {CARD_DOC}")
         return cls(
             image_dir,
-            instances_json=opt(root / "annotations" / f"instances_{split}.json"),
-            keypoints_json=opt(root / "annotations" / f"person_keypoints_{split}.json"),
+            instances_json=inst_json,
+            keypoints_json=kps_json,
             panoptic_json=pan_json,
             panoptic_dir=pan_dir if pan_json is not None else None,
             semantic_dir=opt(root / "semantic" / split),
@@ -523,10 +573,18 @@ class CocoDataset(torch.utils.data.Dataset):
             return p if p.exists() else None
 
         pan_json = opt(ann / f"panoptic_{split}2017.json")
+        inst_json = opt(ann / f"instances_{split}2017.json")
+        kps_json = opt(ann / f"person_keypoints_{split}2017.json")
+        if inst_json is None and kps_json is None and pan_json is None:
+            raise DataError(ann, f"no annotation JSON for split '{split}': expected "
+                                 f"instances_{split}2017.json, panoptic_{split}2017.json or "
+                                 f"person_keypoints_{split}2017.json here (COCO 2017 layout); "
+                                 f"a folder without one needs the densepipe layout and a dataset "
+                                 f"card (meta.json); see {CARD_DOC}")
         return cls(
             image_dir,
-            instances_json=opt(ann / f"instances_{split}2017.json"),
-            keypoints_json=opt(ann / f"person_keypoints_{split}2017.json"),
+            instances_json=inst_json,
+            keypoints_json=kps_json,
             panoptic_json=pan_json,
             panoptic_dir=(ann / f"panoptic_{split}2017") if pan_json is not None else None,
             transforms=transforms,
@@ -757,6 +815,7 @@ class CocoDataset(torch.utils.data.Dataset):
         if stem in files.get("semantic", ()):
             assert self.semantic_dir is not None
             sem = read_label(self.semantic_dir / stem, "semantic", hw)
+            check_semantic_values(sem, self.semantic_dir / stem, self.card)
             sample["semantic"] = torch.from_numpy(sem.astype(np.int64))
         elif rec.panoptic is not None and pan_ids is not None:
             sample["semantic"] = torch.from_numpy(
@@ -904,8 +963,9 @@ def _card_from_jsons(inst: dict[str, Any] | None, kps: dict[str, Any] | None,
                      pan: dict[str, Any] | None, ds: CocoDataset) -> DatasetCard:
     base = pan if pan is not None else inst if inst is not None else kps
     if base is None:
-        raise DataError(ds.image_dir, "no dataset card: pass card= or an annotation JSON whose "
-                                      "categories define the classes")
+        raise DataError(ds.image_dir, "no dataset card (meta.json) and no annotation JSON whose "
+                                      "categories define the classes; write meta.json with at "
+                                      f"least {CARD_EXAMPLE} (see {CARD_DOC})")
     source = ds.panoptic_json if pan is not None else (
         ds.instances_json if inst is not None else ds.keypoints_json)
     for i, c in enumerate(base["categories"]):
@@ -932,13 +992,72 @@ def open_dataset(root: str | os.PathLike[str], split: str,
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found (run `densepipe prepare`?)")
-    if (root / "meta.json").exists() or (root / "images").is_dir():
+    layout = _layout(root, split)
+    if layout == "densepipe":
         return CocoDataset.from_layout(root, split, transforms)
+    if layout == "coco2017":
+        return CocoDataset.from_coco2017(root, split, transforms)
+    raise DataError(root, f"unknown dataset layout: expected densepipe's (meta.json, "
+                          f"images/{split}/) or COCO 2017's ({split}2017/, annotations/)")
+
+
+def _layout(root: Path, split: str) -> str | None:
+    """``"densepipe"``, ``"coco2017"`` or None: how ``open_dataset`` reads ``root``."""
+    if (root / "meta.json").exists() or (root / "images").is_dir():
+        return "densepipe"
     ann = root / "annotations"
     if (root / f"{split}2017").is_dir() or any(
         (ann / f"{k}_{split}2017.json").exists()
         for k in ("instances", "person_keypoints", "panoptic")
     ):
-        return CocoDataset.from_coco2017(root, split, transforms)
-    raise DataError(root, f"unknown dataset layout: expected densepipe's (meta.json, "
-                          f"images/{split}/) or COCO 2017's ({split}2017/, annotations/)")
+        return "coco2017"
+    return None
+
+
+def _has_png(folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    with os.scandir(folder) as it:
+        return any(e.name.endswith(".png") for e in it)
+
+
+def _mentions(path: Path, needle: bytes) -> bool:
+    """Whether the file's bytes contain ``needle`` (memory-mapped: no parse, no full copy)."""
+    import mmap
+
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(needle) != -1
+
+
+def split_label_kinds(root: str | os.PathLike[str], split: str) -> tuple[str, ...] | None:
+    """The label kinds (``LABEL_KINDS``) split ``split`` of the dataset at ``root`` has, found
+    from which files exist, without parsing any JSON: cheap enough to check before training.
+
+    Never misses a kind ``open_dataset(root, split).label_kinds`` has (keypoints count when a
+    person-keypoints JSON exists or the instances JSON mentions ``"keypoints"``); a label folder
+    without a PNG counts as absent. None when ``root`` is no dataset folder of a known layout."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    layout = _layout(root, split)
+    ann = root / "annotations"
+    if layout == "densepipe":
+        tag = split
+        dense = {k: root / k / split for k in ("semantic", "depth", "normals")}
+    elif layout == "coco2017":
+        tag = f"{split}2017"
+        dense = {}
+    else:
+        return None
+    inst, kps, pan = (ann / f"{k}_{tag}.json" for k in ("instances", "person_keypoints", "panoptic"))
+    kinds = {k for k, d in dense.items() if _has_png(d)}
+    if inst.is_file() or kps.is_file():
+        kinds.add("instances")
+    if kps.is_file() or (inst.is_file() and _mentions(inst, b'"keypoints"')):
+        kinds.add("keypoints")
+    if pan.is_file():
+        kinds.update(("panoptic", "semantic"))
+    return tuple(k for k in LABEL_KINDS if k in kinds)
