@@ -11,6 +11,7 @@ process umask (0644 / 0755 with the usual 022), not the private 0600 / 0700 of `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -169,3 +170,12 @@ def atomic_dir(path: str | os.PathLike[str], *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of the file at ``path`` (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -21,7 +21,6 @@ serve`` and ``mlflow.pyfunc.load_model`` serve it; see ``pipeline.serving``.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.io import sha256_file
 
 FLAVOR = "densepipe"
 FORMAT = "densepipe-model/1"
@@ -52,14 +52,6 @@ def write_weights(payload: dict[str, Any], path: str | Path) -> str:
     """Write ``payload`` with ``torch.save`` to ``path``; returns the file's sha256 (hex)."""
     torch.save(payload, path)
     return sha256_file(path)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_model(path: str, mlflow_model: Any, *, weights_file: str, sha256: str, tasks: list[str],

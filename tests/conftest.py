@@ -130,3 +130,19 @@ def write_tiny_params(folder: Path, *, mlflow_uri: str | None) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(load_config(None, over).model_dump(mode="json")))
     return path
+
+
+def plant_marker(path: str) -> None:
+    """What a malicious pickle calls when unpickled: leaves a marker file (the tests that check
+    nothing is unpickled look for it)."""
+    Path(path).write_text("code ran")
+
+
+class PlantedPickle:
+    """Unpickles into ``plant_marker(path)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return (plant_marker, (self.path,))

@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from pipeline.engine.trainer import load_trained_model
 from pipeline.errors import ConfigError, TrackingError
 from pipeline.tracking import load_registered_model, parent_run
-from tests.conftest import REPO_ROOT, http_server, tiny_overrides
+from tests.conftest import REPO_ROOT, PlantedPickle, http_server, plant_marker, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -153,24 +153,9 @@ def test_readme_documents_the_registry_commands() -> None:
 
 
 # -- what the registry refuses to load ----------------------------------------------------------
-def _plant(path: str) -> None:
-    """What a malicious pickle calls when unpickled: leaves a marker file."""
-    Path(path).write_text("code ran")
-
-
-class _Planted:
-    """Unpickles into ``_plant(path)``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self) -> tuple:
-        return (_plant, (self.path,))
-
-
 class _PickledModule(torch.nn.Module):
     """A module that, pickled as a whole (the old ``mlflow.pytorch`` pickle format), unpickles
-    into ``_plant(path)``."""
+    into ``plant_marker(path)``."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -178,7 +163,7 @@ class _PickledModule(torch.nn.Module):
         self.linear = torch.nn.Linear(1, 1)
 
     def __reduce__(self) -> tuple:
-        return (_plant, (self.path,))
+        return (plant_marker, (self.path,))
 
 
 @pytest.fixture
@@ -239,7 +224,7 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(logged, tiny_
     from pipeline.errors import CheckpointError
 
     marker = tmp_path / "pwned"
-    logged["weights"].write_bytes(pickle.dumps({"model": _Planted(marker)}, protocol=2))
+    logged["weights"].write_bytes(pickle.dumps({"model": PlantedPickle(marker)}, protocol=2))
     monkeypatch.chdir(tmp_path)
     sets = sum((["--set", o] for o in tiny_overrides(tiny_dataset, tmp_path, logged["uri"])), [])
     image = next((tiny_dataset / "images" / "val").iterdir())
@@ -258,7 +243,7 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(logged, tiny_
         load_registered_model("models:/densepipe/1", tracking_uri=logged["uri"])
     message = _one_line(str(refused.value))
     assert "refuses to load: the file is a pickled object" in message
-    assert "Unsupported global" in message and "_plant" in message, message
+    assert "Unsupported global" in message and "plant_marker" in message, message
     assert not marker.exists()
 
 

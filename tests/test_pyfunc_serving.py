@@ -35,7 +35,7 @@ from pipeline.model import build_model
 from pipeline.predict import MANIFEST
 from pipeline.serving import ImageInputError, _load_pyfunc, decode_png
 from pipeline.tracking import Tracker, store_uri
-from tests.conftest import tiny_overrides
+from tests.conftest import PlantedPickle, tiny_overrides
 
 TASKS = ["semantic", "instance", "keypoints", "panoptic", "depth", "normals", "colorization"]
 FILES = {"semantic": {"semantic.png"}, "instance": {"instance.json"}, "keypoints": {"keypoints.json"},
@@ -218,16 +218,6 @@ def _set_mlmodel_sha256(folder: Path, sha256: str) -> None:
     (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
 
 
-def _plant(path: str) -> None:
-    Path(path).write_text("code ran")
-
-
-class _Planted:
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self) -> tuple:
-        return (_plant, (self.path,))
 
 
 def test_changed_weights_in_the_artifact_store_are_refused_in_one_line(served: dict, tmp_path: Path,
@@ -284,7 +274,7 @@ def test_a_pickle_in_place_of_the_weights_is_never_run(served: dict, tmp_path: P
     model_uri, folder = _logged_copy(served)
     marker = tmp_path / "pwned"
     weights = folder / "weights.pt"
-    weights.write_bytes(pickle.dumps({"model": _Planted(marker)}, protocol=2))
+    weights.write_bytes(pickle.dumps({"model": PlantedPickle(marker)}, protocol=2))
     forged = model_store.sha256_file(weights)
     _set_mlmodel_sha256(folder, forged)
     mlflow.MlflowClient(tracking_uri=served["uri"]).set_logged_model_tags(

@@ -24,7 +24,6 @@ the temporary files of a killed writer (``remove_stale_temp_files``) from those 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import CheckpointError, DensepipeError
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.io import atomic_path, atomic_write_json, sha256_file
 
 try:
     import fcntl
@@ -140,15 +139,6 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], *,
         if record is not None:
             record.note(path.name, digest)
     return digest
-
-
-def sha256_file(path: str | Path) -> str:
-    """The hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class RunRecord:
