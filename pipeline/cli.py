@@ -313,6 +313,11 @@ def coco_eval(
     iou_type: Annotated[str, typer.Option("--type", help="bbox, segm or keypoints.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write {name: value} stats here.")] = None,
     sigmas: Annotated[str | None, typer.Option(help="Keypoint OKS sigmas, comma-separated.")] = None,
+    keep_boxes: Annotated[bool, typer.Option(
+        "--keep-boxes/--drop-boxes",
+        help="segm/keypoints: keep each result's bbox, so a detection's area (APs/APm/APl) is its "
+             "box's, as pycocotools does on the raw file; default drops it (detectron2: mask "
+             "area or keypoint extent).")] = False,
 ) -> None:
     """COCO AP/AR of a results file against a ground truth (pycocotools)."""
     from pipeline.errors import ConfigError
@@ -326,7 +331,8 @@ def coco_eval(
         except ValueError:
             raise ConfigError(f"--sigmas {sigmas!r}: expected comma-separated numbers, "
                               f"e.g. 0.026,0.025,0.025") from None
-    result = evaluate_coco(gt, pred, iou_type, kpt_oks_sigmas=kpt_sigmas)  # type: ignore[arg-type]
+    result = evaluate_coco(gt, pred, iou_type, kpt_oks_sigmas=kpt_sigmas,  # type: ignore[arg-type]
+                           keep_boxes=keep_boxes)
     sys.stdout.write(format_coco_table(result))
     if json_out is not None:
         atomic_write_json(json_out, result.named())
@@ -452,10 +458,15 @@ def serve(
 
 @app.command("config")
 def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Print the resolved configuration as YAML."""
+    """Print the resolved configuration as YAML, after the checks train runs before reading data
+    (tasks, each enabled task's options, backbone, train.best_metric); reads no data."""
     import yaml
 
-    sys.stdout.write(yaml.safe_dump(_config(params, set_).model_dump(mode="json"), sort_keys=False))
+    from pipeline.stages import check_config
+
+    cfg = _config(params, set_)
+    check_config(cfg)
+    sys.stdout.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def main() -> None:

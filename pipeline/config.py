@@ -8,13 +8,27 @@ registry by ``check_tasks`` (the config module itself knows no task).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
+
+
+def auto_num_workers(cpus: int | None = None) -> int:
+    """``data.num_workers: auto``: ``min(4, cpus - 1)``, at least 0, where ``cpus`` (default: the
+    cores this process may run on, ``os.sched_getaffinity``, else ``os.cpu_count()``) leaves one
+    core to the training process."""
+    import os
+
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    return max(0, min(4, cpus - 1))
 
 
 class Section(BaseModel):
@@ -47,6 +61,19 @@ class DataConfig(Section):
     ``[1, 1]``: flips and colour jitter only, every training view at the camera's own focal
     length, as evaluation sees it."""
     num_workers: int = Field(2, ge=0)
+    """Loader processes reading samples (0: read in the training process). ``auto``: chosen from
+    the CPUs this process may use (``auto_num_workers``: one per core less one for the training
+    process, at most 4; 0 on 1 core), resolved when the config is loaded so every consumer sees
+    an integer."""
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return auto_num_workers()
+        if isinstance(v, str):
+            raise ValueError("expected a number of processes (0 or more) or 'auto'")
+        return v
 
     @field_validator("scale_range")
     @classmethod
@@ -119,7 +146,7 @@ class EarlyStoppingConfig(Section):
     patience: int = Field(0, ge=0)
     """Stop after this many evaluations without improvement (0 = never stop early)."""
     metric: str | None = None
-    """Metric watched; default ``train.best_metric`` (same direction rules)."""
+    """Metric watched; default ``train.best_metric`` as resolved (same direction and checks)."""
     min_delta: float = Field(0.0, ge=0)
     """An improvement smaller than this does not count."""
 
@@ -168,9 +195,13 @@ class TrainConfig(Section):
     """Evaluate on the val split every N steps (0 = only at the end); ``best.pt`` follows it."""
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-    best_metric: str = "semantic/mIoU"
-    """Metric that picks ``best.pt``; maximised, or minimised when its task lists it in
-    ``lower_is_better`` (e.g. ``depth/rmse``)."""
+    best_metric: str = "auto"
+    """Metric (``<task>/<name>``) that picks ``best.pt``; maximised, or minimised when its task
+    lists it in ``lower_is_better`` (e.g. ``depth/rmse``). ``auto``: the ``main_metric`` of the
+    first task in ``model.tasks`` that has one, else of the first task they enable that has one
+    (``semantic/mIoU`` for ``[semantic, ...]``); with none, ``best.pt`` is the last checkpoint.
+    An explicit metric must belong to an enabled task and be one it reports
+    (``check_metric``)."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "runs/train"
@@ -344,3 +375,46 @@ def check_tasks(cfg: Config, available: list[str]) -> None:
             raise ConfigError(
                 f"model.heads/loss_weights: unknown task {name!r}; allowed: {', '.join(sorted(available))}"
             )
+
+
+AUTO_METRIC = "auto"
+"""``train.best_metric`` value: the enabled tasks' first main metric (``resolve_best_metric``)."""
+
+
+class _MetricTask(Protocol):
+    """What metric checks read of a ``pipeline.task.Task`` (this module imports no task)."""
+
+    name: str
+    main_metric: str | None
+    metrics: tuple[str, ...]
+
+
+def resolve_best_metric(value: str, named: Iterable[str], tasks: Iterable[_MetricTask]) -> str | None:
+    """``value`` itself, or for ``auto`` the ``<task>/<main_metric>`` of the first of ``tasks``
+    (the enabled ones) that has a main metric, taking the tasks ``named`` in ``model.tasks`` in
+    their order first; ``None`` when no enabled task has one."""
+    if value != AUTO_METRIC:
+        return value
+    tasks = list(tasks)
+    order = {name: i for i, name in enumerate(named)}
+    ranked = sorted(tasks, key=lambda t: order.get(t.name, len(order)))  # stable: rest in order
+    for task in ranked:
+        if task.main_metric:
+            return f"{task.name}/{task.main_metric}"
+    return None
+
+
+def check_metric(key: str, metric: str, tasks: Iterable[_MetricTask]) -> None:
+    """Refuse ``metric`` (the value of config key ``key``) unless its task prefix is one of
+    ``tasks`` (the enabled ones) and, where that task declares ``metrics``, its name matches one
+    of them (``fnmatch`` patterns such as ``IoU/*``). One ``ConfigError`` line."""
+    tasks = list(tasks)
+    task_name, _, name = metric.partition("/")
+    task = next((t for t in tasks if t.name == task_name), None)
+    if task is not None and name and (
+            not task.metrics or any(fnmatchcase(name, p) for p in task.metrics)):
+        return
+    mains = ", ".join(f"{t.name}/{t.main_metric}" for t in tasks if t.main_metric) or "none"
+    declared = f"{task.name} reports: {', '.join(task.metrics)}; " if task is not None and name else ""
+    raise ConfigError(f"{key} {metric!r}: no enabled task reports it; {declared}"
+                      f"enabled tasks' main metrics: {mains}")

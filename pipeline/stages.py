@@ -117,18 +117,36 @@ def _stage_run(cfg: Config, name: str, *, parent_run_id: str | None) -> Iterator
 
 
 def check_config(cfg: Config) -> None:
-    """Fail fast, before any data is read or file written: unknown tasks or backbone."""
-    from pipeline.config import check_tasks
+    """Fail fast, before any data is read or file written: unknown tasks (in ``model.tasks``,
+    ``model.heads``, ``model.loss_weights``), each enabled task's options (``Task.parse_options``
+    of ``model.heads.<task>``; the dataset-dependent part, ``resolve_options``, needs the data),
+    the backbone, and ``train.best_metric`` / ``train.early_stopping.metric``
+    (``pipeline.config.check_metric``; ``auto`` with no main metric to pick is refused only when
+    early stopping needs it). ``densepipe config`` runs it too."""
+    from pipeline.config import check_metric, check_tasks, resolve_best_metric
     from pipeline.errors import ConfigError
     from pipeline.nn.backbones import BACKBONES, known_backbone
     from pipeline.registry import default_registry
 
     registry = default_registry()
     check_tasks(cfg, registry.names)
-    registry.resolve(cfg.model.tasks)
+    enabled = registry.resolve(cfg.model.tasks)
+    for task in enabled:
+        task.parse_options(cfg.model.heads.get(task.name))
     if not known_backbone(cfg.model.backbone):
         raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; "
                           f"allowed: {', '.join(sorted(BACKBONES))} or timm:<model name>")
+    best = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, enabled)
+    if best is not None and cfg.train.best_metric != "auto":
+        check_metric("train.best_metric", best, enabled)
+    stop = cfg.train.early_stopping
+    if stop.metric is not None:
+        check_metric("train.early_stopping.metric", stop.metric, enabled)
+    elif stop.patience > 0 and best is None:
+        raise ConfigError(f"train.early_stopping.patience={stop.patience}: no metric to watch: "
+                          f"train.best_metric is auto and no enabled task "
+                          f"({', '.join(t.name for t in enabled)}) has a main_metric; set "
+                          "train.early_stopping.metric or train.best_metric")
 
 
 def check_labels(cfg: Config, label_kinds: Iterable[str], *, split: str,

@@ -120,7 +120,13 @@ class Task(ABC):
     """Pydantic model of ``model.heads.<name>`` (extra keys forbidden)."""
     main_metric: ClassVar[str | None] = None
     """The metric (name without the task prefix) that sums the task up: the multi-task delta
-    and the default model selection use it."""
+    and the default model selection use it (``train.best_metric: auto`` takes the first enabled
+    task's, in ``model.tasks`` order; ``None``: the task is never picked)."""
+    metrics: ClassVar[tuple[str, ...]] = ()
+    """Names (without the task prefix) that the evaluator's ``compute`` reports; ``fnmatch``
+    patterns for families (``IoU/*`` for per-class values). Empty: not declared, so a
+    ``train.best_metric`` / ``train.early_stopping.metric`` of this task has only its task prefix
+    checked; declared, the name must match one (``pipeline.config.check_metric``)."""
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
     """Metrics (names without the task prefix) where smaller is better (errors); every other
     metric is maximised (``metric_goal``)."""

@@ -305,6 +305,7 @@ class ColorizationTask(Task):
     input_view = "gray"
     Options = ColorizationOptions
     main_metric = "auc"
+    metrics = ("auc", "acc_ab_10", "psnr", "psnr_gray", "skipped_gray")
     """Zhang's summary of colour accuracy; PSNR rewards grayish, desaturated answers."""
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,  # type: ignore[override]

@@ -163,6 +163,8 @@ class DepthTask(Task):
     input_view = "rgb"
     Options = DepthOptions
     main_metric = "rmse"  # Vandenhende et al.'s Delta_m uses depth RMSE
+    metrics = ("abs_rel", "sq_rel", "rmse", "rmse_log", "delta1", "delta2", "delta3",
+               "median_scale")  # median_scale: with median scaling only
     lower_is_better = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log"})
 
     def resolve_options(self, options: DepthOptions, *,  # type: ignore[override]

@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
+from pipeline.metrics.coco import BBOX_STAT_NAMES
 from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.nn.rcnn import (
     Detector,
@@ -73,6 +74,7 @@ class InstanceHead(nn.Module):
 class InstanceTask(RCNNTask):
     name = "instance"
     main_metric = "segm_AP"
+    metrics = tuple(f"{t}_{s}" for t in ("bbox", "segm") for s in BBOX_STAT_NAMES)
     requires = ("instances",)
     input_view = "rgb"
     Options = InstanceOptions

@@ -23,6 +23,7 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
+from pipeline.metrics.coco import KEYPOINT_STAT_NAMES
 from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.nn.rcnn import (
     Detector,
@@ -114,6 +115,7 @@ class KeypointHead(nn.Module):
 class KeypointsTask(RCNNTask):
     name = "keypoints"
     main_metric = "AP"
+    metrics = KEYPOINT_STAT_NAMES
     requires = ("instances", "keypoints")
     shares_with = ("instance",)
     input_view = "rgb"

@@ -112,6 +112,7 @@ class NormalsTask(Task):
     input_view = "rgb"
     Options = NormalsOptions
     main_metric = "mean_angle"
+    metrics = ("mean_angle", "median_angle", "rmse_angle", "within_*")  # within_<degrees>
     lower_is_better = frozenset({"mean_angle", "median_angle", "rmse_angle"})
 
     def __init__(self) -> None:

@@ -58,6 +58,7 @@ class PanopticTask(Task):
     name = "panoptic"
     export_refusal = "semantic and instance predictions are fused in Python, no graph of its own"
     main_metric = "PQ"
+    metrics = tuple(f"{m}{s}" for s in ("", "_th", "_st", "/*") for m in ("PQ", "SQ", "RQ"))
     requires = ("panoptic",)
     depends_on = ("semantic", "instance")
     input_view = "rgb"

@@ -96,6 +96,7 @@ class SemanticEvaluator:
 class SemanticTask(Task):
     name = "semantic"
     main_metric = "mIoU"
+    metrics = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "IoU/*")  # IoU/<class name>
     requires = ("semantic",)
     input_view = "rgb"
     Options = SemanticOptions

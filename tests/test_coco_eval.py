@@ -340,3 +340,83 @@ def test_cli_coco_eval(tmp_path: Path) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"error: {pred}: result 1: image_id 404 is not in the ground truth (1 images)"]
     assert not out.exists()
+
+
+# -- keep_boxes: pycocotools' convention for results carrying a box and a mask ---------------------
+def _box_and_mask_case() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A 200x200 image whose detections carry a bbox and a polygon; several have a mask area in
+    one COCO area range and a box area in another (a thin triangle fills half its box)."""
+    def tri(x: float, y: float, w: float, h: float) -> list[list[float]]:
+        return [[x, y, x + w, y, x, y + h]]
+
+    def sq(x: float, y: float, s: float) -> list[list[float]]:
+        return [[x, y, x + s, y, x + s, y + s, x, y + s]]
+
+    gt_objs = [(1, sq(10, 10, 40), [10, 10, 40, 40], 1600.0),
+               (1, tri(60, 60, 80, 80), [60, 60, 80, 80], 3200.0),
+               (2, sq(150, 150, 5), [150, 150, 5, 5], 25.0),
+               (2, tri(0, 160, 60, 30), [0, 160, 60, 30], 900.0)]
+    gt = {"images": [{"id": 1, "height": 200, "width": 200}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": c, "segmentation": seg,
+                           "bbox": box, "area": area, "iscrowd": 0}
+                          for i, (c, seg, box, area) in enumerate(gt_objs)]}
+    dets = [(1, sq(11, 9, 40), [11, 9, 40, 40], 0.9),
+            (1, tri(62, 58, 80, 80), [62, 58, 80, 80], 0.8),
+            (1, tri(100, 0, 90, 22), [100, 0, 90, 22], 0.99),  # mask 990 (small), box 1980 (medium)
+            (2, sq(151, 150, 5), [151, 150, 5, 5], 0.6),
+            (2, tri(1, 161, 60, 30), [1, 161, 60, 30], 0.95),  # GT small by mask, box medium
+            (1, tri(120, 100, 70, 70), [120, 100, 70, 70], 0.98),  # 2450 medium vs 4900 large
+            (1, tri(0, 60, 50, 50), [0, 60, 50, 50], 0.4)]
+    results = [{"image_id": 1, "category_id": c, "segmentation": seg, "bbox": box, "score": s}
+               for c, seg, box, s in dets]
+    return gt, results
+
+
+def _pycocotools_stats(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str) -> list[float]:
+    """``COCOeval`` run directly, as a user would on the raw files."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(s) for s in ev.stats]
+
+
+def test_keep_boxes_equals_pycocotools_on_box_and_mask_results(tmp_path: Path) -> None:
+    gt, results = _box_and_mask_case()
+    direct = _pycocotools_stats(gt, results, "segm")
+    kept = evaluate_coco(gt, results, "segm", keep_boxes=True).stats
+    np.testing.assert_allclose(kept, direct, rtol=0, atol=1e-12)
+    dropped = evaluate_coco(gt, results, "segm").stats  # detectron2's: mask areas
+    assert dropped[:3] == pytest.approx(direct[:3])  # area "all": same matching
+    assert any(abs(a - b) > 1e-6 for a, b in zip(dropped[3:], direct[3:], strict=True))
+
+    gt_path, pred = tmp_path / "gt.json", tmp_path / "pred.json"
+    gt_path.write_text(json.dumps(gt))
+    pred.write_text(json.dumps(results))
+    out = tmp_path / "stats.json"
+    proc = densepipe("coco-eval", "--gt", str(gt_path), "--pred", str(pred), "--type", "segm",
+                     "--keep-boxes", "--json", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    named = json.loads(out.read_text())
+    assert named["APm"] == pytest.approx(direct[4], abs=1e-12)  # 0.45; 0.6 without the option
+    assert "APl" not in named and direct[5] == -1  # no large ground truth: not defined
+
+
+def test_keep_boxes_needs_a_box_on_every_result() -> None:
+    gt, results = _box_and_mask_case()
+    del results[2]["bbox"]
+    with pytest.raises(DataError, match=r"result 2: missing 'bbox' \(keep_boxes"):
+        evaluate_coco(gt, results, "segm", keep_boxes=True)
+    evaluate_coco(gt, results, "segm")  # dropping boxes: none needed

@@ -25,8 +25,11 @@ sample contract it returns):
 
 Construction parses every JSON once, indexes annotations per image and validates them (raising a
 one-line ``DataError`` naming the file); pixels (images, masks, label PNGs) are decoded lazily per
-sample. A label kind the split lacks is a missing key of the sample, never an error; so is a
-semantic/depth/normals PNG missing for one image. Samples are ordered by image id.
+sample, and only for the label kinds asked for (``label_kinds=``: the union of the enabled tasks'
+``Task.requires``; default all): a kind not asked for is never read from disk and is absent from
+the sample exactly as a kind the split lacks. A label kind the split lacks is a missing key of
+the sample, never an error; so is a semantic/depth/normals PNG missing for one image. Samples
+are ordered by image id.
 
 Coordinates are COCO's continuous pixel coordinates: pixel ``i`` spans ``[i, i + 1)``, its centre
 is ``i + 0.5``; boxes (xyxy) and keypoints are read from the JSON unchanged.
@@ -395,12 +398,18 @@ class CocoDataset(torch.utils.data.Dataset):
             any, since they carry ``isthing`` and stuff classes, else instances ones), merged with
             the keypoint declarations of ``keypoints_json``.
         transforms: callable ``sample -> sample`` applied last (see ``pipeline.data.transforms``).
+        label_kinds: the label kinds (of ``LABEL_KINDS``) samples carry; the others are not
+            decoded and are missing keys, as for a split without them. ``None``: all. Semantic
+            derived from panoptic still reads the panoptic PNG; ``keypoints`` ride in
+            ``instances``, so asking for either decodes the instances, with keypoints only when
+            asked for. An unknown kind is a ``ValueError``.
 
     Without any JSON the images are the files of ``image_dir`` (sorted; image id = the numeric
     file stem, else position + 1).
 
     Attributes: ``card``, ``image_ids`` (in sample order), ``label_kinds`` (which of
-    ``LABEL_KINDS`` this split has; a label folder without a PNG gives none), the paths given
+    ``LABEL_KINDS`` this split has; a label folder without a PNG gives none; not narrowed by the
+    ``label_kinds`` argument), ``loaded_kinds`` (those of them samples carry), the paths given
     above; ``dropped_annotations`` (annotations left without a valid polygon, not loaded),
     ``dropped_polygons`` (invalid polygons removed, those of dropped annotations included) and
     ``drop_examples`` (the first few, as ``"file: annotation id N: reason"``).
@@ -418,6 +427,8 @@ class CocoDataset(torch.utils.data.Dataset):
         normals_dir: str | os.PathLike[str] | None = None,
         card: DatasetCard | None = None,
         transforms: Callable[[Sample], Sample] | None = None,
+        *,
+        label_kinds: Iterable[str] | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.instances_json = Path(instances_json) if instances_json is not None else None
@@ -428,6 +439,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.depth_dir = Path(depth_dir) if depth_dir is not None else None
         self.normals_dir = Path(normals_dir) if normals_dir is not None else None
         self.transforms = transforms
+        self._wanted = _wanted_kinds(label_kinds)
 
         if not self.image_dir.is_dir():
             raise DataError(self.image_dir, "images folder not found")
@@ -497,12 +509,15 @@ class CocoDataset(torch.utils.data.Dataset):
         if pan is not None:
             kinds.update(("panoptic", "semantic"))
         self.label_kinds: tuple[str, ...] = tuple(k for k in LABEL_KINDS if k in kinds)
+        self.loaded_kinds: tuple[str, ...] = tuple(k for k in self.label_kinds
+                                                   if k in self._wanted)
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
     def from_layout(
         cls, root: str | os.PathLike[str], split: str,
-        transforms: Callable[[Sample], Sample] | None = None,
+        transforms: Callable[[Sample], Sample] | None = None, *,
+        label_kinds: Iterable[str] | None = None,
     ) -> CocoDataset:
         """A split of the densepipe layout (what the synthetic world writes)::
 
@@ -513,6 +528,7 @@ class CocoDataset(torch.utils.data.Dataset):
             root/semantic/{split}/*.png, root/depth/{split}/*.png, root/normals/{split}/*.png
 
         Every label file/folder is optional. Without ``meta.json`` the card comes from the JSONs.
+        ``label_kinds``: see the class doc.
         """
         root = Path(root)
         image_dir = root / "images" / split
@@ -546,12 +562,14 @@ class CocoDataset(torch.utils.data.Dataset):
             normals_dir=opt(root / "normals" / split),
             card=DatasetCard.load(meta) if meta.exists() else None,
             transforms=transforms,
+            label_kinds=label_kinds,
         )
 
     @classmethod
     def from_coco2017(
         cls, root: str | os.PathLike[str], split: str,
-        transforms: Callable[[Sample], Sample] | None = None,
+        transforms: Callable[[Sample], Sample] | None = None, *,
+        label_kinds: Iterable[str] | None = None,
     ) -> CocoDataset:
         """A split ("train", "val") of a COCO 2017 folder::
 
@@ -561,7 +579,8 @@ class CocoDataset(torch.utils.data.Dataset):
             root/annotations/panoptic_{split}2017.json + root/annotations/panoptic_{split}2017/
 
         The card comes from the panoptic categories when present (133 classes with stuff and
-        ``isthing``), else the instances ones, with the person keypoints merged in."""
+        ``isthing``), else the instances ones, with the person keypoints merged in.
+        ``label_kinds``: see the class doc."""
         root = Path(root)
         ann = root / "annotations"
         image_dir = root / f"{split}2017"
@@ -588,6 +607,7 @@ class CocoDataset(torch.utils.data.Dataset):
             panoptic_json=pan_json,
             panoptic_dir=(ann / f"panoptic_{split}2017") if pan_json is not None else None,
             transforms=transforms,
+            label_kinds=label_kinds,
         )
 
     # -- parsing -------------------------------------------------------------------------------
@@ -782,7 +802,8 @@ class CocoDataset(torch.utils.data.Dataset):
         return lookup[image_id]
 
     def load(self, index: int) -> Sample:
-        """The sample at ``index`` without transforms."""
+        """The sample at ``index`` without transforms, with the labels of ``loaded_kinds`` only
+        (a label kind not asked for is not read from disk)."""
         rec = self._records[index]
         img_path = self.image_dir / rec.file_name
         image = read_image(img_path)
@@ -798,33 +819,37 @@ class CocoDataset(torch.utils.data.Dataset):
         }
         stem = Path(rec.file_name).stem + ".png"
         files = self._label_files
+        want = self._wanted
+        sem_png = "semantic" in want and stem in files.get("semantic", ())
 
-        if rec.anns is not None:
+        if rec.anns is not None and ("instances" in want or "keypoints" in want):
             sample["instances"] = self._instances(rec, hw)
         pan_ids: np.ndarray | None = None
-        if rec.panoptic is not None:
+        if rec.panoptic is not None and (
+                "panoptic" in want or ("semantic" in want and not sem_png)):
             assert self.panoptic_dir is not None
             rgb = read_label(self.panoptic_dir / rec.panoptic["file_name"], "panoptic", hw)
             ids = pan_ids = panoptic_rgb_to_ids(rgb)
             segs = rec.panoptic["segments"]
-            sample["panoptic"] = {
-                "ids": torch.from_numpy(ids),
-                "segments": [{k: s[k] for k in ("id", "category_id", "isthing", "iscrowd")}
-                             for s in segs],
-            }
-        if stem in files.get("semantic", ()):
+            if "panoptic" in want:
+                sample["panoptic"] = {
+                    "ids": torch.from_numpy(ids),
+                    "segments": [{k: s[k] for k in ("id", "category_id", "isthing", "iscrowd")}
+                                 for s in segs],
+                }
+        if sem_png:
             assert self.semantic_dir is not None
             sem = read_label(self.semantic_dir / stem, "semantic", hw)
             check_semantic_values(sem, self.semantic_dir / stem, self.card)
             sample["semantic"] = torch.from_numpy(sem.astype(np.int64))
-        elif rec.panoptic is not None and pan_ids is not None:
+        elif "semantic" in want and rec.panoptic is not None and pan_ids is not None:
             sample["semantic"] = torch.from_numpy(
                 _semantic_from_panoptic(pan_ids, rec.panoptic["segments"]))
-        if stem in files.get("depth", ()):
+        if "depth" in want and stem in files.get("depth", ()):
             assert self.depth_dir is not None
             mm = read_label(self.depth_dir / stem, "depth", hw)
             sample["depth"] = torch.from_numpy(mm.astype(np.float32) * np.float32(0.001))
-        if stem in files.get("normals", ()):
+        if "normals" in want and stem in files.get("normals", ()):
             assert self.normals_dir is not None
             enc = read_label(self.normals_dir / stem, "normals", hw)
             sample["normals"] = torch.from_numpy(_decode_normals(enc))
@@ -846,7 +871,7 @@ class CocoDataset(torch.utils.data.Dataset):
         out["masks"] = torch.from_numpy(self._masks(rec, anns, hw))
         out["iscrowd"] = torch.tensor([a["iscrowd"] for a in anns], dtype=torch.bool)
         out["ids"] = torch.tensor([a["id"] for a in anns], dtype=torch.int64)
-        if "keypoints" in self.label_kinds:
+        if "keypoints" in self.loaded_kinds:
             kp = np.zeros((n, self.num_keypoints, 3), np.float32)
             for i, a in enumerate(anns):
                 if a["keypoints"]:
@@ -876,6 +901,21 @@ class CocoDataset(torch.utils.data.Dataset):
             warnings.simplefilter("ignore", DeprecationWarning)
             m = mask_utils.decode(rles)  # HxWxN uint8, Fortran order
         return np.ascontiguousarray(m.transpose(2, 0, 1)).astype(bool, copy=False)
+
+
+def _wanted_kinds(label_kinds: Iterable[str] | None) -> frozenset[str]:
+    """``label_kinds`` checked against ``LABEL_KINDS`` (None: all of them)."""
+    if label_kinds is None:
+        return frozenset(LABEL_KINDS)
+    if isinstance(label_kinds, str):
+        raise ValueError(f"label_kinds must be a collection of label kinds, got the string "
+                         f"{label_kinds!r} (write ({label_kinds!r},))")
+    wanted = frozenset(label_kinds)
+    unknown = sorted(wanted - set(LABEL_KINDS))
+    if unknown:
+        raise ValueError(f"unknown label kind(s) {', '.join(map(repr, unknown))}: expected some "
+                         f"of {', '.join(LABEL_KINDS)}")
+    return wanted
 
 
 def _polygon_problem(xy: np.ndarray) -> str | None:
@@ -984,19 +1024,21 @@ def _card_from_jsons(inst: dict[str, Any] | None, kps: dict[str, Any] | None,
 
 
 def open_dataset(root: str | os.PathLike[str], split: str,
-                 transforms: Callable[[Sample], Sample] | None = None) -> CocoDataset:
+                 transforms: Callable[[Sample], Sample] | None = None, *,
+                 label_kinds: Iterable[str] | None = None) -> CocoDataset:
     """Open split ``split`` of the dataset at ``root``, detecting its layout.
 
     The densepipe layout (``meta.json`` / ``images/{split}/``) or a COCO 2017 folder
-    (``{split}2017/`` + ``annotations/``)."""
+    (``{split}2017/`` + ``annotations/``). ``label_kinds``: the label kinds to decode (None: all;
+    see ``CocoDataset``)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found (run `densepipe prepare`?)")
     layout = _layout(root, split)
     if layout == "densepipe":
-        return CocoDataset.from_layout(root, split, transforms)
+        return CocoDataset.from_layout(root, split, transforms, label_kinds=label_kinds)
     if layout == "coco2017":
-        return CocoDataset.from_coco2017(root, split, transforms)
+        return CocoDataset.from_coco2017(root, split, transforms, label_kinds=label_kinds)
     raise DataError(root, f"unknown dataset layout: expected densepipe's (meta.json, "
                           f"images/{split}/) or COCO 2017's ({split}2017/, annotations/)")
 

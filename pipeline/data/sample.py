@@ -18,7 +18,9 @@ A sample is a plain dict (torch tensors, CHW):
 Coordinates are COCO's continuous ones: pixel ``i`` spans ``[i, i + 1)``; a horizontal flip maps
 ``x -> W - x``.
 
-A label kind missing for a sample is a missing key, never an error. Batches (``collate``) stack
+A label kind missing for a sample is a missing key, never an error; so is one the dataset was
+not asked to load (``label_kinds=`` of ``CocoDataset``/``open_dataset``: the loaders pass the
+enabled tasks' ``Task.requires``), so a task sees the same thing either way. Batches (``collate``) stack
 ``image`` and the dense maps, keep ``instances``/``panoptic`` as lists (``None`` where missing),
 carry ``image_ids``, ``file_names``, ``meta`` as lists, and ``has``: a dict
 ``{label kind: bool tensor B}`` telling which samples have which labels (a missing dense map is

@@ -9,7 +9,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -154,15 +154,41 @@ def _worker_init_fn() -> functools.partial:
     return functools.partial(_worker_init, owner_pid=os.getpid())
 
 
-def train_dataset(cfg: Config) -> Dataset:
-    ds = open_dataset(cfg.data.root, cfg.data.train_split)
+def required_label_kinds(tasks: Iterable[str]) -> tuple[str, ...]:
+    """The label kinds (``LABEL_KINDS``) the tasks named need: the union of ``Task.requires``
+    over them and the tasks they enable (``depends_on``, resolved by the registry), in
+    ``LABEL_KINDS`` order. Unknown task: the registry's ``ConfigError``."""
+    from pipeline.data.reader import LABEL_KINDS
+    from pipeline.registry import default_registry
+
+    needed = {k for task in default_registry().resolve(tasks) for k in task.requires}
+    return tuple(k for k in LABEL_KINDS if k in needed)
+
+
+def train_dataset(cfg: Config, *, tasks: Iterable[str] | None = None) -> Dataset:
+    """The training split with train transforms, decoding only the labels ``tasks`` (default
+    ``model.tasks``, the tasks training builds) need (``required_label_kinds``). Tasks the default
+    registry does not know (a trainer given its own registry) decode every kind, as before."""
+    from pipeline.errors import ConfigError, PluginError
+
+    try:
+        kinds: tuple[str, ...] | None = required_label_kinds(
+            cfg.model.tasks if tasks is None else tasks)
+    except (ConfigError, PluginError):
+        kinds = None
+    ds = open_dataset(cfg.data.root, cfg.data.train_split, label_kinds=kinds)
     ds.transforms = build_transforms(train=cfg.data.augment, image_size=cfg.data.image_size,
                                      card=ds.card, scale=cfg.data.scale_range)
     return ds
 
 
-def eval_dataset(cfg: Config, split: str | None = None) -> Dataset:
-    ds = open_dataset(cfg.data.root, split or cfg.data.val_split)
+def eval_dataset(cfg: Config, split: str | None = None, *,
+                 tasks: Iterable[str] | None = None) -> Dataset:
+    """Split ``split`` (default ``data.val_split``) with evaluation transforms. ``tasks``: decode
+    only the labels these tasks need; None (default) decodes every label kind, since the model
+    evaluated may be a registered one whose tasks differ from ``model.tasks``."""
+    kinds = None if tasks is None else required_label_kinds(tasks)
+    ds = open_dataset(cfg.data.root, split or cfg.data.val_split, label_kinds=kinds)
     ds.transforms = build_transforms(train=False, image_size=cfg.data.image_size, card=ds.card)
     return ds
 

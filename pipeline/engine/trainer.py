@@ -44,7 +44,7 @@ import yaml
 from rich.console import Console  # at import, not in training: rich.style draws from Python's RNG
 from torch import nn
 
-from pipeline.config import Config
+from pipeline.config import Config, resolve_best_metric
 from pipeline.engine import distributed
 from pipeline.engine.checkpoint import (
     RUN_RECORD,
@@ -359,8 +359,13 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
             remove_stale_temp_files(out_dir, OUTPUTS)
         atomic_write_text(out_dir / "config.yaml",
                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True))
-    best_goal = metric_goal(cfg.train.best_metric, model.tasks.values())  # "min" for errors
-    stop_metric = cfg.train.early_stopping.metric or cfg.train.best_metric
+    # auto: the first enabled task's main metric; None (no task has one): best.pt = the last
+    best_metric = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, model.tasks.values())
+    if best_metric is None:
+        log.info("train.best_metric auto: no enabled task has a main_metric; best.pt is the last "
+                 "checkpoint")
+    best_goal = metric_goal(best_metric or "", model.tasks.values())  # "min" for errors
+    stop_metric = cfg.train.early_stopping.metric or best_metric or ""
     early = _EarlyStopping(patience=cfg.train.early_stopping.patience,
                            min_delta=cfg.train.early_stopping.min_delta,
                            goal=metric_goal(stop_metric, model.tasks.values()))
@@ -486,7 +491,7 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
                         runner.call("densepipe_after_evaluation", state=state, metrics=metrics)
                         if tracker is not None:
                             tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
-                        value = metrics.get(cfg.train.best_metric)
+                        value = metrics.get(best_metric) if best_metric else None
                         if value is not None and math.isfinite(value) and \
                                 _is_better(value, best_value, best_goal):
                             best_value = value
@@ -511,7 +516,7 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     if tracker is not None and tracker.run_id is not None:
-        tracker.set_tags({"densepipe.best_metric": cfg.train.best_metric,
+        tracker.set_tags({"densepipe.best_metric": best_metric or "none (last)",
                           "densepipe.best_value": str(best_value),
                           "densepipe.skipped_nonfinite": str(skipped),
                           "densepipe.stopped_early": str(early.stopped)})

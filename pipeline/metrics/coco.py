@@ -8,7 +8,8 @@ what pycocotools leaves to the caller:
   or a silently wrong score;
 - an empty result list scores 0 (pycocotools' ``loadRes`` fails on ``[]``): AP/AR are 0 for every
   area range that has ground truth, -1 ("not defined") for those that have none;
-- results keep only the fields of the evaluated type. For ``segm`` the box is dropped, so the area
+- results keep only the fields of the evaluated type (``keep_boxes=True`` keeps the box too, as
+  pycocotools does; see :func:`evaluate_coco`). For ``segm`` the box is dropped, so the area
   ranges use the mask area (a box would make ``loadRes`` use the box area, as detectron2 notes), and
   polygon or uncompressed-RLE segmentations are merged to compressed RLE at the image's size. For
   ``keypoints`` the box is dropped too, so a detection's area is that of its keypoints' extent, as
@@ -333,18 +334,31 @@ def _check_keypoints(r: dict[str, Any], cat: dict[str, Any], i: int, source: str
                                 f"{3 * len(names)} ([x, y, score] each)")
 
 
-def _prepared(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
-    """Copies of checked results with only the evaluated type's fields; masks as compressed RLE."""
+def _prepared(gt: COCO, results: list[dict[str, Any]], iou_type: str, *, keep_boxes: bool = False,
+              source: str = "results") -> list[dict[str, Any]]:
+    """Copies of checked results with only the evaluated type's fields; masks as compressed RLE.
+
+    ``keep_boxes`` (segm, keypoints): each result's ``bbox`` is kept too, which makes
+    ``loadRes`` take every detection's area from its box (pycocotools' own behaviour on such a
+    file); every result must then carry a valid ``bbox`` (else a ``DataError`` naming ``source``)."""
     key = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
     sizes = _mask_sizes(gt) if iou_type == "segm" else {}
+    with_box = keep_boxes and iou_type != "bbox"
     out = []
-    for r in results:
+    for i, r in enumerate(results):
         value = r[key]
         if iou_type == "segm":
             height, width = sizes[r["image_id"]][0]
             value = to_compressed_rle(value, height, width)
-        out.append({"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"],
-                    key: value})
+        det = {"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"],
+               key: value}
+        if with_box:
+            if "bbox" not in r:
+                raise DataError(source, f"result {i}: missing 'bbox' (keep_boxes / --keep-boxes "
+                                        f"takes each detection's area from its box)")
+            _check_bbox(r, i, source)
+            det["bbox"] = [float(v) for v in r["bbox"]]
+        out.append(det)
     return out
 
 
@@ -358,6 +372,7 @@ def evaluate_coco(
     cat_ids: Sequence[int] | None = None,
     img_ids: Sequence[int] | None = None,
     source: str = "results",
+    keep_boxes: bool = False,
 ) -> CocoEvalResult:
     """Run pycocotools' ``COCOeval`` on checked inputs and return its stats and summary.
 
@@ -365,6 +380,17 @@ def evaluate_coco(
     (which then names the source in messages). ``cat_ids``/``img_ids`` restrict the evaluation
     (default: all images; all categories, or for keypoints those with ``keypoints`` names).
     ``kpt_oks_sigmas``: one OKS sigma per keypoint (see the module notes for the default).
+
+    ``keep_boxes`` picks the area a ``segm`` or ``keypoints`` detection is binned by in the
+    small/medium/large ranges (APs/APm/APl, ARs/ARm/ARl) when a result carries a ``bbox`` as well:
+
+    - ``False`` (default, detectron2's convention): the box is dropped, so the area is the mask's
+      area (segm) or the keypoints' extent (keypoints), consistent with the ground truth's;
+    - ``True`` (pycocotools' convention): the box is kept, and ``loadRes`` takes the area from the
+      box, as ``COCOeval`` run directly on the same files does; every result needs a ``bbox``.
+
+    Matching (IoU, OKS) and the ``all``-area stats are the same either way; ``bbox`` evaluation
+    is unaffected.
 
     Raises:
         DataError: bad ground truth or results (see :func:`check_results`), unknown ``cat_ids`` or
@@ -396,7 +422,8 @@ def evaluate_coco(
         sigmas = _oks_sigmas(coco_gt, cats, kpt_oks_sigmas, gt_source)
     _check_gt_for_type(coco_gt, iou_type, cats, imgs, gt_source)
 
-    dets = _prepared(coco_gt, results, iou_type)  # type: ignore[arg-type]
+    dets = _prepared(coco_gt, results, iou_type, keep_boxes=keep_boxes,  # type: ignore[arg-type]
+                     source=source)
     with _pycocotools_prints():
         coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
