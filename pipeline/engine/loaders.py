@@ -165,17 +165,22 @@ def required_label_kinds(tasks: Iterable[str]) -> tuple[str, ...]:
     return tuple(k for k in LABEL_KINDS if k in needed)
 
 
+def _label_kinds_or_all(tasks: Iterable[str]) -> tuple[str, ...] | None:
+    """``required_label_kinds(tasks)``, or None (every kind) for tasks the default registry does
+    not know (a trainer given its own registry)."""
+    from pipeline.errors import ConfigError, PluginError
+
+    try:
+        return required_label_kinds(tasks)
+    except (ConfigError, PluginError):
+        return None
+
+
 def train_dataset(cfg: Config, *, tasks: Iterable[str] | None = None) -> Dataset:
     """The training split with train transforms, decoding only the labels ``tasks`` (default
     ``model.tasks``, the tasks training builds) need (``required_label_kinds``). Tasks the default
     registry does not know (a trainer given its own registry) decode every kind, as before."""
-    from pipeline.errors import ConfigError, PluginError
-
-    try:
-        kinds: tuple[str, ...] | None = required_label_kinds(
-            cfg.model.tasks if tasks is None else tasks)
-    except (ConfigError, PluginError):
-        kinds = None
+    kinds = _label_kinds_or_all(cfg.model.tasks if tasks is None else tasks)
     ds = open_dataset(cfg.data.root, cfg.data.train_split, label_kinds=kinds)
     ds.transforms = build_transforms(train=cfg.data.augment, image_size=cfg.data.image_size,
                                      card=ds.card, scale=cfg.data.scale_range)
@@ -187,7 +192,7 @@ def eval_dataset(cfg: Config, split: str | None = None, *,
     """Split ``split`` (default ``data.val_split``) with evaluation transforms. ``tasks``: decode
     only the labels these tasks need; None (default) decodes every label kind, since the model
     evaluated may be a registered one whose tasks differ from ``model.tasks``."""
-    kinds = None if tasks is None else required_label_kinds(tasks)
+    kinds = None if tasks is None else _label_kinds_or_all(tasks)
     ds = open_dataset(cfg.data.root, split or cfg.data.val_split, label_kinds=kinds)
     ds.transforms = build_transforms(train=False, image_size=cfg.data.image_size, card=ds.card)
     return ds

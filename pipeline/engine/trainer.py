@@ -481,7 +481,7 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, tracker: Tracker | Non
                         or step == cfg.train.steps
                     if do_eval:
                         if val_loader is None:
-                            val_loader = eval_loader(cfg, eval_dataset(cfg),
+                            val_loader = eval_loader(cfg, eval_dataset(cfg, tasks=list(model.tasks)),
                                                      batch_size=cfg.evaluate.batch_size,
                                                      rank=env.rank, world_size=env.world_size)
                         runner.call("densepipe_before_evaluation", state=state)
