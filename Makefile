@@ -10,11 +10,12 @@ export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_LOGGING_LEVEL = WARNING
 
-.PHONY: demo test install install-test lint bench ui serve clean-demo help
+.PHONY: demo test test-fast install install-test lint bench ui serve clean-demo help
 
 help:
 	@echo "make demo   - install, then run the whole pipeline on the synthetic dataset (Prefect + MLflow)"
 	@echo "make test   - install test requirements, run the test suite"
+	@echo "make test-fast - the suite without the tests marked slow (real servers, trainings, DVC)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - speed benchmarks (JSON in benchmarks/results/)"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:$(UI_PORT) over the default store (mlflow.db)"
@@ -43,6 +44,11 @@ demo: install
 TEST_WORKERS ?= 2
 test: install-test
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+# The developers' lane: everything but `slow` (tests of 2.5 s or more on 2 cores: real Prefect and
+# MLflow servers, DVC, multi-process and end-to-end trainings). CI runs `make test`, all of them.
+test-fast: install-test
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: install-test
 	$(BIN)/ruff check .

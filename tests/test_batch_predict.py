@@ -72,6 +72,7 @@ def _difference(a: Any, b: Any, tol: float, where: str = "") -> str | None:
     return None if a == b else f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 def test_predict_then_the_standalone_evaluators_reproduce_evaluate(trained: dict[str, Any],
                                                                      tiny_dataset: Path,
                                                                      tmp_path: Path) -> None:
@@ -114,6 +115,7 @@ def test_predict_then_the_standalone_evaluators_reproduce_evaluate(trained: dict
         {k: v for k, v in metrics.items() if k.startswith("panoptic/")}
 
 
+@pytest.mark.slow
 def test_folders_globs_layout_and_batch_sizes(trained: dict[str, Any], tiny_dataset: Path,
                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     val = sorted((tiny_dataset / "images" / "val").iterdir())

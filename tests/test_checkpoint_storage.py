@@ -98,6 +98,7 @@ def test_save_checkpoint_bytes_depend_on_the_payload_only(tmp_path: Path) -> Non
 
 
 # -- resume -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resuming_from_a_weights_only_checkpoint_is_one_error_line(
         tiny_dataset: Path, untracked_run: Path, tmp_path: Path) -> None:
     """``best.pt`` copied over ``last.pt`` (say, to go on from the best weights): ``densepipe
@@ -117,6 +118,7 @@ def test_resuming_from_a_weights_only_checkpoint_is_one_error_line(
     assert not (out / "train_log.csv").exists() and not (out / RUN_RECORD).exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_the_mlflow_run_its_record_names_and_no_other(
         tiny_dataset: Path, tmp_path: Path, mlflow_uri: str, untracked_run: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,6 +155,7 @@ def test_resume_continues_the_mlflow_run_its_record_names_and_no_other(
 
 
 # -- byte-stable outputs for DVC ----------------------------------------------------------------
+@pytest.mark.slow
 def test_two_trainings_in_two_mlflow_runs_write_identical_tracked_files(
         tiny_dataset: Path, tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``dvc repro --force`` does: delete the outs, train again with the same params. The

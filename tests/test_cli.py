@@ -19,6 +19,7 @@ def densepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_bad_override_and_unknown_task(tmp_path: Path) -> None:
     params = ["--params", str(REPO_ROOT / "params.yaml")]
     line = one_error_line(densepipe("config", *params, "--set", "train.lrr=1", cwd=tmp_path))
@@ -58,6 +59,7 @@ def test_semseg_eval_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert "mIoU" in proc.stdout
 
 
+@pytest.mark.slow
 def test_semseg_eval_bad_folders(tmp_path: Path) -> None:
     _labels(tmp_path / "gt", "a.png", np.zeros((4, 4)))
     _labels(tmp_path / "gt", "b.png", np.zeros((4, 4)))
@@ -74,6 +76,7 @@ def test_semseg_eval_bad_folders(tmp_path: Path) -> None:
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.slow
 def test_show_sample_draws_every_label_and_rejects_bad_index(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "sample.png"
     proc = densepipe("show-sample", "--root", str(tiny_dataset), "--index", "1", "--split", "val",
@@ -87,6 +90,7 @@ def test_show_sample_draws_every_label_and_rejects_bad_index(tiny_dataset: Path,
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_user_text_is_printed_literally(tmp_path: Path) -> None:
     """Paths are not rich markup: `[/x]` does not crash, `[red]` is not swallowed."""
     params = ["--params", str(REPO_ROOT / "params.yaml")]

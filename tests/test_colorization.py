@@ -211,6 +211,7 @@ def _train(model: MultiTaskModel, batch: dict, steps: int = 15) -> list[float]:
 
 
 @pytest.mark.parametrize(("loss", "term"), [("classification", "ce"), ("regression", "smooth_l1")])
+@pytest.mark.slow
 def test_loss_decreases_on_a_fixed_batch(registry: TaskRegistry, loss: str, term: str) -> None:
     model = _model(registry, loss=loss)
     assert model.views == ["gray"]
@@ -346,6 +347,7 @@ def test_options_are_checked(registry: TaskRegistry) -> None:
     assert task.describe()["input_view"] == "gray" and task.describe()["requires"] == []
 
 
+@pytest.mark.slow
 def test_the_prior_resumes_exactly_from_a_checkpoint(tiny_dataset: Path, tmp_path: Path,
                                                      registry: TaskRegistry) -> None:
     from pipeline.config import load_config

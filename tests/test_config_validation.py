@@ -87,6 +87,7 @@ def test_early_stopping_without_any_metric_is_refused(monkeypatch: pytest.Monkey
 
 
 # -- train.best_metric / early_stopping.metric: explicit -----------------------------------------
+@pytest.mark.slow
 def test_bad_best_metric_is_refused_before_the_data_folder(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-data"
     over = ["train.best_metric=edges/F1", f"data.root={missing}",
@@ -138,6 +139,7 @@ def test_builtin_tasks_declare_what_their_evaluators_report() -> None:
 
 
 # -- densepipe config ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_config_command_validates_task_options_and_names(tmp_path: Path) -> None:
     params = ["--params", str(PARAMS)]
     line = one_error_line(densepipe("config", *params, "--set", "model.heads.semantic.bogus=1",

@@ -76,6 +76,7 @@ with hold_out_dir(sys.argv[1]) as held:
 """
 
 
+@pytest.mark.slow
 def test_a_live_training_keeps_its_folder_and_its_temp_files(tiny_dataset: Path,
                                                                tmp_path: Path) -> None:
     """While another process holds ``train.out_dir`` its temp files may be live writes: a second
@@ -112,6 +113,7 @@ class _KeepStep2:
             shutil.copy(path, self.copy)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_whole_train_log_each_step_once(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "train"
     train(_cfg(tiny_dataset, tmp_path, train__steps=4, train__checkpoint_every=2),
@@ -167,6 +169,7 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_trainer_takes_its_loader_workers_and_forkserver_along(
         tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "train"
@@ -211,6 +214,7 @@ with open(sys.argv[1], "wb") as f:
 """
 
 
+@pytest.mark.slow
 def test_a_pickled_object_as_checkpoint_is_one_error_line_naming_its_class(tmp_path: Path) -> None:
     """A raw pickle (protocol 4: torch warns about the protocol before it fails) via the CLI."""
     bad = tmp_path / "bad.pt"

@@ -424,6 +424,7 @@ def test_bad_decoder_config_fails_when_the_model_is_built(tmp_path: Path, card: 
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_densepipe_train_with_an_incompatible_decoder_fails_before_training(tiny_dataset: Path,
                                                                             tmp_path: Path) -> None:
     overrides = tiny_overrides(tiny_dataset, tmp_path, None, model__tasks="[semantic]",

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
@@ -234,6 +235,7 @@ def test_install_script_takes_torch_from_torch_index_first(tmp_path: Path) -> No
     assert calls(TORCH_INDEX="") == [project]
 
 
+@pytest.mark.slow
 def test_install_script_over_the_files_the_dockerfile_copies_resolves_the_pinned_set(tmp_path: Path) -> None:
     """The image's build step, as far as it runs without Docker: the files the Dockerfile copies
     before it, and the script's pip dry run into this (pinned) environment with no package index.

@@ -75,6 +75,7 @@ def test_ranks_split_each_global_batch_and_resume_continues_the_stream() -> None
 
 
 # -- crash-safe resume ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_the_uninterrupted_run(tiny_dataset: Path, tmp_path: Path) -> None:
     steps = 10
     extra = {"train.steps": steps, "train.checkpoint_every": 1, "train.eval_every": 4,
@@ -108,6 +109,7 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(tiny_dataset: Path, tmp_
 
 
 # -- DDP ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
         tiny_dataset: Path, tmp_path: Path) -> None:
     """torchrun --nproc_per_node=2 on CPU: each process takes half of the global batch of 4; the
@@ -192,6 +194,7 @@ def test_skip_nonfinite_counts_and_keeps_weights_finite(tiny_dataset: Path, tmp_
 
 
 # -- early stopping and best.pt -------------------------------------------------------------------
+@pytest.mark.slow
 def test_early_stopping_stops_and_a_rerun_does_not_continue(tiny_dataset: Path, tmp_path: Path) -> None:
     # lr 1e-9: nothing improves, so patience 2 stops at the 3rd evaluation (steps 1, 2, 3)
     cfg = _cfg(tiny_dataset, tmp_path, **{"train.steps": 20, "train.eval_every": 1,
@@ -206,6 +209,7 @@ def test_early_stopping_stops_and_a_rerun_does_not_continue(tiny_dataset: Path, 
     assert again.step == 3 and again.stopped_early
 
 
+@pytest.mark.slow
 def test_best_checkpoint_follows_a_lower_is_better_metric(tiny_dataset: Path, tmp_path: Path) -> None:
     cfg = _cfg(tiny_dataset, tmp_path, **{"train.steps": 4, "train.eval_every": 1,
                                            "train.best_metric": "depth/rmse"})

@@ -23,6 +23,8 @@ from pipeline.export import DenseExportModule, ExportReport, export_onnx
 from pipeline.model import PIXEL_MEAN, PIXEL_STD, MultiTaskModel, build_model
 from pipeline.registry import default_registry
 
+pytestmark = pytest.mark.slow  # a module fixture exports a model (about 17 s)
+
 DENSE = ("semantic", "depth", "normals", "colorization")
 OUTPUT_NAMES = ["semantic_logits", "depth", "normals", "colorization_lab"]
 SIZE = 64

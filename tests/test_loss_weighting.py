@@ -348,6 +348,7 @@ def _rank_main(rank: int, store: str, out: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed (gloo)")
+@pytest.mark.slow
 def test_distributed_ranks_compute_identical_weights(tmp_path: Path) -> None:
     # spawn, not fork: a pytest-xdist worker holds threads, and a forked rank of it once exited
     # with code 1 on a loaded 2-core machine; spawn costs the ranks a fresh import (a few s)

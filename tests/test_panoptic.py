@@ -409,6 +409,7 @@ def test_visualisation_names_each_segment(card: DatasetCard) -> None:
     assert not text[ids.numpy() == 0].any()
 
 
+@pytest.mark.slow
 def test_train_evaluate_export_and_standalone_eval_agree(
         tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient

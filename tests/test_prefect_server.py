@@ -143,6 +143,7 @@ def test_health_probe_gives_up_at_its_timeout(silent_port: int) -> None:
     assert 1.4 <= seconds < 3.0
 
 
+@pytest.mark.slow
 def test_serve_at_a_silent_server_fails_within_the_stated_timeout(tmp_path: Path, silent_port: int) -> None:
     params = _write_params(tmp_path)
     url = f"http://127.0.0.1:{silent_port}/api"

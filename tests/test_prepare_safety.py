@@ -34,6 +34,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_prepare_refuses_user_folders_and_keeps_their_files(tmp_path: Path, monkeypatch) -> None:
     """A user's folder, a COCO folder (synthetic source by mistake), the working folder, a git
     checkout and the home folder are refused with one line; every file in them survives."""
@@ -170,6 +171,7 @@ def test_outputs_get_umask_modes(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "synthetic").stat().st_mode) == 0o755
 
 
+@pytest.mark.slow
 def test_prepare_of_a_user_folder_reports_every_problem_in_one_line(tmp_path: Path) -> None:
     """`prepare --set data.source=folder` reads the images it lists: a missing and a truncated
     image are both named, with the count, before any training; the folder is not written."""

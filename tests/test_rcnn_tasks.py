@@ -73,6 +73,7 @@ def test_presets_fill_settings_and_single_options_override(tiny_dataset: Path, c
         task.parse_options({"preset": "tpu"})
 
 
+@pytest.mark.slow
 def test_losses_go_down_when_fitting_a_batch(tiny_dataset: Path, card: DatasetCard) -> None:
     model = _model(tiny_dataset, card, ALL)
     model.use_channels_last(True)
@@ -181,6 +182,7 @@ def test_drawing_shows_boxes_names_and_skeleton(tiny_dataset: Path, card: Datase
     assert np.array_equal(draw_detections(image, low, card), image)  # below min_score: nothing drawn
 
 
+@pytest.mark.slow
 def test_train_evaluate_writes_coco_files_that_coco_eval_scores_alike(
         tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
     """Train a few steps, evaluate: metrics.json has the COCO keys, the results and ground truth

@@ -330,6 +330,7 @@ def test_dataloader_with_train_transforms(hand: tuple[Path, dict[str, Any]]) -> 
     assert batch["image_ids"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_dataloader_workers_reproducible(hand: tuple[Path, dict[str, Any]]) -> None:
     root, _ = hand
     shutil.rmtree(root / "normals")  # 16-bit normals would import torchvision in each worker

@@ -125,6 +125,7 @@ def test_hook_that_raises_and_duplicate_names_are_reported() -> None:
     assert reg.get("semantic").__class__.__module__ == "plugins.semantic"
 
 
+@pytest.mark.slow
 def test_cli_tasks_json_lists_third_party_and_broken(plugin_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(plugin_path / "b")])}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "tasks", "--json"],

@@ -37,6 +37,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_dataset: Path) -> None
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_train_resume_evaluate_and_mlflow_run(tiny_dataset: Path, tmp_path: Path,
                                                mlflow_uri: str, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
