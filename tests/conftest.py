@@ -146,3 +146,28 @@ class PlantedPickle:
 
     def __reduce__(self) -> tuple:
         return (plant_marker, (self.path,))
+
+
+def descendants(pid: int) -> list:
+    """The live descendants of process ``pid`` (psutil processes; none when it is gone)."""
+    import psutil  # a dvc dependency
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def still_alive(procs: list, timeout: float = 10.0) -> list[str]:
+    """Wait up to ``timeout`` s for ``procs`` to exit; kill those left and describe them (pid, command)."""
+    import psutil  # a dvc dependency
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    left = []
+    for p in alive:
+        try:
+            left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return left

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from flows.server import PrefectServerError, check_api, free_port, local_prefect_server
-from tests.conftest import REPO_ROOT, http_server, write_tiny_params
+from tests.conftest import REPO_ROOT, descendants, http_server, still_alive, write_tiny_params
 
 BIN = Path(sys.executable).parent
 DENSEPIPE = BIN / "densepipe"
@@ -163,29 +163,6 @@ def test_health_probe_names_a_url_that_is_not_the_prefect_api() -> None:
 
 # -- real server ---------------------------------------------------------------------------------------------
 
-def _descendants(pid: int) -> list:
-    import psutil  # a dvc dependency (test extra)
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _still_alive(procs: list, timeout: float = 10.0) -> list[str]:
-    import psutil
-
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    left = []
-    for p in alive:
-        try:
-            left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return left
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
@@ -201,7 +178,7 @@ def _default_sigint() -> None:
 
 def _interrupt(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, list[str]]:
     """Ctrl-C for a process started in its own session: SIGINT to its group; exit code and leftovers."""
-    procs = _descendants(proc.pid)
+    procs = descendants(proc.pid)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -210,7 +187,7 @@ def _interrupt(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, list
         os.killpg(proc.pid, signal.SIGKILL)
         code = proc.wait()
         procs.append(None)  # marks the timeout
-    left = _still_alive([p for p in procs if p is not None])
+    left = still_alive([p for p in procs if p is not None])
     if None in procs:
         left.append(f"{proc.args} ignored SIGINT for {timeout:g} s")
     return code, left
@@ -252,10 +229,10 @@ def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> 
 
     started = time.monotonic()
     port = free_port()
-    before = {p.pid for p in _descendants(os.getpid())}  # pytest's own helpers (forkserver): not ours
+    before = {p.pid for p in descendants(os.getpid())}  # pytest's own helpers (forkserver): not ours
     with local_prefect_server(port=port, home=tmp_path / "prefect-server", ui=False, env=FAST_SERVER) as url:
         server_up = time.monotonic() - started
-        server_procs = [p for p in _descendants(os.getpid()) if p.pid not in before]
+        server_procs = [p for p in descendants(os.getpid()) if p.pid not in before]
         params = _write_params(tmp_path)
         env = {**_cli_env(tmp_path, url), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
                "PREFECT_LOGGING_LEVEL": "INFO"}
@@ -284,7 +261,7 @@ def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> 
         with SyncPrefectClient(url) as client:  # Ctrl-C paused the schedule; serving again resumes it
             assert client.read_deployment(dep.id).paused
     assert not _port_open(port), "the prefect server still listens after the context exited"
-    assert _still_alive(server_procs, timeout=5) == []
+    assert still_alive(server_procs, timeout=5) == []
     print(f"timing: prefect server up {server_up:.1f} s; first scheduled run completed "
           f"{first_run:.1f} s after `densepipe serve` started (interval 10 s); "
           f"total {time.monotonic() - started:.1f} s")

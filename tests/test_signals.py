@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from flows.server import free_port, local_prefect_server
-from tests.conftest import write_tiny_params
+from tests.conftest import descendants, still_alive, write_tiny_params
 
 DENSEPIPE = Path(sys.executable).parent / "densepipe"
 FLOW_NAME = "densepipe-pipeline"
@@ -81,9 +81,7 @@ def _wait_for(what: str, ready: Callable[[], Any], proc: subprocess.Popen, log: 
 def _stop(proc: subprocess.Popen, sig: signal.Signals, *, group: bool) -> tuple[int, float, list[str]]:
     """Send ``sig`` to ``proc`` (or its process group, as systemd and a terminal do); its exit code,
     the seconds it took to exit, and the descendants still alive 10 s after it exited (killed)."""
-    import psutil  # a dvc dependency (test extra)
-
-    family = psutil.Process(proc.pid).children(recursive=True)
+    family = descendants(proc.pid)
     started = time.monotonic()
     (os.killpg if group else os.kill)(proc.pid, sig)
     try:
@@ -92,15 +90,7 @@ def _stop(proc: subprocess.Popen, sig: signal.Signals, *, group: bool) -> tuple[
         os.killpg(proc.pid, signal.SIGKILL)
         code = proc.wait()
     seconds = time.monotonic() - started
-    _, alive = psutil.wait_procs(family, timeout=10)
-    left = []
-    for p in alive:
-        try:
-            left.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return code, seconds, left
+    return code, seconds, still_alive(family)
 
 
 def _clean(text: str) -> None:
