@@ -107,10 +107,8 @@ def build_from_payload(payload: dict[str, Any], *, source: str,
     from pipeline.engine.checkpoint import load_model_state
     from pipeline.model import build_model
 
-    tree = dict(payload["config"])
-    tree["model"] = {**tree.get("model", {}), "weights": None}
-    cfg = config_from_dict(tree, source=source)
+    cfg = config_from_dict(payload["config"], source=source)
     card = DatasetCard.from_json(payload["card"], source=source)
-    model = build_model(cfg, card, load_weights=False)  # no pretrained file read: the payload's weights
+    model = build_model(cfg, card, load_weights=False)  # no weights file read: the payload's weights
     load_model_state(model, payload["model"], source=source)
     return model.to(device or "cpu").eval()
