@@ -47,14 +47,26 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     root: str = "data/synthetic"
-    source: Literal["synthetic", "folder"] = "synthetic"
-    """``synthetic``: ``prepare`` renders the synthetic world into ``root``; ``folder``: ``root``
-    already holds a densepipe layout or a COCO 2017 folder, ``prepare`` only checks it."""
+    source: str = "synthetic"
+    """The dataset format (``pipeline.data.formats``; ``densepipe formats`` lists them).
+    ``synthetic``: ``prepare`` renders the synthetic world into ``root``; ``folder``: ``root``
+    already holds a densepipe layout or a COCO 2017 folder, ``prepare`` only checks it; ``coco``,
+    ``cityscapes``, ``ade20k``, ``voc``, ``nyuv2``: the published layouts, read unchanged."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Options of the format named by ``source`` (validated by its ``Options`` model)."""
     synthetic: SyntheticConfig = SyntheticConfig()
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = Field(128, ge=32)
     """Training crop size (square) and evaluation resize target."""
+    test_size: int | None = Field(None, ge=0)
+    """Evaluation, ``predict`` and serving input size (the test-size rule, docs/own-data.md): the
+    image is resized so its shorter side is ``test_size`` (aspect kept; see ``test_max_size``),
+    padded at the bottom and right to a multiple of the backbone's stride, and every prediction is
+    pasted back at the image's original resolution, where the metrics are computed (as detectron2
+    and MMSegmentation do). ``None``: ``image_size``; ``0``: the original size (padding only)."""
+    test_max_size: int | None = Field(None, ge=32)
+    """Cap on the longer side after the test resize (detectron2's ``MAX_SIZE_TEST``); None: none."""
     augment: bool = True
     scale_range: tuple[float, float] = (0.75, 1.25)
     """Zoom range of the training augmentation (``RandomScaleCrop``; depth divided by the zoom).

@@ -77,6 +77,13 @@ def densepipe_register_tasks() -> list[Task]:
     """
 
 
+@hookspec
+def densepipe_register_dataset_formats() -> list[Any]:
+    """Return the dataset formats this plugin provides (``pipeline.data.formats.DatasetFormat``
+    instances), registered through the ``densepipe.formats`` entry-point group; ``data.source``
+    names one. Each name must be unique; construction is cheap and reads no data."""
+
+
 # -- training lifecycle --------------------------------------------------------------------------
 @hookspec
 def densepipe_train_start(state: TrainState) -> None:

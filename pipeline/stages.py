@@ -39,12 +39,16 @@ def _wanted_synthetic(cfg: Config) -> dict[str, Any]:
 
 def dataset_ready(cfg: Config) -> bool:
     """True when ``data.root`` already holds what ``prepare`` would make: for the synthetic
-    source, a render with the same seed, sizes and generator version; for a folder, its card."""
+    source, a render with the same seed, sizes and generator version; for another format, what
+    the format calls ready (``DatasetFormat.ready``: densepipe's layout, its card)."""
     root = Path(cfg.data.root)
+    if cfg.data.source != "synthetic":
+        from pipeline.engine.loaders import dataset_format
+
+        fmt, options = dataset_format(cfg)
+        return fmt.ready(root, options=options)
     if not (root / "meta.json").exists():
         return False
-    if cfg.data.source != "synthetic":
-        return True
     from pipeline.data.card import DatasetCard
     from pipeline.data.synthetic.spec import GENERATOR_VERSION
 
@@ -93,9 +97,10 @@ def _prepare_data(cfg: Config) -> dict[str, Any]:
                        **wanted,
                        **{k: v for k, v in rendered.items() if isinstance(v, int | float | str)}}
     else:
-        from pipeline.data.check import check_dataset
+        from pipeline.engine.loaders import dataset_format
 
-        checked = check_dataset(root, (cfg.data.train_split, cfg.data.val_split))
+        fmt, options = dataset_format(cfg)
+        checked = fmt.check(root, (cfg.data.train_split, cfg.data.val_split), options=options)
         summary = {"rendered": False, **checked}
     return summary
 
@@ -122,12 +127,15 @@ def check_config(cfg: Config) -> None:
     of ``model.heads.<task>``; the dataset-dependent part, ``resolve_options``, needs the data),
     the backbone, and ``train.best_metric`` / ``train.early_stopping.metric``
     (``pipeline.config.check_metric``; ``auto`` with no main metric to pick is refused only when
-    early stopping needs it). ``densepipe config`` runs it too."""
+    early stopping needs it), ``data.source`` and ``data.options``. ``densepipe config`` runs it
+    too."""
     from pipeline.config import check_metric, check_tasks, resolve_best_metric
+    from pipeline.engine.loaders import dataset_format
     from pipeline.errors import ConfigError
     from pipeline.nn.backbones import BACKBONES, known_backbone
     from pipeline.registry import default_registry
 
+    dataset_format(cfg)  # data.source and data.options
     registry = default_registry()
     check_tasks(cfg, registry.names)
     enabled = registry.resolve(cfg.model.tasks)
@@ -176,9 +184,10 @@ def check_labels(cfg: Config, label_kinds: Iterable[str], *, split: str,
 def _check_train_labels(cfg: Config) -> None:
     """``check_labels`` for the train split, from which label files exist (no JSON parsed);
     nothing when ``data.root`` is not a dataset yet (training then says so)."""
-    from pipeline.data.reader import split_label_kinds
+    from pipeline.engine.loaders import dataset_format
 
-    kinds = split_label_kinds(cfg.data.root, cfg.data.train_split)
+    fmt, options = dataset_format(cfg)
+    kinds = fmt.split_label_kinds(Path(cfg.data.root), cfg.data.train_split, options=options)
     if kinds is not None:
         check_labels(cfg, kinds, split=cfg.data.train_split)
 

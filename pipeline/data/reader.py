@@ -793,6 +793,16 @@ class CocoDataset(torch.utils.data.Dataset):
                                          f"segmentation ({type(e).__name__}: {e})"))
         return out
 
+    def image_hw(self, index: int) -> tuple[int, int]:
+        """Sample ``index``'s upright (H, W): from its JSON when listed there, else from the
+        image file's header (``pipeline.data.formats.image_hw``; no pixels decoded)."""
+        rec = self._records[index]
+        if rec.height is not None and rec.width is not None:
+            return int(rec.height), int(rec.width)
+        from pipeline.data.formats import image_hw
+
+        return image_hw(self.image_dir / rec.file_name)
+
     def index_of_image_id(self, image_id: int) -> int:
         """Sample index of a COCO image id (KeyError if absent)."""
         lookup = self.__dict__.get("_id_index")

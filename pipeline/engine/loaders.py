@@ -10,12 +10,14 @@ import select
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import Config
-from pipeline.data import build_transforms, collate, open_dataset
+from pipeline.data import build_transforms, collate
 
 
 class ResumableRandomSampler(Sampler[tuple[int, int]]):
@@ -176,12 +178,27 @@ def _label_kinds_or_all(tasks: Iterable[str]) -> tuple[str, ...] | None:
         return None
 
 
+def dataset_format(cfg: Config) -> tuple[Any, Any]:
+    """``(format, options)``: the ``DatasetFormat`` named by ``data.source`` and its validated
+    ``data.options`` (a ``ConfigError`` line for an unknown format or a bad option)."""
+    from pipeline.data.formats import default_formats
+
+    fmt = default_formats().get(cfg.data.source)
+    return fmt, fmt.parse_options(cfg.data.options)
+
+
+def open_split(cfg: Config, split: str, *, label_kinds: Iterable[str] | None = None) -> Any:
+    """Split ``split`` of ``data.root`` read by the ``data.source`` format, untransformed."""
+    fmt, options = dataset_format(cfg)
+    return fmt.open(Path(cfg.data.root), split, label_kinds=label_kinds, options=options)
+
+
 def train_dataset(cfg: Config, *, tasks: Iterable[str] | None = None) -> Dataset:
     """The training split with train transforms, decoding only the labels ``tasks`` (default
     ``model.tasks``, the tasks training builds) need (``required_label_kinds``). Tasks the default
     registry does not know (a trainer given its own registry) decode every kind, as before."""
     kinds = _label_kinds_or_all(cfg.model.tasks if tasks is None else tasks)
-    ds = open_dataset(cfg.data.root, cfg.data.train_split, label_kinds=kinds)
+    ds = open_split(cfg, cfg.data.train_split, label_kinds=kinds)
     ds.transforms = build_transforms(train=cfg.data.augment, image_size=cfg.data.image_size,
                                      card=ds.card, scale=cfg.data.scale_range)
     return ds
@@ -193,7 +210,7 @@ def eval_dataset(cfg: Config, split: str | None = None, *,
     only the labels these tasks need; None (default) decodes every label kind, since the model
     evaluated may be a registered one whose tasks differ from ``model.tasks``."""
     kinds = None if tasks is None else _label_kinds_or_all(tasks)
-    ds = open_dataset(cfg.data.root, split or cfg.data.val_split, label_kinds=kinds)
+    ds = open_split(cfg, split or cfg.data.val_split, label_kinds=kinds)
     ds.transforms = build_transforms(train=False, image_size=cfg.data.image_size, card=ds.card)
     return ds
 
