@@ -288,6 +288,27 @@ def tasks(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable
     out.print(table)
 
 
+@app.command()
+def formats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """List dataset formats (``data.source``): name, options, what layout each reads."""
+    from pipeline.data.formats import default_formats
+
+    registry = default_formats()
+    rows = [{"name": f.name, "options": list(f.Options.model_fields), "summary": f.summary,
+             "status": "ok"} for f in (registry.formats[n] for n in registry.names)]
+    rows += [{"name": n, "options": [], "summary": "", "status": f"error: {e}"}
+             for n, e in sorted(registry.failed.items())]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="densepipe formats (data.source)")
+    for col in ("name", "data.options", "reads", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["options"]) or "-", r["summary"], r["status"])
+    out.print(table)
+
+
 @app.command("semseg-eval")
 def semseg_eval(
     gt_dir: Annotated[Path, typer.Option(help="Ground-truth label PNGs.")],

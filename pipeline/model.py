@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.data.card import DatasetCard
 from pipeline.nn.backbones import build_backbone
+from pipeline.nn.inference_size import InferenceResize, output_size
 from pipeline.registry import TaskRegistry, default_registry
 from pipeline.task import Batch, Task
 
@@ -65,6 +66,9 @@ class MultiTaskModel(nn.Module):
         self.loss_weights = {t.name: float((loss_weights or {}).get(t.name, 1.0)) for t in tasks}
         self.views = sorted({t.input_view for t in tasks if t.name in heads})
         self.channels_last = False
+        self.inference_resize: InferenceResize | None = None
+        """The test-size rule ``predict`` applies (``pipeline.nn.inference_size``); None: images are
+        predicted as given. ``build_model`` sets it from ``data.test_size``."""
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -129,20 +133,54 @@ class MultiTaskModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch, outputs: dict[str, Any] | None = None) -> dict[str, list[Any]]:
-        """Per-task, per-image predictions at the input resolution (dependency order)."""
+        """Per-task, per-image predictions at the original image resolution (dependency order).
+
+        Without ``outputs``, the batch is first prepared by the test-size rule
+        (``inference_resize.prepare``: resized, padded; ``pipeline.nn.inference_size``) and run through the
+        model; each task's ``postprocess`` pastes its predictions back at ``output_size``. With
+        ``outputs`` (computed by the caller on ``batch`` as it is), predictions are at the input
+        resolution. A task whose map-shaped prediction has another size is one ``PluginError``."""
         if outputs is None:
+            if self.inference_resize is not None:
+                batch = self.inference_resize.prepare(batch)
             outputs = self(batch)
+        out = output_size(batch) or (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
         predictions: dict[str, list[Any]] = {}
         for name, task in self.tasks.items():
             deps = {d: predictions[d] for d in task.depends_on}
             predictions[name] = task.postprocess(outputs.get(name), batch=batch, predictions=deps,
                                                  options=self.options[name])
+            _check_prediction_size(name, predictions[name], out)
         return predictions
 
     def use_channels_last(self, enabled: bool = True) -> MultiTaskModel:
         """Store weights and feed inputs in NHWC layout (``train.channels_last``)."""
         self.channels_last = enabled
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+
+def _check_prediction_size(task: str, predictions: list[Any], size: tuple[int, int]) -> None:
+    """A map-shaped prediction (a tensor of 2+ dims, or a dict's ``ids`` / ``masks`` / ``lab``)
+    must be ``size``: a plugin that ignores ``output_size`` fails here, not inside a metric."""
+    from pipeline.errors import PluginError
+
+    for p in predictions[:1]:
+        maps = [p] if isinstance(p, torch.Tensor) else (
+            [p[k] for k in ("ids", "masks", "lab") if k in p] if isinstance(p, dict) else [])
+        for m in maps:
+            if isinstance(m, torch.Tensor) and m.dim() >= 2 and tuple(m.shape[-2:]) != size:
+                raise PluginError(
+                    f"task {task}: postprocess returned a {m.shape[-2]}x{m.shape[-1]} map, expected "
+                    f"the original image size {size[0]}x{size[1]} (batch['output_size']; paste it "
+                    "back with pipeline.nn.inference_size.paste_maps, see Task.postprocess)")
+
+
+def inference_resize_rule(cfg: Config, stride: int) -> InferenceResize:
+    """The test-size rule of ``cfg`` (``data.test_size``, ``data.test_max_size``) for a backbone
+    whose deepest level has ``stride``."""
+    d = cfg.data
+    short = d.image_size if d.test_size is None else d.test_size
+    return InferenceResize(short=short, max_size=d.test_max_size, divisor=stride)
 
 
 DETECTION_LABELS = "instances"
@@ -192,5 +230,10 @@ def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = 
         head = task.build_head(feature_spec=backbone.feature_spec, card=card, options=opts, **extra)
         if head is not None:
             heads[task.name] = head
-    return MultiTaskModel(backbone=backbone, tasks=tasks, heads=heads, options=options, card=card,
-                          loss_weights=cfg.model.loss_weights)
+    model = MultiTaskModel(backbone=backbone, tasks=tasks, heads=heads, options=options, card=card,
+                           loss_weights=cfg.model.loss_weights)
+    # pad to the deepest backbone stride, 32 (detectron2's size_divisibility for FPNs; an extra
+    # pooled level such as p6 needs no more: it is a stride-2 pooling of p5)
+    stride = min(32, max(f.stride for f in backbone.feature_spec.values()))
+    model.inference_resize = inference_resize_rule(cfg, stride)
+    return model

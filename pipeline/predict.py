@@ -48,9 +48,10 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.reader import IMAGE_SUFFIXES, read_image
+from pipeline.engine.loaders import SizeBatches
 from pipeline.errors import ConfigError, DataError, OutputError
 from pipeline.io import atomic_write_json, atomic_write_png
 
@@ -267,36 +268,6 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if "error" in s:
             return {"error": s["error"]}
     return {"image": torch.stack([s["image"] for s in samples]), "index": [s["index"] for s in samples]}
-
-
-class SizeBatches(Sampler[list[int]]):
-    """Batches of at most ``batch_size`` indices whose images have the same ``(H, W)``.
-
-    Sizes are taken in order of first appearance and each size's images in input order, so the
-    processing order does not depend on ``batch_size`` (and equals the input order when all the
-    images have one size). Why not pad mixed sizes into one batch: the padded border enters the
-    receptive field of the pixels near it, so an image's prediction would depend on the other
-    images of its batch; grouping keeps every prediction identical to a batch of one."""
-
-    def __init__(self, sizes: Sequence[tuple[int, int]], *, batch_size: int) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size {batch_size}: expected 1 or more")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(sizes):
-            groups.setdefault(tuple(s), []).append(i)  # type: ignore[arg-type]
-        self.batches = [idx[k:k + batch_size] for idx in groups.values()
-                        for k in range(0, len(idx), batch_size)]
-
-    @property
-    def order(self) -> list[int]:
-        """The indices in processing order."""
-        return [i for b in self.batches for i in b]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def image_loader(files: Sequence[Path], sizes: Sequence[tuple[int, int]], *, batch_size: int,

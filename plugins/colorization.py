@@ -56,6 +56,7 @@ from pipeline.nn.ab_bins import (
     soft_targets,
 )
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_dense_head
+from pipeline.nn.inference_size import paste_maps
 from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import panel_grid
 
@@ -332,10 +333,14 @@ class ColorizationTask(Task):
     def postprocess(self, output: dict[str, Any], *, batch: Batch,  # type: ignore[override]
                     predictions: dict[str, list[Any]],
                     options: ColorizationOptions) -> list[dict[str, torch.Tensor]]:
+        """Per image ``{"lab": 3xHxW}`` at the original image size: its own L* and the
+        predicted a*b* (upsampled bilinearly, the padding cropped off)."""
         images = batch["image"].to(output["raw"].device)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         ab = F.interpolate(predicted_ab(output, options), size=size, mode="bilinear", align_corners=False)
-        lab = torch.cat([image_lab(images)[:, :1], ab], dim=1).cpu()
+        ab = paste_maps(ab, batch)
+        original = batch.get("original_image", batch["image"]).to(ab.device)
+        lab = torch.cat([image_lab(original)[:, :1], ab], dim=1).cpu()
         return [{"lab": lab[i]} for i in range(lab.shape[0])]
 
     def evaluator(self, *, card: DatasetCard, options: BaseModel) -> ColorizationEvaluator:

@@ -42,6 +42,7 @@ from pipeline.hookspecs import hookimpl
 from pipeline.metrics.depth import DepthMetricAccumulator
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_task_decoder_from_options
+from pipeline.nn.inference_size import paste_maps
 from pipeline.nn.regression_losses import build_regression_loss, log_gradient_matching
 from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import depth_with_colorbar
@@ -200,8 +201,9 @@ class DepthTask(Task):
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
                     options: DepthOptions) -> list[torch.Tensor]:  # type: ignore[override]
-        """Per image: ``HxW`` float32 depth in metres (> 0), on the CPU."""
-        return list(to_depth(output.detach(), options.output)[:, 0].cpu())
+        """Per image: ``HxW`` float32 depth in metres (> 0) at the original image size
+        (bilinear in metres), on the CPU."""
+        return list(paste_maps(to_depth(output.detach(), options.output), batch)[:, 0].cpu())
 
     export_outputs = (ExportOutput("depth", "metres", "N x 1 x H x W depth along the optical axis, > 0"),)
 

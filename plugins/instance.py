@@ -21,6 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.coco import BBOX_STAT_NAMES
 from pipeline.metrics.coco_evaluator import CocoEvaluator
+from pipeline.nn.inference_size import box_scale, output_size
 from pipeline.nn.rcnn import (
     Detector,
     DetectorOptions,
@@ -57,9 +58,12 @@ class InstanceHead(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], *, image_size: tuple[int, int],
                 batch: Batch) -> RCNNOutput:
         if not self.training:
-            det = self.detector(features, image_size=image_size)
-            masks = self.mask.predict(det, self.mask_threshold)
-            return RCNNOutput(det, self.class_of_label, extras=[{"masks": m} for m in masks])
+            det = self.detector(features, image_size=image_size, valid_size=batch.get("valid_size"))
+            scale = box_scale(batch)
+            masks = self.mask.predict(det, self.mask_threshold, scale=scale,
+                                      out_size=output_size(batch))
+            return RCNNOutput(det, self.class_of_label, extras=[{"masks": m} for m in masks],
+                              scale=scale)
         device = self.label_of_class.device
         targets = detector_targets(batch, label_of_class=self.label_of_class.cpu(), device=device)
         det = self.detector(features, image_size=image_size, targets=targets)

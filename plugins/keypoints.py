@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.coco import KEYPOINT_STAT_NAMES
 from pipeline.metrics.coco_evaluator import CocoEvaluator
+from pipeline.nn.inference_size import box_scale
 from pipeline.nn.rcnn import (
     Detector,
     DetectorOptions,
@@ -85,9 +86,10 @@ class KeypointHead(nn.Module):
         if self.detector is None and shared is None:
             raise RuntimeError("keypoints head built to share the instance detector got no instance output")
         if not self.training:
-            det = shared.det if shared is not None else self.detector(features, image_size=image_size)
+            det = shared.det if shared is not None else self.detector(
+                features, image_size=image_size, valid_size=batch.get("valid_size"))
             extras = [{"keep": keep, "keypoints": kps} for keep, kps in self.branch.predict(det)]
-            return RCNNOutput(det, self.class_of_label, extras=extras)
+            return RCNNOutput(det, self.class_of_label, extras=extras, scale=box_scale(batch))
         device = self.label_of_class.device
         if shared is not None:
             det, losses = shared.det, {}

@@ -31,6 +31,7 @@ from pipeline.hookspecs import hookimpl
 from pipeline.metrics.merge import check_mergeable
 from pipeline.metrics.normals import NormalsMetricAccumulator
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
+from pipeline.nn.inference_size import paste_maps
 from pipeline.nn.regression_losses import build_regression_loss, channel_norm, unit_channels
 from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import normals_to_rgb
@@ -149,8 +150,9 @@ class NormalsTask(Task):
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
                     options: NormalsOptions) -> list[torch.Tensor]:  # type: ignore[override]
-        """Per image: ``3xHxW`` float32 unit vectors (camera frame), on the CPU."""
-        return list(unit_channels(output.detach().float()).cpu())
+        """Per image: ``3xHxW`` float32 unit vectors (camera frame) at the original image size
+        (interpolated, then renormalised), on the CPU."""
+        return list(unit_channels(paste_maps(output.detach().float(), batch)).cpu())
 
     export_outputs = (ExportOutput("normals", "unit vectors", "N x 3 x H x W surface normals in the "
                                    "camera frame (OpenCV: x right, y down, z forward)"),)

@@ -28,6 +28,7 @@ from pipeline.metrics.confusion import ConfusionMatrix
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.dense_losses import build_dense_loss
+from pipeline.nn.inference_size import paste_maps
 from pipeline.task import Batch, ExportOutput, FeatureSpec, PredictedImage, Task
 from pipeline.viz import colorize_labels, overlay, with_legend
 
@@ -143,7 +144,9 @@ class SemanticTask(Task):
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch,
                     predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:
-        return list(output.argmax(dim=1).to(torch.int64).cpu())
+        """Per image: ``HxW`` int64 class indices at the original image size (the logits are
+        pasted back bilinearly before the argmax, as MMSegmentation does)."""
+        return list(paste_maps(output, batch).argmax(dim=1).to(torch.int64).cpu())
 
     export_outputs = (ExportOutput(
         "semantic_logits", "logits", "N x C x H x W class scores at the input resolution; argmax "

@@ -6,8 +6,9 @@ reads: the image exists and decodes fully (a truncated PNG or JPEG is caught: th
 decoded, ``verify()`` alone misses truncations), its size (upright by its EXIF orientation, as
 training reads it) matches the JSON's ``height``/``width``, every referenced label PNG exists
 (panoptic PNGs listed in the panoptic JSON) and decodes with the image's size and the dtype of
-its kind (semantic, depth, normals, panoptic), semantic PNGs hold only class indices of the
-dataset card (0..C-1) or its ignore value, and RLE segmentations have the image's size. All
+its kind (semantic, depth, normals, panoptic; depth as ``depth_encoding`` reads it), semantic PNGs
+hold only classes of the dataset card (indices 0..C-1, or its class ids with ``semantic_values=
+"category_id"``) or its ignore value, and RLE segmentations have the image's size. All
 problems are collected, then raised as one ``DataError`` (one line: the count and the first
 few). Images in the images folder that no JSON lists, and annotations the reader dropped
 (degenerate polygons), are reported, not failed.
@@ -35,6 +36,7 @@ from pipeline.data.reader import (
     CocoDataset,
     check_semantic_values,
     open_dataset,
+    read_depth,
     read_image,
     read_label,
 )
@@ -107,9 +109,12 @@ def _check_sample(ds: CocoDataset, index: int, root: Path) -> _SampleCheck:
             continue
         out.files += 1
         try:
-            arr = read_label(path, kind, ref)
-            if kind == "semantic":
-                check_semantic_values(arr, path, ds.card)
+            if kind == "depth":
+                read_depth(path, ref, ds.depth_encoding)
+            else:
+                arr = read_label(path, kind, ref)
+                if kind == "semantic":
+                    check_semantic_values(arr, path, ds.card, semantic_values=ds.semantic_values)
         except DataError as e:
             problem(e.path, e.problem)
     if ref is not None:
@@ -130,8 +135,13 @@ def _unlisted_images(ds: CocoDataset) -> list[str]:
 
 
 def check_dataset(root: str | os.PathLike[str], splits: Sequence[str], *,
-                  workers: int | None = None) -> dict[str, Any]:
+                  workers: int | None = None, depth_encoding: str = "mm",
+                  semantic_values: str = "index") -> dict[str, Any]:
     """Check every split of the dataset at ``root`` as training will read it.
+
+    ``depth_encoding`` and ``semantic_values``: how depth files and semantic PNGs are read, the
+    ``folder`` format's ``data.options`` (see ``pipeline.data.reader.CocoDataset``); pass the
+    ones training uses, so that the check decodes exactly what training will.
 
     Returns a summary: ``root``; ``images`` (split -> sample count); ``unlisted_images`` and
     ``dropped_annotations`` (totals over the splits); ``seconds``; ``splits``: split -> dict with
@@ -154,7 +164,8 @@ def check_dataset(root: str | os.PathLike[str], splits: Sequence[str], *,
     for split in splits:
         errs = problems.setdefault(split, [])
         try:
-            ds = open_dataset(root, split)
+            ds = open_dataset(root, split, depth_encoding=depth_encoding,
+                              semantic_values=semantic_values)
         except DataError as e:
             where = _rel(e.path, root)
             errs.append(f"{where if where != '.' else f'split {split!r}'}: {_one_line(e.problem)}")

@@ -45,10 +45,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.errors import ConfigError, DataError, PluginError
 
 FORMATS_ENTRY_POINT_GROUP = "densepipe.formats"
+LABEL_KINDS = ("semantic", "instances", "panoptic", "depth", "normals", "keypoints")
+"""Every label kind a sample may carry (``pipeline.data.sample``)."""
 MAX_LISTED = 5
 
-__all__ = ["DatasetFormat", "FormatRegistry", "NoFormatOptions", "SplitDataset", "check_samples",
-           "default_formats", "image_hw"]
+__all__ = ["LABEL_KINDS", "DatasetFormat", "FormatRegistry", "NoFormatOptions", "SplitDataset",
+           "check_samples", "default_formats", "image_hw", "wanted_label_kinds"]
 
 
 class NoFormatOptions(BaseModel):
@@ -165,6 +167,22 @@ def check_samples(fmt: DatasetFormat, root: Path, splits: Sequence[str], *, opti
     return {"root": str(root), "images": {s: v["images"] for s, v in out.items()}, "splits": out}
 
 
+def wanted_label_kinds(label_kinds: Iterable[str] | None) -> frozenset[str]:
+    """``open``'s ``label_kinds`` checked against ``LABEL_KINDS`` (None: all of them); a string
+    or an unknown kind is a ``ValueError``."""
+    if label_kinds is None:
+        return frozenset(LABEL_KINDS)
+    if isinstance(label_kinds, str):
+        raise ValueError(f"label_kinds must be a collection of label kinds, got the string "
+                         f"{label_kinds!r} (write ({label_kinds!r},))")
+    wanted = frozenset(label_kinds)
+    unknown = sorted(wanted - set(LABEL_KINDS))
+    if unknown:
+        raise ValueError(f"unknown label kind(s) {', '.join(map(repr, unknown))}: expected some "
+                         f"of {', '.join(LABEL_KINDS)}")
+    return wanted
+
+
 def image_hw(path: str | os.PathLike[str]) -> tuple[int, int]:
     """The upright (H, W) of an image file from its header (EXIF orientations 5-8 swap the
     sides), without decoding the pixels. ``DataError`` naming the file when it cannot be read."""
@@ -214,7 +232,8 @@ class FormatRegistry:
                 except Exception as e:  # noqa: BLE001 - reported when the format is asked for
                     self.failed[ep.name] = f"{ep.name} = {ep.value}: {_one_line(e)}"
         for i, plugin in enumerate(plugins):
-            self.pm.register(plugin, name=getattr(plugin, "__name__", None) or f"format-{i}")
+            if not self.pm.is_registered(plugin):  # also found through its entry point
+                self.pm.register(plugin, name=getattr(plugin, "__name__", None) or f"format-{i}")
         for impl in self.pm.hook.densepipe_register_dataset_formats.get_hookimpls():
             try:
                 found = list(impl.function() or [])

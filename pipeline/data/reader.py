@@ -16,11 +16,18 @@ sample contract it returns):
 - keypoints may also come from a separate COCO person-keypoints JSON; its annotations are merged
   into the instances by annotation id (COCO 2017 uses the same ids in both files);
 - panoptic: COCO panoptic JSON + RGB PNGs (segment id = R + 256 G + 256^2 B);
-- semantic: uint8 PNGs (class index 0..C-1 of the card's C classes, 255 = ignore; any other value
-  is a ``DataError``) sharing the image's file stem; without them,
-  a split with panoptic labels gets ``semantic`` derived from the panoptic map (segment category ->
-  class index, void and crowd -> 255);
-- depth: uint16 PNGs in millimetres (0 = unknown) -> float32 metres;
+- semantic: uint8 PNGs sharing the image's file stem, read by ``semantic_values``
+  (``SEMANTIC_VALUES``; ``data.options.semantic_values`` of the ``folder`` format): ``index``
+  (default) stores the class *index*, i.e. the position in the card's ``classes`` (0..C-1 of the
+  card's C classes); ``category_id`` stores the class ``id`` of the card (as VOC-style tools write
+  PNGs), mapped to its index. The card's ignore value (255) is ignore in both; any other value is
+  a ``DataError`` naming the file. Without them, a split with panoptic labels gets ``semantic``
+  derived from the panoptic map (segment category -> class index, void and crowd -> 255);
+- depth: files sharing the image's file stem, decoded by ``depth_encoding`` (``DEPTH_ENCODINGS``;
+  ``data.options.depth_encoding``) to float32 metres, 0 = unknown: ``mm`` (default) uint16 PNGs
+  in millimetres; ``kitti`` uint16 PNGs in metres x 256 (the KITTI depth benchmark's); ``float``
+  32-bit float TIFFs (PIL mode F) or ``.npy`` float arrays in metres, non-finite or <= 0 unknown
+  (see ``read_depth``);
 - normals: RGB PNGs (8 or 16 bit) encoding (n + 1) / 2; (0, 0, 0) = unknown -> vector 0.
 
 Construction parses every JSON once, indexes annotations per image and validates them (raising a
@@ -53,10 +60,19 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
+from pipeline.data.formats import LABEL_KINDS, wanted_label_kinds
 from pipeline.data.panoptic_ids import rgb_to_ids
 from pipeline.errors import DataError
 
-LABEL_KINDS = ("semantic", "instances", "panoptic", "depth", "normals", "keypoints")
+DEPTH_ENCODINGS = ("mm", "kitti", "float")
+"""How depth files store metres (``read_depth``): uint16 PNG millimetres (default), uint16 PNG
+metres x 256 (KITTI), 32-bit float TIFF or ``.npy`` metres."""
+SEMANTIC_VALUES = ("index", "category_id")
+"""What a semantic PNG value is (``semantic_classes``): the class index (position in the card,
+default) or the class ``id`` of the card."""
+# depth files per encoding, in the order a stem is matched (first found wins); a PNG under
+# ``float`` is matched so that it is refused by name instead of silently missing
+_DEPTH_SUFFIXES = {"mm": (".png",), "kitti": (".png",), "float": (".tiff", ".tif", ".npy", ".png")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 BOX_TOLERANCE = 1.0  # pixels a COCO box may stick out of its image
 MIN_POLYGON_AREA = 1e-6  # square pixels; a polygon with less is degenerate (its mask is empty)
@@ -67,14 +83,18 @@ CARD_EXAMPLE = ('{"name": "mydata", "classes": [{"id": 0, "name": "road"}, '
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEPTH_ENCODINGS",
     "LABEL_KINDS",
+    "SEMANTIC_VALUES",
     "CocoDataset",
     "SampleFiles",
     "open_dataset",
     "read_image",
+    "read_depth",
     "read_label",
     "read_png",
     "check_semantic_values",
+    "semantic_classes",
     "split_label_kinds",
     "panoptic_rgb_to_ids",
 ]
@@ -226,15 +246,23 @@ def _describe(arr: np.ndarray, mode: str) -> str:
     return f"{shape}{chans} {arr.dtype} (PNG mode {mode})"
 
 
-def read_label(path: Path, kind: str, hw: tuple[int, int] | None) -> np.ndarray:
+def read_label(path: Path, kind: str, hw: tuple[int, int] | None, *,
+               depth_encoding: str = "mm") -> np.ndarray:
     """Read and check one label PNG of ``kind`` (semantic, depth, normals, panoptic) for an
-    image of size ``hw`` (None: any size): the array as stored, depth as uint16 millimetres.
+    image of size ``hw`` (None: any size): the array as stored, depth as its uint16 values
+    (millimetres; metres x 256 with ``depth_encoding="kitti"``; ``read_depth`` gives metres and
+    reads ``float`` files).
 
     Raises ``DataError`` naming the file when it is missing, corrupt, or of the wrong size,
     channel count or bit depth for its kind."""
+    if kind == "depth" and depth_encoding not in ("mm", "kitti"):
+        raise ValueError(f"read_label reads depth PNGs of depth_encoding mm or kitti, got "
+                         f"{depth_encoding!r} (use read_depth)")
     expect = {
         "semantic": "uint8 single-channel (PNG mode L or P)",
-        "depth": "uint16 single-channel millimetres (PNG mode I;16)",
+        "depth": ("uint16 single-channel millimetres (PNG mode I;16)" if depth_encoding == "mm"
+                  else "uint16 single-channel PNG (mode I;16) of metres x 256, what "
+                       "data.options.depth_encoding kitti reads (KITTI's depth maps)"),
         "normals": "RGB uint8 or uint16 (PNG mode RGB or RGB;16)",
         "panoptic": "RGB uint8 (PNG mode RGB)",
     }[kind]
@@ -250,25 +278,146 @@ def read_label(path: Path, kind: str, hw: tuple[int, int] | None) -> np.ndarray:
         raise DataError(path, f"expected a {size}{expect}, got {_describe(arr, mode)}")
     if kind == "depth" and arr.dtype != np.uint16:  # mode "I" (int32) from older encoders
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise DataError(path, f"depth values outside 0..65535 mm ({_describe(arr, mode)})")
+            unit = "mm" if depth_encoding == "mm" else "(uint16)"
+            raise DataError(path, f"depth values outside 0..65535 {unit} ({_describe(arr, mode)})")
         arr = arr.astype(np.uint16)
     return arr
 
 
-def check_semantic_values(sem: np.ndarray, path: str | os.PathLike[str], card: DatasetCard) -> None:
+_FLOAT_DEPTH = ("a 32-bit float TIFF (PIL mode F) or a .npy float array (HxW) in metres, what "
+                "data.options.depth_encoding float reads")
+
+
+def read_depth(path: str | os.PathLike[str], hw: tuple[int, int] | None,
+               encoding: str = "mm") -> np.ndarray:
+    """Read one depth file for an image of size ``hw`` (None: any size) as ``HxW float32``
+    metres, 0 = unknown. ``encoding`` (``DEPTH_ENCODINGS``, ``data.options.depth_encoding``):
+
+    - ``mm`` (default): uint16 PNG in millimetres, metres = value / 1000;
+    - ``kitti``: uint16 PNG as the KITTI depth benchmark writes it, metres = value / 256
+      (up to 256 m; KITTI caps at 80 m);
+    - ``float``: 32-bit float TIFF (``.tif``/``.tiff``, PIL mode F) or ``.npy`` float array in
+      metres; non-finite values and values <= 0 become 0 (unknown).
+
+    Raises ``DataError`` naming the file when it is missing, corrupt, of the wrong size, or not
+    what the encoding reads (e.g. an 8-bit PNG for ``kitti``, a PNG for ``float``): the message
+    names the file's mode and what the encoding expects."""
+    path = Path(path)
+    if encoding not in DEPTH_ENCODINGS:
+        raise ValueError(f"unknown depth encoding {encoding!r}: expected one of "
+                         f"{', '.join(DEPTH_ENCODINGS)}")
+    if encoding == "mm":
+        return read_label(path, "depth", hw).astype(np.float32) * np.float32(0.001)
+    if encoding == "kitti":
+        raw = read_label(path, "depth", hw, depth_encoding="kitti")
+        return raw.astype(np.float32) * np.float32(1.0 / 256.0)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        data = _read_bytes(path, "depth array")
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(path, f"corrupt or unreadable .npy depth array ({e})") from e
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind != "f":
+            got = (f"{'x'.join(map(str, arr.shape))} {arr.dtype}" if isinstance(arr, np.ndarray)
+                   else type(arr).__name__)
+            raise DataError(path, f"expected {_FLOAT_DEPTH}, got a .npy array {got}")
+        what = ".npy array"
+    else:
+        data = _read_bytes(path, "depth file")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                mode, fmt = img.mode, img.format or "image"
+                arr = np.asarray(img) if mode == "F" else None
+        except Image.UnidentifiedImageError:
+            raise DataError(path, f"not a depth file PIL can read (unknown or corrupt header); "
+                                  f"expected {_FLOAT_DEPTH}") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(path, f"corrupt or unreadable depth file ({type(e).__name__}: "
+                                  f"{e})") from e
+        if arr is None:
+            hint = (" (a uint16 PNG is read with depth_encoding mm or kitti)"
+                    if fmt == "PNG" else "")
+            raise DataError(path, f"depth {fmt} in PIL mode {mode}: expected {_FLOAT_DEPTH}"
+                                  f"{hint}")
+        what = f"{fmt} (PIL mode F)"
+    if hw is not None and arr.shape != hw:
+        raise DataError(path, f"expected depth of {hw[0]}x{hw[1]} (HxW, the image's size), got "
+                              f"{arr.shape[0]}x{arr.shape[1]} {what}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(np.float32)
+    out[~(np.isfinite(out) & (out > 0))] = 0.0
+    return out
+
+
+def _category_lut(card: DatasetCard) -> np.ndarray:
+    """256 entries: PNG value -> class index for ``semantic_values="category_id"`` (a class's
+    ``id`` -> its position; the ignore value -> itself; -1: no class has that id)."""
+    lut = np.full(256, -1, np.int64)
+    for i, c in enumerate(card.classes):
+        if 0 <= c.id < 256:
+            lut[c.id] = i
+    if 0 <= card.ignore_index < 256:
+        lut[card.ignore_index] = card.ignore_index  # ignore wins over a class id equal to it
+    return lut
+
+
+def _listed(values: Sequence[int], limit: int = 5) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def check_semantic_values(sem: np.ndarray, path: str | os.PathLike[str], card: DatasetCard, *,
+                          semantic_values: str = "index") -> None:
     """Raise ``DataError`` naming ``path`` when the semantic map ``sem`` (uint8 ``HxW``) holds a
-    value that is neither a class index of ``card`` (0..C-1) nor its ignore value."""
+    value that is neither a class of ``card`` nor its ignore value. ``semantic_values``
+    (``SEMANTIC_VALUES``): ``index`` (default): a class is its index 0..C-1 (position in the
+    card's ``classes``); ``category_id``: a class is its ``id`` in the card."""
+    semantic_classes(sem, path, card, semantic_values=semantic_values, convert=False)
+
+
+def semantic_classes(sem: np.ndarray, path: str | os.PathLike[str], card: DatasetCard, *,
+                     semantic_values: str = "index", convert: bool = True) -> np.ndarray:
+    """The semantic map ``sem`` (uint8 ``HxW`` as stored) as class indices (``HxW int64``,
+    0..C-1 and the card's ignore value), checked (see ``check_semantic_values``).
+
+    ``semantic_values="index"``: the stored value is the class index (position in the card's
+    ``classes``, i.e. categories sorted by id for a card from COCO JSON): returned as is.
+    ``"category_id"``: the stored value is the class ``id`` (VOC-style): a card with class ids
+    ``[0, 5, 9]`` reads 5 as index 1, 255 stays 255 (ignore), 3 is a ``DataError``.
+    ``convert=False``: only check (returns ``sem`` unchanged)."""
+    if semantic_values not in SEMANTIC_VALUES:
+        raise ValueError(f"unknown semantic_values {semantic_values!r}: expected one of "
+                         f"{', '.join(SEMANTIC_VALUES)}")
     counts = np.bincount(sem.ravel(), minlength=256)
     values = np.flatnonzero(counts)
-    bad = values[(values >= card.num_classes) & (values != card.ignore_index)]
-    if bad.size == 0:
-        return
-    shown = ", ".join(str(int(v)) for v in bad[:5]) + (f" and {bad.size - 5} more" if bad.size > 5
-                                                         else "")
-    noun = "value" if bad.size == 1 else "values"
-    raise DataError(path, f"semantic {noun} {shown} ({int(counts[bad].sum())} pixels) out of range: "
-                          f"expected 0..{card.num_classes - 1} (the {card.num_classes} classes of "
-                          f"dataset card '{card.name}') or {card.ignore_index} (ignore)")
+    lut = _category_lut(card)
+    if semantic_values == "index":
+        bad = values[(values >= card.num_classes) & (values != card.ignore_index)]
+    else:
+        bad = values[lut[values] < 0]
+    if bad.size:
+        noun = "value" if bad.size == 1 else "values"
+        pixels = int(counts[bad].sum())
+        if semantic_values == "index":
+            msg = (f"semantic {noun} {_listed(bad)} ({pixels} pixels) out of range: expected "
+                   f"0..{card.num_classes - 1} (the {card.num_classes} classes of dataset card "
+                   f"'{card.name}') or {card.ignore_index} (ignore)")
+            if (lut[bad] >= 0).all():
+                msg += ("; these are class ids of the card: if the PNGs store class ids, set "
+                        "data.options.semantic_values: category_id")
+        else:
+            ids = sorted({c.id for c in card.classes})
+            msg = (f"semantic {noun} {_listed(bad)} ({pixels} pixels) not a class id: "
+                   f"data.options.semantic_values category_id expects the ids of dataset card "
+                   f"'{card.name}' ({_listed(ids, 20)}) or {card.ignore_index} (ignore)")
+        raise DataError(path, msg)
+    if not convert:
+        return sem
+    if semantic_values == "index":
+        return sem.astype(np.int64)
+    return lut[sem]
 
 
 def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
@@ -393,7 +542,8 @@ class CocoDataset(torch.utils.data.Dataset):
         instances_json: COCO instances JSON (boxes, masks, optionally keypoints).
         keypoints_json: COCO person-keypoints JSON, merged into the instances by annotation id.
         panoptic_json, panoptic_dir: COCO panoptic JSON and the folder of its PNGs.
-        semantic_dir, depth_dir, normals_dir: folders of label PNGs named like the images.
+        semantic_dir, depth_dir, normals_dir: folders of label PNGs named like the images
+            (depth with ``depth_encoding="float"``: ``.tiff``/``.tif``/``.npy`` files).
         card: the ``DatasetCard``; by default built from the JSON categories (panoptic ones if
             any, since they carry ``isthing`` and stuff classes, else instances ones), merged with
             the keypoint declarations of ``keypoints_json``.
@@ -403,6 +553,11 @@ class CocoDataset(torch.utils.data.Dataset):
             derived from panoptic still reads the panoptic PNG; ``keypoints`` ride in
             ``instances``, so asking for either decodes the instances, with keypoints only when
             asked for. An unknown kind is a ``ValueError``.
+        depth_encoding: how depth files store metres, one of ``DEPTH_ENCODINGS`` (see
+            ``read_depth``): ``"mm"`` (default), ``"kitti"``, ``"float"``.
+        semantic_values: what semantic PNG values are, one of ``SEMANTIC_VALUES`` (see
+            ``semantic_classes``): ``"index"`` (default: position in the card's classes) or
+            ``"category_id"`` (the card's class ``id``).
 
     Without any JSON the images are the files of ``image_dir`` (sorted; image id = the numeric
     file stem, else position + 1).
@@ -429,7 +584,17 @@ class CocoDataset(torch.utils.data.Dataset):
         transforms: Callable[[Sample], Sample] | None = None,
         *,
         label_kinds: Iterable[str] | None = None,
+        depth_encoding: str = "mm",
+        semantic_values: str = "index",
     ) -> None:
+        if depth_encoding not in DEPTH_ENCODINGS:
+            raise ValueError(f"unknown depth_encoding {depth_encoding!r}: expected one of "
+                             f"{', '.join(DEPTH_ENCODINGS)}")
+        if semantic_values not in SEMANTIC_VALUES:
+            raise ValueError(f"unknown semantic_values {semantic_values!r}: expected one of "
+                             f"{', '.join(SEMANTIC_VALUES)}")
+        self.depth_encoding = depth_encoding
+        self.semantic_values = semantic_values
         self.image_dir = Path(image_dir)
         self.instances_json = Path(instances_json) if instances_json is not None else None
         self.keypoints_json = Path(keypoints_json) if keypoints_json is not None else None
@@ -439,7 +604,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.depth_dir = Path(depth_dir) if depth_dir is not None else None
         self.normals_dir = Path(normals_dir) if normals_dir is not None else None
         self.transforms = transforms
-        self._wanted = _wanted_kinds(label_kinds)
+        self._wanted = wanted_label_kinds(label_kinds)
 
         if not self.image_dir.is_dir():
             raise DataError(self.image_dir, "images folder not found")
@@ -491,15 +656,16 @@ class CocoDataset(torch.utils.data.Dataset):
         self._records: list[_ImageRecord] = [records[k] for k in sorted(records)]
         self.image_ids: list[int] = [r.id for r in self._records]
 
-        # dense label folders: list each once
-        self._label_files: dict[str, set[str]] = {}
+        # dense label folders: list each once (kind -> image file stem -> label file name)
+        self._label_files: dict[str, dict[str, str]] = {}
         for kind, d in (("semantic", self.semantic_dir), ("depth", self.depth_dir),
                         ("normals", self.normals_dir)):
             if d is None:
                 continue
             if not d.is_dir():
                 raise DataError(d, f"{kind} PNG folder not found")
-            self._label_files[kind] = {n for n in os.listdir(d) if n.endswith(".png")}
+            suffixes = _DEPTH_SUFFIXES[depth_encoding] if kind == "depth" else (".png",)
+            self._label_files[kind] = _files_by_stem(os.listdir(d), suffixes)
 
         kinds = {k for k, names in self._label_files.items() if names}  # empty folder: none
         if inst is not None or kps is not None:
@@ -518,6 +684,8 @@ class CocoDataset(torch.utils.data.Dataset):
         cls, root: str | os.PathLike[str], split: str,
         transforms: Callable[[Sample], Sample] | None = None, *,
         label_kinds: Iterable[str] | None = None,
+        depth_encoding: str = "mm",
+        semantic_values: str = "index",
     ) -> CocoDataset:
         """A split of the densepipe layout (what the synthetic world writes)::
 
@@ -528,7 +696,8 @@ class CocoDataset(torch.utils.data.Dataset):
             root/semantic/{split}/*.png, root/depth/{split}/*.png, root/normals/{split}/*.png
 
         Every label file/folder is optional. Without ``meta.json`` the card comes from the JSONs.
-        ``label_kinds``: see the class doc.
+        ``label_kinds``, ``depth_encoding`` (``depth/{split}/`` may then hold ``.tiff``/``.npy``),
+        ``semantic_values``: see the class doc.
         """
         root = Path(root)
         image_dir = root / "images" / split
@@ -563,6 +732,8 @@ class CocoDataset(torch.utils.data.Dataset):
             card=DatasetCard.load(meta) if meta.exists() else None,
             transforms=transforms,
             label_kinds=label_kinds,
+            depth_encoding=depth_encoding,
+            semantic_values=semantic_values,
         )
 
     @classmethod
@@ -754,14 +925,15 @@ class CocoDataset(torch.utils.data.Dataset):
             assert self.panoptic_dir is not None and self.panoptic_json is not None
             labels["panoptic"] = self.panoptic_dir / rec.panoptic["file_name"]
             listed["panoptic"] = self.panoptic_json
-        stem = Path(rec.file_name).stem + ".png"
+        stem = Path(rec.file_name).stem
         unlabelled = []
         for kind, d in (("semantic", self.semantic_dir), ("depth", self.depth_dir),
                         ("normals", self.normals_dir)):
             if d is None:
                 continue
-            if stem in self._label_files[kind]:
-                labels[kind] = d / stem
+            name = self._label_files[kind].get(stem)
+            if name is not None:
+                labels[kind] = d / name
             else:
                 unlabelled.append(kind)
         size = (rec.height, rec.width) if rec.height is not None and rec.width is not None else None
@@ -827,10 +999,11 @@ class CocoDataset(torch.utils.data.Dataset):
             "file_name": rec.file_name,
             "meta": {"orig_size": hw},
         }
-        stem = Path(rec.file_name).stem + ".png"
+        stem = Path(rec.file_name).stem
         files = self._label_files
         want = self._wanted
-        sem_png = "semantic" in want and stem in files.get("semantic", ())
+        sem_name = files.get("semantic", {}).get(stem) if "semantic" in want else None
+        sem_png = sem_name is not None
 
         if rec.anns is not None and ("instances" in want or "keypoints" in want):
             sample["instances"] = self._instances(rec, hw)
@@ -847,21 +1020,24 @@ class CocoDataset(torch.utils.data.Dataset):
                     "segments": [{k: s[k] for k in ("id", "category_id", "isthing", "iscrowd")}
                                  for s in segs],
                 }
-        if sem_png:
+        if sem_name is not None:
             assert self.semantic_dir is not None
-            sem = read_label(self.semantic_dir / stem, "semantic", hw)
-            check_semantic_values(sem, self.semantic_dir / stem, self.card)
-            sample["semantic"] = torch.from_numpy(sem.astype(np.int64))
+            sem_path = self.semantic_dir / sem_name
+            sem = read_label(sem_path, "semantic", hw)
+            sample["semantic"] = torch.from_numpy(
+                semantic_classes(sem, sem_path, self.card, semantic_values=self.semantic_values))
         elif "semantic" in want and rec.panoptic is not None and pan_ids is not None:
             sample["semantic"] = torch.from_numpy(
                 _semantic_from_panoptic(pan_ids, rec.panoptic["segments"]))
-        if "depth" in want and stem in files.get("depth", ()):
+        depth_name = files.get("depth", {}).get(stem) if "depth" in want else None
+        if depth_name is not None:
             assert self.depth_dir is not None
-            mm = read_label(self.depth_dir / stem, "depth", hw)
-            sample["depth"] = torch.from_numpy(mm.astype(np.float32) * np.float32(0.001))
-        if "normals" in want and stem in files.get("normals", ()):
+            sample["depth"] = torch.from_numpy(
+                read_depth(self.depth_dir / depth_name, hw, self.depth_encoding))
+        normals_name = files.get("normals", {}).get(stem) if "normals" in want else None
+        if normals_name is not None:
             assert self.normals_dir is not None
-            enc = read_label(self.normals_dir / stem, "normals", hw)
+            enc = read_label(self.normals_dir / normals_name, "normals", hw)
             sample["normals"] = torch.from_numpy(_decode_normals(enc))
         return sample
 
@@ -911,21 +1087,6 @@ class CocoDataset(torch.utils.data.Dataset):
             warnings.simplefilter("ignore", DeprecationWarning)
             m = mask_utils.decode(rles)  # HxWxN uint8, Fortran order
         return np.ascontiguousarray(m.transpose(2, 0, 1)).astype(bool, copy=False)
-
-
-def _wanted_kinds(label_kinds: Iterable[str] | None) -> frozenset[str]:
-    """``label_kinds`` checked against ``LABEL_KINDS`` (None: all of them)."""
-    if label_kinds is None:
-        return frozenset(LABEL_KINDS)
-    if isinstance(label_kinds, str):
-        raise ValueError(f"label_kinds must be a collection of label kinds, got the string "
-                         f"{label_kinds!r} (write ({label_kinds!r},))")
-    wanted = frozenset(label_kinds)
-    unknown = sorted(wanted - set(LABEL_KINDS))
-    if unknown:
-        raise ValueError(f"unknown label kind(s) {', '.join(map(repr, unknown))}: expected some "
-                         f"of {', '.join(LABEL_KINDS)}")
-    return wanted
 
 
 def _polygon_problem(xy: np.ndarray) -> str | None:
@@ -1035,18 +1196,24 @@ def _card_from_jsons(inst: dict[str, Any] | None, kps: dict[str, Any] | None,
 
 def open_dataset(root: str | os.PathLike[str], split: str,
                  transforms: Callable[[Sample], Sample] | None = None, *,
-                 label_kinds: Iterable[str] | None = None) -> CocoDataset:
+                 label_kinds: Iterable[str] | None = None, depth_encoding: str = "mm",
+                 semantic_values: str = "index") -> CocoDataset:
     """Open split ``split`` of the dataset at ``root``, detecting its layout.
 
     The densepipe layout (``meta.json`` / ``images/{split}/``) or a COCO 2017 folder
     (``{split}2017/`` + ``annotations/``). ``label_kinds``: the label kinds to decode (None: all;
-    see ``CocoDataset``)."""
+    see ``CocoDataset``). ``depth_encoding`` and ``semantic_values`` (the ``folder`` format's
+    ``data.options``; see ``CocoDataset``) say how the densepipe layout's depth files and
+    semantic PNGs are read; a COCO 2017 folder has neither (its semantic labels come from the
+    panoptic PNGs)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found (run `densepipe prepare`?)")
     layout = _layout(root, split)
     if layout == "densepipe":
-        return CocoDataset.from_layout(root, split, transforms, label_kinds=label_kinds)
+        return CocoDataset.from_layout(root, split, transforms, label_kinds=label_kinds,
+                                       depth_encoding=depth_encoding,
+                                       semantic_values=semantic_values)
     if layout == "coco2017":
         return CocoDataset.from_coco2017(root, split, transforms, label_kinds=label_kinds)
     raise DataError(root, f"unknown dataset layout: expected densepipe's (meta.json, "
@@ -1066,11 +1233,28 @@ def _layout(root: Path, split: str) -> str | None:
     return None
 
 
-def _has_png(folder: Path) -> bool:
+def _files_by_stem(names: Iterable[str], suffixes: Sequence[str]) -> dict[str, str]:
+    """Label file names by file stem: those ending in one of ``suffixes`` (``.png`` exactly as
+    written, as before; other suffixes in any case); a stem with several files takes the first
+    suffix of ``suffixes``."""
+    by_suffix: dict[str, list[str]] = {s: [] for s in suffixes}
+    for n in names:
+        for suf in suffixes:
+            if n.endswith(suf) if suf == ".png" else n.lower().endswith(suf):
+                by_suffix[suf].append(n)
+                break
+    out: dict[str, str] = {}
+    for suf in suffixes:
+        for n in sorted(by_suffix[suf]):
+            out.setdefault(n[: -len(suf)], n)
+    return out
+
+
+def _has_label_file(folder: Path, suffixes: Sequence[str] = (".png",)) -> bool:
     if not folder.is_dir():
         return False
     with os.scandir(folder) as it:
-        return any(e.name.endswith(".png") for e in it)
+        return bool(_files_by_stem((e.name for e in it), suffixes))
 
 
 def _mentions(path: Path, needle: bytes) -> bool:
@@ -1084,13 +1268,15 @@ def _mentions(path: Path, needle: bytes) -> bool:
             return m.find(needle) != -1
 
 
-def split_label_kinds(root: str | os.PathLike[str], split: str) -> tuple[str, ...] | None:
+def split_label_kinds(root: str | os.PathLike[str], split: str, *,
+                      depth_encoding: str = "mm") -> tuple[str, ...] | None:
     """The label kinds (``LABEL_KINDS``) split ``split`` of the dataset at ``root`` has, found
     from which files exist, without parsing any JSON: cheap enough to check before training.
 
     Never misses a kind ``open_dataset(root, split).label_kinds`` has (keypoints count when a
     person-keypoints JSON exists or the instances JSON mentions ``"keypoints"``); a label folder
-    without a PNG counts as absent. None when ``root`` is no dataset folder of a known layout."""
+    without a PNG counts as absent (a depth folder: without a file ``depth_encoding`` reads, see
+    ``CocoDataset``). None when ``root`` is no dataset folder of a known layout."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -1105,7 +1291,8 @@ def split_label_kinds(root: str | os.PathLike[str], split: str) -> tuple[str, ..
     else:
         return None
     inst, kps, pan = (ann / f"{k}_{tag}.json" for k in ("instances", "person_keypoints", "panoptic"))
-    kinds = {k for k, d in dense.items() if _has_png(d)}
+    kinds = {k for k, d in dense.items()
+             if _has_label_file(d, _DEPTH_SUFFIXES[depth_encoding] if k == "depth" else (".png",))}
     if inst.is_file() or kps.is_file():
         kinds.add("instances")
     if kps.is_file() or (inst.is_file() and _mentions(inst, b'"keypoints"')):

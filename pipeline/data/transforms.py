@@ -472,15 +472,17 @@ def build_transforms(train: bool, image_size: int, card: DatasetCard | None, *,
     """Default transforms.
 
     train: ``RandomScaleCrop(scale, crop=image_size, base_size=image_size)`` (depth / zoom) +
-    ``RandomHorizontalFlip(card)`` + ``ColorJitter(0.2, 0.2, 0.2)``; eval: ``Resize(image_size)``
-    (square; a no-op for images already that size). The image stays uint8."""
+    ``RandomHorizontalFlip(card)`` + ``ColorJitter(0.2, 0.2, 0.2)``; eval: nothing (the sample
+    at its original size: the model applies the test-size rule, ``pipeline.nn.inference_size``,
+    and pastes its predictions back, so metrics compare with the labels as they are on disk).
+    The image stays uint8."""
     if train:
         return Compose([
             RandomScaleCrop(scale, (image_size, image_size), base_size=image_size),
             RandomHorizontalFlip(card, 0.5),
             ColorJitter(0.2, 0.2, 0.2),
         ])
-    return Compose([Resize(image_size)])
+    return Compose([])
 
 
 # ------------------------------------------------------------------------------------------------

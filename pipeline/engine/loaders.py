@@ -9,7 +9,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import Config
 from pipeline.data import build_transforms, collate
+from pipeline.errors import ConfigError
 
 
 class ResumableRandomSampler(Sampler[tuple[int, int]]):
@@ -89,6 +90,38 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class SizeBatches(Sampler[list[int]]):
+    """Batches of at most ``batch_size`` indices whose images have the same ``(H, W)``.
+
+    Sizes are taken in order of first appearance and each size's images in input order, so the
+    processing order does not depend on ``batch_size`` (and equals the input order when all the
+    images have one size). Why not pad mixed sizes into one batch: the padded border enters the
+    receptive field of the pixels near it, so an image's prediction would depend on the other
+    images of its batch; grouping keeps every prediction identical to a batch of one."""
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], *, batch_size: int,
+                 indices: Sequence[int] | None = None) -> None:
+        """``indices``: the dataset indices ``sizes`` belong to (default ``0..len(sizes) - 1``)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size}: expected 1 or more")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in zip(range(len(sizes)) if indices is None else indices, sizes, strict=True):
+            groups.setdefault(tuple(s), []).append(i)  # type: ignore[arg-type]
+        self.batches = [idx[k:k + batch_size] for idx in groups.values()
+                        for k in range(0, len(idx), batch_size)]
+
+    @property
+    def order(self) -> list[int]:
+        """The indices in processing order."""
+        return [i for b in self.batches for i in b]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def worker_context() -> multiprocessing.context.BaseContext | None:
@@ -211,7 +244,8 @@ def eval_dataset(cfg: Config, split: str | None = None, *,
     evaluated may be a registered one whose tasks differ from ``model.tasks``."""
     kinds = None if tasks is None else _label_kinds_or_all(tasks)
     ds = open_split(cfg, split or cfg.data.val_split, label_kinds=kinds)
-    ds.transforms = build_transforms(train=False, image_size=cfg.data.image_size, card=ds.card)
+    ds.transforms = build_transforms(train=False, image_size=cfg.data.image_size, card=ds.card,
+                                     scale=cfg.data.scale_range)
     return ds
 
 
@@ -235,9 +269,14 @@ def train_loader(cfg: Config, dataset: Dataset, *, start_step: int, rank: int = 
 
 def eval_loader(cfg: Config, dataset: Dataset, *, batch_size: int, rank: int = 0,
                 world_size: int = 1) -> DataLoader:
-    """One ordered pass; under DDP each rank takes every ``world_size``-th image."""
-    sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+    """One pass at each image's own size; under DDP each rank takes every ``world_size``-th
+    image. A batch holds images of one size only (``SizeBatches`` over the dataset's
+    ``image_hw``), so labels stay at their original resolution, where the metrics are computed
+    (the model resizes and pads the images: ``pipeline.nn.inference_size``)."""
+    shard = ShardSampler(len(dataset), rank=rank, world_size=world_size)  # type: ignore[arg-type]
+    sizes = [dataset.image_hw(i) for i in shard.indices]  # type: ignore[attr-defined]
+    batches = SizeBatches(sizes, batch_size=batch_size, indices=shard.indices)
+    return DataLoader(dataset, batch_sampler=batches,
                       num_workers=cfg.data.num_workers, collate_fn=collate,
                       worker_init_fn=_worker_init_fn(),
                       persistent_workers=cfg.data.num_workers > 0,

@@ -43,6 +43,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from pipeline.errors import ConfigError
 from pipeline.nn.backbones import FeatureLevel
+from pipeline.nn.inference_size import scale_boxes
 
 Features = dict[str, torch.Tensor]
 
@@ -210,10 +211,14 @@ class RCNNOutput:
     class_of_label: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    scale: tuple[float, float] = (1.0, 1.0)
+    """``(sx, sy)`` from input to original pixel coordinates (``inference_size.box_scale``):
+    ``predictions`` scales boxes and keypoints by it (masks are pasted at the original size)."""
 
     def predictions(self) -> list[dict[str, torch.Tensor]]:
         """Per image (CPU): ``boxes`` Nx4, ``scores`` N, ``labels`` N (card class indices), best
-        first, plus the extras; with ``keep`` in the extras only those detections are listed."""
+        first, plus the extras; with ``keep`` in the extras only those detections are listed.
+        Boxes and keypoints are in the original image's pixels (``scale`` applied)."""
         lookup = self.class_of_label.cpu()
         preds = []
         for d, extra in zip(self.det.detections, self.extras or [{}] * len(self.det.detections),
@@ -222,8 +227,14 @@ class RCNNOutput:
             boxes, scores, labels = d["boxes"], d["scores"], d["labels"]
             if keep is not None:
                 boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            pred = {"boxes": boxes.cpu(), "scores": scores.cpu(), "labels": lookup[labels.cpu()]}
+            pred = {"boxes": scale_boxes(boxes.cpu(), self.scale), "scores": scores.cpu(),
+                    "labels": lookup[labels.cpu()]}
             pred.update({k: v.cpu() for k, v in extra.items() if k != "keep"})
+            if "keypoints" in pred and self.scale != (1.0, 1.0):
+                kps = pred["keypoints"].clone()
+                kps[..., 0] *= self.scale[0]
+                kps[..., 1] *= self.scale[1]
+                pred["keypoints"] = kps
             preds.append(pred)
         return preds
 
@@ -269,7 +280,10 @@ class Detector(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, features: Features, *, image_size: tuple[int, int],
-                targets: list[dict[str, torch.Tensor] | None] | None = None) -> DetectorOutput:
+                targets: list[dict[str, torch.Tensor] | None] | None = None,
+                valid_size: tuple[int, int] | None = None) -> DetectorOutput:
+        """``valid_size``: the image's size inside a padded input (``inference_size``); boxes are
+        clipped to it. None: all of ``image_size``."""
         # NCHW: torchvision's RoIAlign on channels_last maps is several times slower on CPU
         levels = dict.fromkeys((*self.rpn_features, *self.in_features))
         features = {k: features[k].contiguous() for k in levels}
@@ -282,7 +296,7 @@ class Detector(nn.Module):
             if len(index) < batch_size:
                 sel = torch.tensor(index, dtype=torch.long, device=next(iter(features.values())).device)
                 features = {k: v.index_select(0, sel) for k, v in features.items()}
-        shapes = [image_size] * len(index)
+        shapes = [tuple(valid_size or image_size)] * len(index)
         out = DetectorOutput(features=features, image_shapes=shapes, image_index=index)
         if not index:
             return out
@@ -348,14 +362,20 @@ class MaskBranch(nn.Module):
             return zero_loss(self)
         return maskrcnn_loss(logits, boxes, gt_masks, [t["labels"] for t in det.targets], matched)
 
-    def predict(self, det: DetectorOutput, threshold: float = 0.5) -> list[torch.Tensor]:
+    def predict(self, det: DetectorOutput, threshold: float = 0.5, *,
+                scale: tuple[float, float] = (1.0, 1.0),
+                out_size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """Per image, N x H x W bool masks of the detections, pasted into ``out_size`` (the
+        original image, with boxes scaled by ``scale``; default: the detector's image shapes),
+        as torchvision's ``GeneralizedRCNNTransform.postprocess`` does."""
         boxes = [d["boxes"] for d in det.detections]
+        shapes = [out_size] * len(boxes) if out_size is not None else det.image_shapes
         if sum(len(b) for b in boxes) == 0:
             return [torch.zeros((0, *s), dtype=torch.bool, device=b.device)
-                    for b, s in zip(boxes, det.image_shapes, strict=True)]
+                    for b, s in zip(boxes, shapes, strict=True)]
         probs = maskrcnn_inference(self._logits(det, boxes), [d["labels"] for d in det.detections])
-        return [paste_masks_in_image(p, b, s)[:, 0] > threshold
-                for p, b, s in zip(probs, boxes, det.image_shapes, strict=True)]
+        return [paste_masks_in_image(p, scale_boxes(b, scale), s)[:, 0] > threshold
+                for p, b, s in zip(probs, boxes, shapes, strict=True)]
 
 
 class KeypointBranch(nn.Module):
