@@ -266,18 +266,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_config(
     path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """Load ``path`` (a missing default ``params.yaml`` means all defaults), apply overrides."""
+    """Load ``path`` (a missing default ``params.yaml`` means all defaults), apply overrides.
+
+    A file may start from another: a top-level ``base: FILE`` (relative to the file naming it)
+    is loaded first (with its own ``base``) and the file's values are deep-merged over it
+    (mappings merge key by key; lists and scalars replace). ``recipes/*.yaml`` use
+    ``base: ../params.yaml``."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if p.exists():
-            try:
-                loaded = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: not valid YAML {_yaml_problem(e)}") from e
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
-            tree = loaded
+            tree = _read_tree(p, ())
         elif str(path) != "params.yaml":
             raise ConfigError(f"{p}: config file not found")
     overridden: dict[str, str] = {}
@@ -285,6 +284,39 @@ def load_config(
         apply_override(tree, item)
         overridden[item.split("=", 1)[0].strip()] = item
     return config_from_dict(tree, source=str(path) if path else "config", overrides=overridden)
+
+
+def _read_tree(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The mapping in ``p`` over its ``base`` file's (``chain``: the files that named it)."""
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML {_yaml_problem(e)}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
+    if "base" not in loaded:
+        return loaded
+    base = loaded.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{p}: base: expected the path of a params file, got {base!r}")
+    base_path = p.parent / base
+    here = p.resolve()
+    if base_path.resolve() in (*chain, here):
+        cycle = " -> ".join(str(c) for c in (*chain, here, base_path.resolve()))
+        raise ConfigError(f"{p}: base: {base} makes a cycle ({cycle})")
+    if not base_path.is_file():
+        raise ConfigError(f"{p}: base: {base} not found (looked for {base_path})")
+    return _deep_merge(_read_tree(base_path, (*chain, here)), loaded)
+
+
+def _deep_merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def config_from_dict(tree: dict[str, Any], *, source: str = "config",

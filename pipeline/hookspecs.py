@@ -78,6 +78,18 @@ def densepipe_register_tasks() -> list[Task]:
 
 
 @hookspec
+def densepipe_register_label_kinds() -> list[Any]:
+    """Return the dense label kinds this plugin provides (``pipeline.data.label_kinds.
+    DenseLabelKind`` instances): per-pixel label maps a task of the plugin needs, read from
+    ``<root>/<kind>/<split>/`` of the densepipe layout, transformed and batched like the built-in
+    ``semantic``/``depth``/``normals`` (see ``pipeline.data.label_kinds`` for the contract).
+
+    Collected by the task registry from the ``densepipe.tasks`` plugins (a kind comes with the
+    task that needs it). Each name must be unique across the built-ins and all plugins; a second
+    provider of a name is reported as an error naming both and its kind is not used."""
+
+
+@hookspec
 def densepipe_register_dataset_formats() -> list[Any]:
     """Return the dataset formats this plugin provides (``pipeline.data.formats.DatasetFormat``
     instances), registered through the ``densepipe.formats`` entry-point group; ``data.source``

@@ -3,6 +3,10 @@
 Plugins are discovered through the ``densepipe.tasks`` entry-point group (the built-ins register
 there too). A plugin that fails to import, or whose hook raises, is recorded with its name, entry
 point and the error, and every other task stays usable.
+
+The same plugins may register dense label kinds (``densepipe_register_label_kinds``, see
+``pipeline.data.label_kinds``); the registry collects them next to the tasks
+(``dense_label_kinds``), and the data code asks the process's registry for them.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class TaskRegistry:
             self.pm.register(plugin, name=name)
         self.pm.check_pending()
         self._collect_tasks()
+        self._collect_label_kinds()
 
     # -- discovery ------------------------------------------------------------------------------
     def _load_entry_points(self) -> None:
@@ -110,6 +115,26 @@ class TaskRegistry:
                                                   error=f"task name already provided by {other.entry_point}"))
                     continue
                 self._entries[task.name] = TaskEntry(task.name, provider, where, task=task)
+
+    def _collect_label_kinds(self) -> None:
+        from pipeline.data.label_kinds import collect_dense_kinds
+
+        provided: list[tuple[str, list[Any]]] = []
+        plugin_of: dict[str, tuple[str, str]] = {}  # entry point -> (plugin name, provider)
+        for impl in self.pm.hook.densepipe_register_label_kinds.get_hookimpls():
+            provider, where = self._origin.get(impl.plugin_name, ("?", impl.plugin_name))
+            plugin_of[where] = (impl.plugin_name, provider)
+            try:
+                provided.append((where, list(impl.function() or [])))
+            except Exception as e:  # noqa: BLE001 - reported per plugin
+                self._failed.append(TaskEntry(impl.plugin_name, provider, where, error=(
+                    f"densepipe_register_label_kinds failed: {_one_line(e)}")))
+        self.dense_label_kinds, errors = collect_dense_kinds(provided)
+        """Every usable dense label kind by name: built-ins first, then the plugins' in
+        registration order (``pipeline.data.label_kinds``)."""
+        for where, error in errors.items():
+            name, provider = plugin_of[where]
+            self._failed.append(TaskEntry(name, provider, where, error=error))
 
     # -- queries --------------------------------------------------------------------------------
     @property

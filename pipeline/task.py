@@ -36,12 +36,13 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pipeline.data.card import DatasetCard
+from pipeline.data.label_kinds import LABEL_KINDS as _LABEL_KINDS
 from pipeline.nn.backbones import FeatureLevel
 
 Batch = dict[str, Any]
 FeatureSpec = dict[str, FeatureLevel]
 VIEWS = ("rgb", "gray")
-LABEL_KINDS = ("semantic", "instances", "keypoints", "panoptic", "depth", "normals")
+LABEL_KINDS = _LABEL_KINDS  # a view of the registry: built-ins + plugins' dense kinds
 
 
 class NoOptions(BaseModel):

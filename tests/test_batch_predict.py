@@ -33,10 +33,12 @@ HEADS = ("{semantic: {conv_dims: 32}, instance: {score_thresh: 0.0}, "
 @pytest.fixture(scope="module")
 def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """16 steps at a high learning rate: enough for a detector with AP above 0 (a round trip of
-    all-zero APs would prove little), about 10 s on 2 cores. Evaluated once."""
+    all-zero APs would prove little), about 10 s on 2 cores. Evaluated once, at test size 48: the
+    64x64 images are resized to 48x48 and padded to 64x64, every prediction pasted back at 64x64
+    (the test-size rule), so predict and evaluate agree through the whole path."""
     out = tmp_path_factory.mktemp("batch-predict")
     cfg = load_config(None, tiny_overrides(tiny_dataset, out, None, train__steps=16, train__lr=0.03,
-                                           train__checkpoint_every=16,
+                                           train__checkpoint_every=16, data__test_size=48,
                                            model__tasks="[panoptic,keypoints]", model__heads=HEADS))
     stages.train(cfg)
     metrics = stages.evaluate(cfg)

@@ -6,9 +6,10 @@ reads: the image exists and decodes fully (a truncated PNG or JPEG is caught: th
 decoded, ``verify()`` alone misses truncations), its size (upright by its EXIF orientation, as
 training reads it) matches the JSON's ``height``/``width``, every referenced label PNG exists
 (panoptic PNGs listed in the panoptic JSON) and decodes with the image's size and the dtype of
-its kind (semantic, depth, normals, panoptic; depth as ``depth_encoding`` reads it), semantic PNGs
-hold only classes of the dataset card (indices 0..C-1, or its class ids with ``semantic_values=
-"category_id"``) or its ignore value, and RLE segmentations have the image's size. All
+its kind (semantic, depth, normals, panoptic; depth as ``depth_encoding`` reads it; a plugin's
+dense label kind by its ``decode``), semantic PNGs hold only classes of the dataset card
+(indices 0..C-1, or its class ids with ``semantic_values="category_id"``) or its ignore value,
+and RLE segmentations have the image's size. All
 problems are collected, then raised as one ``DataError`` (one line: the count and the first
 few). Images in the images folder that no JSON lists, and annotations the reader dropped
 (degenerate polygons), are reported, not failed.
@@ -111,10 +112,12 @@ def _check_sample(ds: CocoDataset, index: int, root: Path) -> _SampleCheck:
         try:
             if kind == "depth":
                 read_depth(path, ref, ds.depth_encoding)
-            else:
+            elif kind in ("semantic", "normals", "panoptic"):
                 arr = read_label(path, kind, ref)
                 if kind == "semantic":
                     check_semantic_values(arr, path, ds.card, semantic_values=ds.semantic_values)
+            else:  # a plugin's dense label kind: its decoder checks the file
+                ds.decode_label(kind, path, ref)
         except DataError as e:
             problem(e.path, e.problem)
     if ref is not None:

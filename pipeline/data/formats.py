@@ -42,11 +42,14 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.data.label_kinds import BUILTIN_LABEL_KINDS
+from pipeline.data.label_kinds import LABEL_KINDS as _LABEL_KINDS
 from pipeline.errors import ConfigError, DataError, PluginError
 
 FORMATS_ENTRY_POINT_GROUP = "densepipe.formats"
-LABEL_KINDS = ("semantic", "instances", "panoptic", "depth", "normals", "keypoints")
-"""Every label kind a sample may carry (``pipeline.data.sample``)."""
+LABEL_KINDS = _LABEL_KINDS
+"""Every label kind a sample may carry (``pipeline.data.sample``): a view of the registry
+(``pipeline.data.label_kinds``), the built-ins then the plugins' dense kinds."""
 MAX_LISTED = 5
 
 __all__ = ["LABEL_KINDS", "DatasetFormat", "FormatRegistry", "NoFormatOptions", "SplitDataset",
@@ -176,7 +179,9 @@ def wanted_label_kinds(label_kinds: Iterable[str] | None) -> frozenset[str]:
         raise ValueError(f"label_kinds must be a collection of label kinds, got the string "
                          f"{label_kinds!r} (write ({label_kinds!r},))")
     wanted = frozenset(label_kinds)
-    unknown = sorted(wanted - set(LABEL_KINDS))
+    unknown = sorted(wanted - set(BUILTIN_LABEL_KINDS))  # plugins' kinds: ask the registry
+    if unknown:
+        unknown = sorted(wanted - set(LABEL_KINDS))
     if unknown:
         raise ValueError(f"unknown label kind(s) {', '.join(map(repr, unknown))}: expected some "
                          f"of {', '.join(LABEL_KINDS)}")

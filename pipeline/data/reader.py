@@ -28,7 +28,10 @@ sample contract it returns):
   in millimetres; ``kitti`` uint16 PNGs in metres x 256 (the KITTI depth benchmark's); ``float``
   32-bit float TIFFs (PIL mode F) or ``.npy`` float arrays in metres, non-finite or <= 0 unknown
   (see ``read_depth``);
-- normals: RGB PNGs (8 or 16 bit) encoding (n + 1) / 2; (0, 0, 0) = unknown -> vector 0.
+- normals: RGB PNGs (8 or 16 bit) encoding (n + 1) / 2; (0, 0, 0) = unknown -> vector 0;
+- any dense label kind a plugin registers (``pipeline.data.label_kinds``): the files of
+  ``<kind>/<split>/`` sharing the image's file stem, read by the kind's ``decode`` (semantic,
+  depth and normals are such kinds too: their decoders are the functions below).
 
 Construction parses every JSON once, indexes annotations per image and validates them (raising a
 one-line ``DataError`` naming the file); pixels (images, masks, label PNGs) are decoded lazily per
@@ -50,7 +53,7 @@ import logging
 import os
 import struct
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,7 @@ from PIL import Image, ImageOps
 
 from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
 from pipeline.data.formats import LABEL_KINDS, wanted_label_kinds
+from pipeline.data.label_kinds import DenseLabelKind, dense_kind, dense_kinds, ordered
 from pipeline.data.panoptic_ids import rgb_to_ids
 from pipeline.errors import DataError
 
@@ -544,6 +548,9 @@ class CocoDataset(torch.utils.data.Dataset):
         panoptic_json, panoptic_dir: COCO panoptic JSON and the folder of its PNGs.
         semantic_dir, depth_dir, normals_dir: folders of label PNGs named like the images
             (depth with ``depth_encoding="float"``: ``.tiff``/``.tif``/``.npy`` files).
+        label_dirs: ``{dense kind: folder}`` for any registered dense label kind
+            (``pipeline.data.label_kinds``), files named like the images, read by its ``decode``;
+            an unknown kind is a ``ValueError``.
         card: the ``DatasetCard``; by default built from the JSON categories (panoptic ones if
             any, since they carry ``isthing`` and stuff classes, else instances ones), merged with
             the keypoint declarations of ``keypoints_json``.
@@ -586,6 +593,7 @@ class CocoDataset(torch.utils.data.Dataset):
         label_kinds: Iterable[str] | None = None,
         depth_encoding: str = "mm",
         semantic_values: str = "index",
+        label_dirs: Mapping[str, str | os.PathLike[str] | None] | None = None,
     ) -> None:
         if depth_encoding not in DEPTH_ENCODINGS:
             raise ValueError(f"unknown depth_encoding {depth_encoding!r}: expected one of "
@@ -603,6 +611,22 @@ class CocoDataset(torch.utils.data.Dataset):
         self.semantic_dir = Path(semantic_dir) if semantic_dir is not None else None
         self.depth_dir = Path(depth_dir) if depth_dir is not None else None
         self.normals_dir = Path(normals_dir) if normals_dir is not None else None
+        dirs: dict[str, Path | None] = {"semantic": self.semantic_dir, "depth": self.depth_dir,
+                                        "normals": self.normals_dir}
+        for kind_name, d in (label_dirs or {}).items():
+            if dirs.get(kind_name) is not None:
+                raise ValueError(f"label_dirs: {kind_name} folder given twice")
+            dirs[kind_name] = Path(d) if d is not None else None
+        self._dense: dict[str, DenseLabelKind] = {}  # kind -> its rules, for the folders given
+        self._label_dirs: dict[str, Path] = {}
+        for kind_name, d in dirs.items():
+            if d is None:
+                continue
+            kind = dense_kind(kind_name)
+            if kind is None:
+                raise ValueError(f"label_dirs: {kind_name!r} is no registered dense label kind; "
+                                 f"registered: {', '.join(dense_kinds())}")
+            self._dense[kind_name], self._label_dirs[kind_name] = kind, d
         self.transforms = transforms
         self._wanted = wanted_label_kinds(label_kinds)
 
@@ -658,13 +682,10 @@ class CocoDataset(torch.utils.data.Dataset):
 
         # dense label folders: list each once (kind -> image file stem -> label file name)
         self._label_files: dict[str, dict[str, str]] = {}
-        for kind, d in (("semantic", self.semantic_dir), ("depth", self.depth_dir),
-                        ("normals", self.normals_dir)):
-            if d is None:
-                continue
+        for kind, d in self._label_dirs.items():
             if not d.is_dir():
                 raise DataError(d, f"{kind} PNG folder not found")
-            suffixes = _DEPTH_SUFFIXES[depth_encoding] if kind == "depth" else (".png",)
+            suffixes = self._dense[kind].suffixes(self.read_options)
             self._label_files[kind] = _files_by_stem(os.listdir(d), suffixes)
 
         kinds = {k for k, names in self._label_files.items() if names}  # empty folder: none
@@ -674,7 +695,7 @@ class CocoDataset(torch.utils.data.Dataset):
             kinds.add("keypoints")
         if pan is not None:
             kinds.update(("panoptic", "semantic"))
-        self.label_kinds: tuple[str, ...] = tuple(k for k in LABEL_KINDS if k in kinds)
+        self.label_kinds: tuple[str, ...] = ordered(kinds)
         self.loaded_kinds: tuple[str, ...] = tuple(k for k in self.label_kinds
                                                    if k in self._wanted)
 
@@ -694,6 +715,7 @@ class CocoDataset(torch.utils.data.Dataset):
             root/annotations/instances_{split}.json
             root/annotations/panoptic_{split}.json + root/panoptic/{split}/*.png
             root/semantic/{split}/*.png, root/depth/{split}/*.png, root/normals/{split}/*.png
+            root/<kind>/{split}/*                 any other registered dense label kind
 
         Every label file/folder is optional. Without ``meta.json`` the card comes from the JSONs.
         ``label_kinds``, ``depth_encoding`` (``depth/{split}/`` may then hold ``.tiff``/``.npy``),
@@ -729,6 +751,8 @@ class CocoDataset(torch.utils.data.Dataset):
             semantic_dir=opt(root / "semantic" / split),
             depth_dir=opt(root / "depth" / split),
             normals_dir=opt(root / "normals" / split),
+            label_dirs={k: opt(root / k / split) for k in dense_kinds()
+                        if k not in ("semantic", "depth", "normals")},
             card=DatasetCard.load(meta) if meta.exists() else None,
             transforms=transforms,
             label_kinds=label_kinds,
@@ -927,10 +951,7 @@ class CocoDataset(torch.utils.data.Dataset):
             listed["panoptic"] = self.panoptic_json
         stem = Path(rec.file_name).stem
         unlabelled = []
-        for kind, d in (("semantic", self.semantic_dir), ("depth", self.depth_dir),
-                        ("normals", self.normals_dir)):
-            if d is None:
-                continue
+        for kind, d in self._label_dirs.items():
             name = self._label_files[kind].get(stem)
             if name is not None:
                 labels[kind] = d / name
@@ -1020,26 +1041,36 @@ class CocoDataset(torch.utils.data.Dataset):
                     "segments": [{k: s[k] for k in ("id", "category_id", "isthing", "iscrowd")}
                                  for s in segs],
                 }
-        if sem_name is not None:
-            assert self.semantic_dir is not None
-            sem_path = self.semantic_dir / sem_name
-            sem = read_label(sem_path, "semantic", hw)
-            sample["semantic"] = torch.from_numpy(
-                semantic_classes(sem, sem_path, self.card, semantic_values=self.semantic_values))
-        elif "semantic" in want and rec.panoptic is not None and pan_ids is not None:
+        if "semantic" in want and not sem_png and rec.panoptic is not None and pan_ids is not None:
             sample["semantic"] = torch.from_numpy(
                 _semantic_from_panoptic(pan_ids, rec.panoptic["segments"]))
-        depth_name = files.get("depth", {}).get(stem) if "depth" in want else None
-        if depth_name is not None:
-            assert self.depth_dir is not None
-            sample["depth"] = torch.from_numpy(
-                read_depth(self.depth_dir / depth_name, hw, self.depth_encoding))
-        normals_name = files.get("normals", {}).get(stem) if "normals" in want else None
-        if normals_name is not None:
-            assert self.normals_dir is not None
-            enc = read_label(self.normals_dir / normals_name, "normals", hw)
-            sample["normals"] = torch.from_numpy(_decode_normals(enc))
+        for kind, names in files.items():  # the dense kinds' files (semantic's PNG wins)
+            name = names.get(stem) if kind in want else None
+            if name is not None:
+                sample[kind] = self.decode_label(kind, self._label_dirs[kind] / name, hw)
         return sample
+
+    @property
+    def read_options(self) -> dict[str, Any]:
+        """What the dense kinds' ``decode`` gets as ``options`` (``pipeline.data.label_kinds``)."""
+        return {"card": self.card, "depth_encoding": self.depth_encoding,
+                "semantic_values": self.semantic_values}
+
+    def decode_label(self, kind: str, path: Path, hw: tuple[int, int] | None) -> torch.Tensor:
+        """One file of dense label kind ``kind`` as the sample tensor (its kind's ``decode``, then
+        its ``dtype``); ``DataError`` naming the file when the array is not ``HxW`` (``CxHxW``)
+        of the image's size."""
+        dk = self._dense[kind]
+        arr = np.asarray(dk.decode(path, hw, self.read_options))
+        want = (dk.channels,) if dk.channels else ()
+        if arr.ndim != len(want) + 2 or arr.shape[:-2] != want or (
+                hw is not None and arr.shape[-2:] != hw):
+            size = f"{hw[0]}x{hw[1]}" if hw is not None else "HxW"
+            shape = f"{dk.channels}x{size}" if dk.channels else size
+            raise DataError(path, f"{kind} label decoded to shape {'x'.join(map(str, arr.shape))},"
+                                  f" expected {shape} (the image's size)")
+        arr = np.ascontiguousarray(arr)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).to(dk.dtype)
 
     def _instances(self, rec: _ImageRecord, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
         H, W = hw
@@ -1284,19 +1315,19 @@ def split_label_kinds(root: str | os.PathLike[str], split: str, *,
     ann = root / "annotations"
     if layout == "densepipe":
         tag = split
-        dense = {k: root / k / split for k in ("semantic", "depth", "normals")}
+        dense = {k: root / k / split for k in dense_kinds()}
     elif layout == "coco2017":
         tag = f"{split}2017"
         dense = {}
     else:
         return None
     inst, kps, pan = (ann / f"{k}_{tag}.json" for k in ("instances", "person_keypoints", "panoptic"))
-    kinds = {k for k, d in dense.items()
-             if _has_label_file(d, _DEPTH_SUFFIXES[depth_encoding] if k == "depth" else (".png",))}
+    options = {"depth_encoding": depth_encoding}
+    kinds = {k for k, d in dense.items() if _has_label_file(d, dense_kinds()[k].suffixes(options))}
     if inst.is_file() or kps.is_file():
         kinds.add("instances")
     if kps.is_file() or (inst.is_file() and _mentions(inst, b'"keypoints"')):
         kinds.add("keypoints")
     if pan.is_file():
         kinds.update(("panoptic", "semantic"))
-    return tuple(k for k in LABEL_KINDS if k in kinds)
+    return ordered(kinds)

@@ -14,6 +14,8 @@ A sample is a plain dict (torch tensors, CHW):
   ``{"id", "category_id", "isthing", "iscrowd"}`` dicts.
 - ``depth``: float32 HxW metres, 0 = unknown.
 - ``normals``: float32 3xHxW camera-frame unit vectors (x right, y down, z forward: OpenCV), 0 = unknown.
+- any dense label kind a plugin registers (``pipeline.data.label_kinds``): its ``dtype``, HxW or
+  CxHxW, its ``unknown`` value = unknown.
 
 Coordinates are COCO's continuous ones: pixel ``i`` spans ``[i, i + 1)``; a horizontal flip maps
 ``x -> W - x``.
@@ -25,15 +27,21 @@ enabled tasks' ``Task.requires``), so a task sees the same thing either way. Bat
 carry ``image_ids``, ``file_names``, ``meta`` as lists, and ``has``: a dict
 ``{label kind: bool tensor B}`` telling which samples have which labels (a missing dense map is
 filled with its "unknown" value: 255, 0, 0).
+
+``DENSE_KEYS``, ``LABEL_KEYS`` and ``UNKNOWN_VALUE`` are views of the label-kind registry
+(``pipeline.data.label_kinds``): they include the dense kinds plugins register.
 """
 
 from __future__ import annotations
 
 from pipeline.data.card import IGNORE_INDEX
+from pipeline.data.label_kinds import DENSE_KINDS, KindsView, UnknownValues, label_kinds
 
-DENSE_KEYS = ("semantic", "depth", "normals")
-LABEL_KEYS = ("semantic", "instances", "panoptic", "depth", "normals")
-# value that means "unknown" in each dense map; used to fill samples that lack the map
-UNKNOWN_VALUE = {"semantic": IGNORE_INDEX, "depth": 0.0, "normals": 0.0}
+DENSE_KEYS = DENSE_KINDS
+"""The registered dense kinds (semantic, depth, normals, then the plugins')."""
+LABEL_KEYS = KindsView(lambda: tuple(k for k in label_kinds() if k != "keypoints"),
+                       "Sample keys that hold labels (keypoints ride inside instances).")
+UNKNOWN_VALUE = UnknownValues()
+"""Value that means "unknown" in each dense map; used to fill samples that lack the map."""
 
 __all__ = ["DENSE_KEYS", "IGNORE_INDEX", "LABEL_KEYS", "UNKNOWN_VALUE"]

@@ -1,8 +1,10 @@
 """Joint transforms over sample dicts, and ``collate``.
 
 Every transform is a small callable ``sample -> sample`` (a new dict; input tensors are not
-modified in place) that moves every label present with the image: ``semantic``, ``instances``
-(boxes, masks, keypoints), ``panoptic``, ``depth``, ``normals``. Labels a sample lacks are skipped.
+modified in place) that moves every label present with the image: ``instances`` (boxes, masks,
+keypoints), ``panoptic`` and every registered dense label kind (``pipeline.data.label_kinds``:
+``semantic``, ``depth``, ``normals`` and those plugins add), each by its kind's rules. Labels a
+sample lacks are skipped; a key that is no registered kind passes through unchanged.
 
 Conventions:
 
@@ -11,12 +13,13 @@ Conventions:
 - Horizontal flip maps ``x -> W - x`` (boxes: ``x1' = W - x2``, ``x2' = W - x1``; pixel column ``i``
   goes to ``W - 1 - i``, consistent with the same rule). Keypoints are then renumbered with the
   category's flip map (``KeypointSpec.flip_permutation``: the left wrist becomes the right wrist),
-  and the x component of the normals is negated (camera frame: x right, y down, z forward).
+  and each dense kind's ``on_flip`` runs on its mirrored map: the x component of the normals is
+  negated (camera frame: x right, y down, z forward).
 - Keypoints with visibility 0 keep coordinates (0, 0) through every transform; a keypoint moved
   outside the image by a crop becomes (0, 0, 0).
 - Label maps are resampled with nearest neighbour (pixel-centre sampling), images bilinearly with
   antialiasing; padding uses each map's unknown value (image 0, semantic 255, panoptic 0 = void,
-  depth 0, normals 0, masks False).
+  depth 0, normals 0, a plugin kind its ``unknown``, masks False).
 - Randomness comes from the ``generator`` a transform was built with, else from torch's global
   RNG, which ``DataLoader`` seeds per worker (``base_seed + worker_id``; the base seed comes from
   the loader's ``generator`` or ``torch.manual_seed``), so a seeded run is reproducible. With
@@ -32,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.card import IGNORE_INDEX, DatasetCard
-from pipeline.data.sample import DENSE_KEYS, UNKNOWN_VALUE
+from pipeline.data.card import DatasetCard
+from pipeline.data.label_kinds import BUILTIN_DENSE_NAMES, DenseLabelKind, dense_kind
 
 Sample = dict[str, Any]
 
@@ -62,6 +65,22 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # functional forms
 # ------------------------------------------------------------------------------------------------
+_NOT_DENSE = frozenset(("image", "image_id", "file_name", "meta", "instances", "panoptic"))
+
+
+def _dense_maps(sample: Sample) -> list[tuple[str, DenseLabelKind]]:
+    """The sample's keys that are registered dense label kinds, with their kinds, in sample
+    order (the plugins are asked only for a key that is no built-in one)."""
+    out = []
+    for k in sample:
+        if k in _NOT_DENSE:
+            continue
+        kind = dense_kind(k)
+        if kind is not None:
+            out.append((k, kind))
+    return out
+
+
 def _hw(sample: Sample) -> tuple[int, int]:
     h, w = sample["image"].shape[-2:]
     return int(h), int(w)
@@ -120,9 +139,8 @@ def resize_sample(sample: Sample, size: int | Sequence[int], *,
                       mode="bilinear", align_corners=False, antialias=True)[0]
     out["image"] = x.contiguous()
     ys, xs = _nearest_index(H, h), _nearest_index(W, w)
-    for k in ("semantic", "depth", "normals"):
-        if k in sample:
-            out[k] = _gather2d(sample[k], ys, xs)
+    for k, _kind in _dense_maps(sample):  # nearest for every label kind (DenseLabelKind)
+        out[k] = _gather2d(sample[k], ys, xs)
     if "panoptic" in sample:
         ids = _gather2d(sample["panoptic"]["ids"], ys, xs)
         segs = sample["panoptic"]["segments"]
@@ -193,11 +211,8 @@ def crop_sample(sample: Sample, y0: int, x0: int, h: int, w: int, *, image_fill:
     dropped from ``segments``."""
     out = dict(sample)
     out["image"] = _crop_pad(sample["image"], y0, x0, h, w, image_fill)
-    if "semantic" in sample:
-        out["semantic"] = _crop_pad(sample["semantic"], y0, x0, h, w, IGNORE_INDEX)
-    for k in ("depth", "normals"):
-        if k in sample:
-            out[k] = _crop_pad(sample[k], y0, x0, h, w, 0.0)
+    for k, kind in _dense_maps(sample):
+        out[k] = _crop_pad(sample[k], y0, x0, h, w, kind.unknown)
     if "panoptic" in sample:
         ids = _crop_pad(sample["panoptic"]["ids"], y0, x0, h, w, 0)
         out["panoptic"] = {**sample["panoptic"], "ids": ids,
@@ -253,10 +268,8 @@ def scale_crop_sample(sample: Sample, scaled: Sequence[int], y0: int, x0: int, h
     out["image"] = _crop_pad(img, y0, x0, h, w, image_fill)
     ys = _window_index(H, sh, y0, h)
     xs = _window_index(W, sw, x0, w)
-    fills = {"semantic": IGNORE_INDEX, "depth": 0.0, "normals": 0.0}
-    for k, fill in fills.items():
-        if k in sample:
-            out[k] = _gather_window(sample[k], ys, xs, fill)
+    for k, kind in _dense_maps(sample):
+        out[k] = _gather_window(sample[k], ys, xs, kind.unknown)
     if "panoptic" in sample:
         ids = _gather_window(sample["panoptic"]["ids"], ys, xs, 0)
         out["panoptic"] = {**sample["panoptic"], "ids": ids,
@@ -293,12 +306,8 @@ def hflip_sample(sample: Sample, card: DatasetCard | None = None, *,
     _, W = _hw(sample)
     out = dict(sample)
     out["image"] = sample["image"].flip(-1)
-    for k in ("semantic", "depth"):
-        if k in sample:
-            out[k] = sample[k].flip(-1)
-    if "normals" in sample:
-        n = sample["normals"].flip(-1)
-        out["normals"] = n * torch.tensor([-1.0, 1.0, 1.0], dtype=n.dtype).view(3, 1, 1) + 0.0
+    for k, kind in _dense_maps(sample):
+        out[k] = kind.on_flip(sample[k].flip(-1))
     if "panoptic" in sample:
         out["panoptic"] = {**sample["panoptic"], "ids": sample["panoptic"]["ids"].flip(-1)}
     if "instances" in sample:
@@ -371,7 +380,9 @@ class RandomScaleCrop:
     under which the scene looks ``s`` times closer. With ``depth_follows_zoom`` (default) the depth
     map is divided by ``s`` so that depth stays consistent with the apparent size of things;
     otherwise a scale jitter of +-25 % teaches the model contradicting depths for the same view
-    (and caps delta1, whose threshold is 1.25). Normals are left as they are."""
+    (and caps delta1, whose threshold is 1.25). Normals are left as they are. In general every
+    dense kind's ``on_zoom(map, zoom)`` runs (``pipeline.data.label_kinds``; depth's divides by
+    the zoom); ``depth_follows_zoom=False`` skips them all."""
 
     def __init__(self, scale: tuple[float, float] = (0.75, 1.25),
                  crop: int | Sequence[int] = (512, 512), *, base_size: int | None = None,
@@ -393,8 +404,9 @@ class RandomScaleCrop:
         y0 = _randint(min(0, h - ch), max(0, h - ch), self.generator)
         x0 = _randint(min(0, w - cw), max(0, w - cw), self.generator)
         out = scale_crop_sample(sample, (h, w), y0, x0, ch, cw, image_fill=self.image_fill)
-        if self.depth_follows_zoom and "depth" in out:
-            out["depth"] = out["depth"] / zoom  # unknown (0) stays 0
+        if self.depth_follows_zoom:
+            for k, kind in _dense_maps(out):
+                out[k] = kind.on_zoom(out[k], zoom)
         return out
 
     def __repr__(self) -> str:
@@ -559,10 +571,12 @@ def collate(samples: Sequence[Sample]) -> Batch:
     """Batch samples (all of one image size).
 
     Returns ``image`` (Bx3xHxW, uint8 unless normalised), the dense maps present in any sample
-    stacked (``semantic`` BxHxW int64, ``depth`` BxHxW, ``normals`` Bx3xHxW; a sample lacking one is
-    filled with ``UNKNOWN_VALUE``), ``instances``/``panoptic`` as lists with ``None`` for samples
-    lacking them (a key only when some sample has it), ``has``: ``{kind: bool tensor B}`` for
-    every dense kind, ``instances``, ``panoptic`` and ``keypoints``, and ``image_ids``,
+    stacked (``semantic`` BxHxW int64, ``depth`` BxHxW, ``normals`` Bx3xHxW, a plugin's dense kind
+    Bx[C]xHxW; a sample lacking one is filled with its kind's ``unknown``), ``instances``/
+    ``panoptic`` as lists with ``None`` for samples lacking them (a key only when some sample has
+    it), ``has``: ``{kind: bool tensor B}`` for the built-in dense kinds, every other registered
+    dense kind present in some sample (a task of a plugin kind reads ``has.get(kind)``: absent
+    when no sample of the batch has it), ``instances``, ``panoptic`` and ``keypoints``, and ``image_ids``,
     ``file_names``, ``meta`` lists. The result is a ``Batch`` (a dict that pickles compactly for
     DataLoader workers)."""
     if not samples:
@@ -581,7 +595,12 @@ def collate(samples: Sequence[Sample]) -> Batch:
         "meta": [s.get("meta", {}) for s in samples],
     })
     has: dict[str, torch.Tensor] = {}
-    for k in DENSE_KEYS:
+    extra = dict.fromkeys(k for s in samples for k in s
+                          if k not in _NOT_DENSE and k not in BUILTIN_DENSE_NAMES)
+    for k in (*BUILTIN_DENSE_NAMES, *extra):
+        kind = dense_kind(k)
+        if kind is None:  # not a label kind
+            continue
         present = [k in s for s in samples]
         has[k] = torch.tensor(present, dtype=torch.bool)
         if not any(present):
@@ -591,7 +610,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
         for s in samples:
             m = s.get(k)
             if m is None:
-                m = torch.full_like(ref, UNKNOWN_VALUE[k])
+                m = torch.full_like(ref, kind.unknown)
             elif m.shape[-2:] != (H, W):
                 raise ValueError(f"collate: {k} of {s.get('file_name')} is "
                                  f"{tuple(m.shape)}, its image {H}x{W}")
