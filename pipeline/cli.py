@@ -540,5 +540,33 @@ def _run_app() -> int | str | None:
     return code
 
 
+COMMANDS_ENTRY_POINT_GROUP = "densepipe.commands"
+"""Entry points ``<command name> = "module:function"``: Typer command functions that plugins add
+to ``densepipe`` (a task's standalone evaluator, e.g. ``coco-eval``). The module is imported by
+every ``densepipe`` call, so it imports its heavy dependencies inside the function, as the
+commands here do."""
+
+
+def _add_plugin_commands() -> None:
+    """Register the ``densepipe.commands`` entry points; one that fails to load is a warning naming
+    it (the other commands stay usable), one whose name is taken is skipped."""
+    import importlib.metadata as md
+
+    taken = {c.name for c in app.registered_commands}
+    for ep in sorted(set(md.entry_points(group=COMMANDS_ENTRY_POINT_GROUP)), key=lambda e: e.name):
+        if ep.name in taken:
+            continue
+        try:
+            fn = ep.load()
+        except Exception as e:  # noqa: BLE001 - reported, not raised: the rest of the CLI works
+            logging.getLogger(__name__).warning("command %s (%s) is unusable: %s: %s",
+                                                ep.name, ep.value, type(e).__name__, e)
+            continue
+        app.command(ep.name)(fn)
+        taken.add(ep.name)
+
+
+_add_plugin_commands()
+
 if __name__ == "__main__":
     main()
