@@ -49,7 +49,7 @@ from pipeline.engine.loaders import eval_dataset, eval_loader  # noqa: E402
 from pipeline.engine.trainer import load_trained_model  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 from pipeline.io import atomic_write_json  # noqa: E402
-from plugins.depth import to_depth  # noqa: E402
+from plugins.depth.task import to_depth  # noqa: E402
 
 LOG_DELTA1 = math.log(1.25)
 

@@ -68,7 +68,7 @@ from pipeline.engine.trainer import train_step  # noqa: E402
 from pipeline.model import PIXEL_MEAN, PIXEL_STD, build_model  # noqa: E402
 from pipeline.nn.backbones import FPN_LEVELS, build_backbone  # noqa: E402
 from pipeline.nn.fpn_heads import SemanticFPNHead  # noqa: E402
-from pipeline.nn.rcnn import RCNN_PRESETS, DetectorOptions, label_lookup  # noqa: E402
+from plugins.rcnn.heads import RCNN_PRESETS, DetectorOptions, label_lookup  # noqa: E402
 
 SIZE, BATCH = 128, 8
 BACKBONE, FPN_CHANNELS, SEMANTIC = "mobilenet_v3_large", 64, {"conv_dims": 64, "norm": "BN"}

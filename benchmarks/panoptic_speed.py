@@ -1,4 +1,4 @@
-"""PQ evaluation speed: ``pipeline.metrics.panoptic`` against the straightforward reference.
+"""PQ evaluation speed: ``plugins.panoptic.metrics`` against the straightforward reference.
 
 Writes ``--images`` ground-truth / prediction pairs of COCO panoptic PNGs at 640x480 with 50
 segments each (Voronoi regions with random 24-bit ids: 35 things, 15 stuff, one crowd region and a
@@ -41,14 +41,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 from pipeline.io import atomic_write_json  # noqa: E402
-from pipeline.metrics.panoptic import PanopticCategories, PQStats, pq_image_stats  # noqa: E402
-from pipeline.metrics.panoptic_files import (  # noqa: E402
+from plugins.panoptic.files import (  # noqa: E402
     evaluate_panoptic_files,
     read_panoptic_png,
     write_panoptic_json,
     write_panoptic_png,
 )
-from pipeline.metrics.panoptic_reference import reference_image_stats  # noqa: E402
+from plugins.panoptic.metrics import PanopticCategories, PQStats, pq_image_stats  # noqa: E402
+from plugins.panoptic.reference import reference_image_stats  # noqa: E402
 
 H, W, SEGMENTS, THINGS = 480, 640, 50, 35
 NUM_THING_CATS, NUM_STUFF_CATS = 20, 15

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 
 from pipeline.data.reader import open_dataset  # noqa: E402
 from pipeline.io import atomic_write_json  # noqa: E402
-from pipeline.metrics.depth import DepthMetricAccumulator  # noqa: E402
+from plugins.depth.metrics import DepthMetricAccumulator  # noqa: E402
 
 
 def stride_prediction(depth: torch.Tensor, valid: torch.Tensor, stride: int) -> torch.Tensor:

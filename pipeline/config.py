@@ -31,6 +31,19 @@ def auto_num_workers(cpus: int | None = None) -> int:
     return max(0, min(4, cpus - 1))
 
 
+def validated_options(model: type[BaseModel], raw: dict[str, Any] | None, *, key: str,
+                      owner: str) -> BaseModel:
+    """``raw`` validated by a plugin's options ``model``; a bad key or value is one
+    ``ConfigError`` line: ``<key>.<field>: <problem>; <owner>: <the model's fields>``."""
+    try:
+        return model.model_validate(raw or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        allowed = ", ".join(model.model_fields) or "none"
+        raise ConfigError(f"{key}.{loc}: {err['msg']}; {owner}: {allowed}") from None
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are type-checked strictly."""
 

@@ -137,19 +137,11 @@ class Task(ABC):
     """Why the task cannot be exported when ``export_outputs`` is empty: one clause, for the error."""
 
     def parse_options(self, raw: dict[str, Any] | None) -> BaseModel:
-        from pydantic import ValidationError
+        """``model.heads.<name>`` validated; a bad key or value is one ``ConfigError`` line."""
+        from pipeline.config import validated_options
 
-        from pipeline.errors import ConfigError
-
-        try:
-            return self.Options.model_validate(raw or {})
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            allowed = ", ".join(self.Options.model_fields) or "none"
-            raise ConfigError(
-                f"model.heads.{self.name}.{loc}: {err['msg']}; options of {self.name}: {allowed}"
-            ) from None
+        return validated_options(self.Options, raw, key=f"model.heads.{self.name}",
+                                 owner=f"options of {self.name}")
 
     def resolve_options(self, options: BaseModel, *, card: DatasetCard) -> BaseModel:
         """Fill in options that depend on the dataset (e.g. class weights from the card's class

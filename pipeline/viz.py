@@ -25,9 +25,7 @@ __all__ = [
     "colormap",
     "colorize_panoptic",
     "depth_colorbar",
-    "depth_with_colorbar",
     "draw_instances",
-    "draw_panoptic",
     "fallback_color",
     "legend",
     "normals_to_rgb",
@@ -316,22 +314,6 @@ def depth_colorbar(vmin: float, vmax: float, height: int = 128, width: int = 14,
     return np.asarray(canvas)
 
 
-def depth_with_colorbar(depth: Any, vmin: float | None = None, vmax: float | None = None, *,
-                        cmap: Colormap = "viridis", gap: int = 4) -> np.ndarray:
-    """``colorize_depth`` of ``depth`` with its ``depth_colorbar`` (same range and ``cmap``) to the
-    right after ``gap`` white columns: ``HxW'x3 uint8`` with ``W' > W``. The range defaults to the
-    known pixels' min/max."""
-    d = _np(depth).astype(np.float32)
-    lo, hi = _depth_range(d, vmin, vmax)
-    col = colorize_depth(d, lo, hi, cmap=cmap)
-    h = col.shape[0]
-    bar = depth_colorbar(lo, hi, height=h, cmap=cmap)
-    out = np.full((max(h, bar.shape[0]), col.shape[1] + gap + bar.shape[1], 3), 255, np.uint8)
-    out[:h, : col.shape[1]] = col
-    out[: bar.shape[0], col.shape[1] + gap:] = bar
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # normals, panoptic
 # ------------------------------------------------------------------------------------------------
@@ -372,39 +354,6 @@ def colorize_panoptic(ids: Any, segments: Sequence[Mapping[str, Any]],
         edge[1:, :] |= seg_ids[1:, :] != seg_ids[:-1, :]
         out[edge] = (out[edge] * 0.4).astype(np.uint8)
     return out
-
-
-def _label_point(mask: np.ndarray) -> tuple[int, int]:
-    """A pixel of ``mask`` near its centre of mass (the centre itself when it lies inside)."""
-    ys, xs = np.nonzero(mask)
-    cy, cx = ys.mean(), xs.mean()
-    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
-    return int(xs[k]), int(ys[k])
-
-
-def draw_panoptic(image: Any, ids: Any, segments: Sequence[Mapping[str, Any]], card: Any, *,
-                  alpha: float = 0.6) -> np.ndarray:
-    """A panoptic prediction over ``image``: every segment in its own colour (``colorize_panoptic``:
-    things jittered per segment, stuff in the class colour, VOID left as the image) and its class
-    name written at a pixel inside it."""
-    seg_ids = _np(ids).astype(np.int64)
-    palette = {c.id: c.color for c in card.classes}
-    colors = colorize_panoptic(seg_ids, segments, palette)
-    pil = Image.fromarray(overlay(image, colors, alpha, mask=seg_ids > 0))
-    draw = ImageDraw.Draw(pil)
-    for s in segments:
-        mask = seg_ids == int(s["id"])
-        if not mask.any():
-            continue
-        x, y = _label_point(mask)
-        pos = card.index_of_category(int(s["category_id"])) if "label" not in s else int(s["label"])
-        text = card.class_names[pos]
-        tw, th = _text_size(draw, text)
-        x0 = min(max(x - tw // 2, 0), max(pil.width - tw - 2, 0))
-        y0 = min(max(y - th // 2, 0), max(pil.height - th - 2, 0))
-        draw.rectangle([x0, y0, x0 + tw + 2, y0 + th + 2], fill=(0, 0, 0))
-        draw.text((x0 + 1, y0), text, fill=(255, 255, 255), font=_font())
-    return np.asarray(pil)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,21 +416,3 @@ def with_legend(image: Any, names: Sequence[str], colors: Sequence[Sequence[int]
     out[: img.shape[0], : img.shape[1]] = img
     out[: key.shape[0], img.shape[1]:] = key
     return out
-
-
-def draw_detections(image: Any, prediction: Mapping[str, Any], card: Any, *,
-                    min_score: float = 0.5) -> np.ndarray:
-    """``draw_instances`` for a detection task's prediction (``boxes``, ``scores``, ``labels`` as
-    card class indices, optional ``masks`` / ``keypoints`` N x K x 3 with scores): detections
-    scoring at least ``min_score``, labelled ``"<class> <score>"``, skeletons from the card."""
-    keep = _np(prediction["scores"]).reshape(-1) >= min_score
-    keypoints = prediction.get("keypoints")
-    if keypoints is not None:  # predicted keypoints have scores, not visibilities: draw them all
-        keypoints = _np(keypoints)[keep].astype(np.float64).copy()
-        keypoints[..., 2] = 2.0
-    masks = prediction.get("masks")
-    skeletons = {card.index_of_category(s.category_id): s.skeleton for s in card.keypoints}
-    return draw_instances(image, _np(prediction["boxes"])[keep], _np(prediction["labels"])[keep],
-                          masks=None if masks is None else _np(masks)[keep],
-                          scores=_np(prediction["scores"])[keep], keypoints=keypoints,
-                          class_names=card.class_names, palette=card.palette(), skeletons=skeletons)

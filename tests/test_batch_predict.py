@@ -20,10 +20,10 @@ from pipeline import stages
 from pipeline.config import load_config
 from pipeline.data.card import DatasetCard
 from pipeline.errors import DataError, OutputError
-from pipeline.metrics.coco import evaluate_coco
-from pipeline.metrics.panoptic_files import evaluate_panoptic_files
-from pipeline.metrics.semseg_files import evaluate_label_folders
 from pipeline.predict import MANIFEST, SizeBatches, expand_inputs, image_ids
+from plugins.panoptic.files import evaluate_panoptic_files
+from plugins.rcnn.coco import evaluate_coco
+from plugins.semantic.files import evaluate_label_folders
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 HEADS = ("{semantic: {conv_dims: 32}, instance: {score_thresh: 0.0}, "
@@ -215,7 +215,7 @@ def test_all_or_nothing_and_ownership(trained: dict[str, Any], tiny_dataset: Pat
     (src / "truncated.png").unlink()
 
     # a failing dataset writer (in its thread) fails the run: nothing written, no staging left
-    from plugins.semantic import SemanticTask
+    from plugins.semantic.task import SemanticTask
 
     def broken(self: Any, items: Any, out_dir: str, *, card: Any) -> list[str]:
         next(iter(items))

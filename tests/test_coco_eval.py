@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.metrics.coco import (
+from plugins.rcnn.coco import (
     BBOX_STAT_NAMES,
     KEYPOINT_STAT_NAMES,
     CocoEvalResult,
@@ -23,7 +23,7 @@ from pipeline.metrics.coco import (
     load_coco_gt,
     write_results_json,
 )
-from pipeline.metrics.coco_results import detections_to_results, masks_to_rle, rle_to_masks, xyxy_to_xywh
+from plugins.rcnn.results import detections_to_results, masks_to_rle, rle_to_masks, xyxy_to_xywh
 
 # Known answers from the conformance README, written with the precision listed there.
 KNOWN = {

@@ -14,14 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import plugins.colorization as colorization
+import plugins.colorization.task as colorization
 from pipeline.config import config_from_dict
 from pipeline.data.card import ClassInfo, DatasetCard
-from pipeline.data.color import lab_to_rgb, rgb_to_lab
 from pipeline.errors import ConfigError
-from pipeline.metrics.colorization import psnr
 from pipeline.model import MultiTaskModel, build_model
-from pipeline.nn.ab_bins import (
+from pipeline.registry import TaskRegistry
+from plugins.colorization.ab_bins import (
     RebalancingPrior,
     ab_gamut,
     annealed_mean,
@@ -31,8 +30,9 @@ from pipeline.nn.ab_bins import (
     soft_encode,
     soft_targets,
 )
-from pipeline.registry import TaskRegistry
-from plugins.colorization import PSNR_CAP_DB, ColorizationTask
+from plugins.colorization.color import lab_to_rgb, rgb_to_lab
+from plugins.colorization.metrics import psnr
+from plugins.colorization.task import PSNR_CAP_DB, ColorizationTask
 
 CARD = DatasetCard("toy", [ClassInfo(1, "thing", (255, 0, 0), True)])
 RED_AB = (80.109, 67.220)  # pure sRGB red in CIE Lab (D65)

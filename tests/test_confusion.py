@@ -12,7 +12,8 @@ from PIL import Image
 from rich.console import Console
 
 from pipeline.errors import DataError
-from pipeline.metrics import ConfusionMatrix, evaluate_label_folders, format_semseg_table
+from plugins.semantic.confusion import ConfusionMatrix
+from plugins.semantic.files import evaluate_label_folders, format_semseg_table
 
 # Hand-computed example, 3 classes, one ignored pixel (255):
 #   gt   = 0 0 0 0 1 | 1 1 2 2 255

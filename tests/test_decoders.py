@@ -32,7 +32,7 @@ from pipeline.nn.decoders import (
 from pipeline.nn.dense_head import DenseHead
 from pipeline.nn.fpn_heads import SemanticFPNHead
 from pipeline.nn.upsample import MaxUnpool, TransposedConvUpsample, bilinear_kernel
-from plugins.semantic import SemanticTask
+from plugins.semantic.task import SemanticTask
 from tests.conftest import tiny_overrides
 
 BUILTINS = ("fcn32s", "fcn16s", "fcn8s", "unet", "segnet", "context_basic", "context_large", "aspp",

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.color import lab_to_rgb, rgb_to_lab, srgb8_to_lab
-from pipeline.metrics.colorization import ab_accuracy, ab_error_auc, ab_errors, psnr
-from pipeline.metrics.depth import EPS, DepthMetricAccumulator, depth_metrics
-from pipeline.metrics.normals import NormalsMetricAccumulator, normals_metrics
+from plugins.colorization.color import lab_to_rgb, rgb_to_lab, srgb8_to_lab
+from plugins.colorization.metrics import ab_accuracy, ab_error_auc, ab_errors, psnr
+from plugins.depth.metrics import EPS, DepthMetricAccumulator, depth_metrics
+from plugins.normals.metrics import NormalsMetricAccumulator, normals_metrics
 
 # ---------------------------------------------------------------------------------------------- depth
 

@@ -18,8 +18,6 @@ from pipeline.data.card import ClassInfo, DatasetCard
 from pipeline.data.reader import _decode_normals, read_label
 from pipeline.data.transforms import hflip_sample
 from pipeline.errors import ConfigError
-from pipeline.metrics.depth import depth_metrics
-from pipeline.metrics.normals import normals_metrics
 from pipeline.model import build_model
 from pipeline.nn.regression_losses import (
     angular_loss,
@@ -35,8 +33,10 @@ from pipeline.nn.regression_losses import (
 )
 from pipeline.registry import default_registry
 from pipeline.viz import colorize_depth, depth_colorbar, turbo, viridis
-from plugins.depth import DepthTask, depth_offset, to_depth
-from plugins.normals import NormalsTask
+from plugins.depth.metrics import depth_metrics
+from plugins.depth.task import DepthTask, depth_offset, to_depth
+from plugins.normals.metrics import normals_metrics
+from plugins.normals.task import NormalsTask
 
 CARD = DatasetCard("toy", [ClassInfo(1, "floor", (128, 64, 0), False),
                            ClassInfo(2, "box", (0, 0, 255), True)])

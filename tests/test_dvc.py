@@ -100,7 +100,7 @@ def test_coco_precision_recall_curve_is_ap50s(tmp_path: Path) -> None:
     recall 0.5, then 2/3 up to recall 1. The curve's mean is pycocotools' bbox AP50."""
     from pipeline.data.card import ClassInfo, DatasetCard
     from pipeline.engine.evaluation import write_plots
-    from pipeline.metrics.coco_evaluator import CocoEvaluator
+    from plugins.rcnn.evaluator import CocoEvaluator
 
     card = DatasetCard("boxes", [ClassInfo(id=1, name="box", color=(255, 0, 0), isthing=True)])
     ev = CocoEvaluator(card, iou_types=("bbox",))

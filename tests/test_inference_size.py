@@ -83,7 +83,7 @@ def test_every_task_predicts_at_the_original_resolution(tmp_path: Path,
     assert preds["normals"][0].shape == (3, 45, 70)
     lab = preds["colorization"][0]["lab"]
     assert lab.shape == (3, 45, 70)
-    from plugins.colorization import image_lab
+    from plugins.colorization.task import image_lab
 
     assert torch.allclose(lab[0], image_lab(image)[0, 0], atol=1e-4)  # L* of the original image
     assert preds["panoptic"][0]["ids"].shape == (45, 70)

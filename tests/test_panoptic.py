@@ -15,8 +15,7 @@ import torch
 
 from pipeline.data.card import DatasetCard
 from pipeline.errors import DataError
-from pipeline.metrics.panoptic import PanopticCategories, PQStats, pq_image_stats
-from pipeline.metrics.panoptic_files import (
+from plugins.panoptic.files import (
     evaluate_panoptic_files,
     ids_to_rgb,
     load_panoptic_json,
@@ -25,8 +24,9 @@ from pipeline.metrics.panoptic_files import (
     rgb_to_ids,
     write_panoptic_png,
 )
-from pipeline.metrics.panoptic_reference import reference_image_stats
-from pipeline.nn.panoptic_fusion import combine_semantic_and_instances
+from plugins.panoptic.fusion import combine_semantic_and_instances
+from plugins.panoptic.metrics import PanopticCategories, PQStats, pq_image_stats
+from plugins.panoptic.reference import reference_image_stats
 
 # ------------------------------------------------------------------------------------------------
 # the combine step
@@ -391,7 +391,7 @@ def test_ground_truth_through_the_task_scores_one_and_exports_files(
 
 
 def test_visualisation_names_each_segment(card: DatasetCard) -> None:
-    from pipeline.viz import draw_panoptic
+    from plugins.panoptic.draw import draw_panoptic
 
     image = np.full((64, 64, 3), 128, np.uint8)
     ids = torch.zeros(64, 64, dtype=torch.int64)

@@ -12,10 +12,10 @@ from pipeline.config import config_from_dict
 from pipeline.data.card import DatasetCard
 from pipeline.engine.loaders import eval_dataset, eval_loader, train_dataset
 from pipeline.errors import ConfigError
-from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.model import MultiTaskModel, build_model
 from pipeline.registry import default_registry
-from pipeline.viz import draw_detections
+from plugins.rcnn.evaluator import CocoEvaluator
+from plugins.rcnn.task import draw_detections
 
 ALL = ["semantic", "instance", "keypoints"]
 

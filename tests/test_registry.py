@@ -37,7 +37,7 @@ def test_builtin_semantic_registers_through_the_entry_point() -> None:
     reg = TaskRegistry()
     entry = next(e for e in reg.entries() if e.name == "semantic")
     assert entry.provider == "densepipe"
-    assert entry.entry_point == "semantic = plugins.semantic"
+    assert entry.entry_point == "semantic = plugins.semantic.task"
     assert entry.status == "ok"
     task = reg.get("semantic")
     assert task.requires == ("semantic",) and task.input_view == "rgb"
@@ -121,8 +121,8 @@ def test_hook_that_raises_and_duplicate_names_are_reported() -> None:
     reg = TaskRegistry(plugins=[Raises(), Duplicate()])
     statuses = [e.status for e in reg.entries() if e.error]
     assert any("densepipe_register_tasks failed: ValueError: bad options" in s for s in statuses)
-    assert any("task name already provided by semantic = plugins.semantic" in s for s in statuses)
-    assert reg.get("semantic").__class__.__module__ == "plugins.semantic"
+    assert any("task name already provided by semantic = plugins.semantic.task" in s for s in statuses)
+    assert reg.get("semantic").__class__.__module__ == "plugins.semantic.task"
 
 
 @pytest.mark.slow

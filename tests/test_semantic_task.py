@@ -10,7 +10,7 @@ import torch
 
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
-from plugins.semantic import SemanticTask
+from plugins.semantic.task import SemanticTask
 
 
 @pytest.fixture(scope="module")

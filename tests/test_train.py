@@ -139,7 +139,7 @@ def test_predict_writes_visualisations_and_raw_outputs(tiny_dataset: Path, tmp_p
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "mine").glob(".*"))
     # a failure while predicting (here: a plugin's writer) leaves no outputs and no staging folder
-    from plugins.semantic import SemanticTask
+    from plugins.semantic.task import SemanticTask
 
     def broken(*args: object, **kwargs: object) -> list[str]:
         raise RuntimeError("disk full")

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import pluggy
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.data.label_kinds import BUILTIN_LABEL_KINDS
 from pipeline.data.label_kinds import LABEL_KINDS as _LABEL_KINDS
@@ -100,14 +100,10 @@ class DatasetFormat(ABC):
 
     def parse_options(self, raw: dict[str, Any] | None) -> BaseModel:
         """``data.options`` validated; a bad key or value is one ``ConfigError`` line."""
-        try:
-            return self.Options.model_validate(raw or {})
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            allowed = ", ".join(self.Options.model_fields) or "none"
-            raise ConfigError(f"data.options.{loc}: {err['msg']}; options of data.source "
-                              f"{self.name}: {allowed}") from None
+        from pipeline.config import validated_options
+
+        return validated_options(self.Options, raw, key="data.options",
+                                 owner=f"options of data.source {self.name}")
 
     @abstractmethod
     def open(self, root: Path, split: str, *, label_kinds: Iterable[str] | None = None,

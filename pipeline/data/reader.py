@@ -66,6 +66,7 @@ from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
 from pipeline.data.formats import LABEL_KINDS, wanted_label_kinds
 from pipeline.data.label_kinds import DenseLabelKind, dense_kind, dense_kinds, ordered
 from pipeline.data.panoptic_ids import rgb_to_ids
+from pipeline.data.split_dataset import SampleDataset
 from pipeline.errors import DataError
 
 DEPTH_ENCODINGS = ("mm", "kitti", "float")
@@ -538,7 +539,7 @@ class _ImageRecord:
 # ------------------------------------------------------------------------------------------------
 # the dataset
 # ------------------------------------------------------------------------------------------------
-class CocoDataset(torch.utils.data.Dataset):
+class CocoDataset(SampleDataset):
     """A split of a COCO-format dataset as a map-style torch ``Dataset`` of sample dicts.
 
     Args:
@@ -930,13 +931,6 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> Sample:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"sample index {index} out of range (dataset has {len(self)})")
-        sample = self.load(index)
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
 
     def sample_files(self, index: int) -> SampleFiles:
         """The files sample ``index`` is read from (see ``SampleFiles``); no file is opened."""

@@ -1,7 +1,7 @@
 """Reusable network blocks: backbones with FPN (``backbones``), dense decoders (``decoders``, with
 the Panoptic FPN semantic branch in ``fpn_heads``), upsampling operators (``upsample``), resizing
-helpers (``resize``), dense losses (``dense_losses``), R-CNN detector, mask and keypoint branches
-(``rcnn``) and the shared R-CNN task methods (``rcnn_task``)."""
+helpers (``resize``) and dense losses (``dense_losses``). The R-CNN detector, mask and keypoint
+branches belong to the R-CNN tasks' plugin (``plugins.rcnn.heads``)."""
 
 from __future__ import annotations
 

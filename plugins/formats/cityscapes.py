@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.data.card import IGNORE_INDEX, ClassInfo, DatasetCard
 from pipeline.data.formats import DatasetFormat, SplitDataset, image_hw, wanted_label_kinds
 from pipeline.data.reader import LABEL_KINDS, read_image, read_label, read_png
+from pipeline.data.split_dataset import SampleDataset
 from pipeline.data.transforms import masks_to_boxes
 from pipeline.errors import DataError
 from pipeline.hookspecs import hookimpl
@@ -133,7 +134,7 @@ def _listing(folder: Path, suffix: str) -> dict[str, Path]:
     return out
 
 
-class CityscapesDataset(torch.utils.data.Dataset):
+class CityscapesDataset(SampleDataset):
     """One split of a Cityscapes folder as a ``SplitDataset`` (module docstring: the rules).
 
     Construction lists the folders only; pixels are decoded per sample and only for
@@ -200,13 +201,6 @@ class CityscapesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"sample index {index} out of range (dataset has {len(self)})")
-        sample = self.load(index)
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
 
     def image_hw(self, index: int) -> tuple[int, int]:
         """Sample ``index``'s (H, W) from the image header (no pixels decoded)."""

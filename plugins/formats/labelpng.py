@@ -37,6 +37,7 @@ from pipeline.data.reader import (
     read_image,
     read_label,
 )
+from pipeline.data.split_dataset import SampleDataset
 from pipeline.errors import DataError
 from pipeline.hookspecs import hookimpl
 
@@ -134,7 +135,7 @@ def _voc_decode(raw: np.ndarray, path: Path, card: DatasetCard) -> np.ndarray:
     return raw
 
 
-class LabelPngDataset(torch.utils.data.Dataset):
+class LabelPngDataset(SampleDataset):
     """One split of a label-PNG dataset (a ``SplitDataset``): ``items`` are (image, label PNG or
     None) pairs in sample order, image ids 1..N; ``decode(raw, path, card)`` turns a stored uint8
     label map into class indices (255 = ignore), raising ``DataError`` for a value outside the
@@ -155,13 +156,6 @@ class LabelPngDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"sample index {index} out of range (dataset has {len(self)})")
-        sample = self.load(index)
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
 
     def image_hw(self, index: int) -> tuple[int, int]:
         """Upright (H, W) of sample ``index`` from the image header (no pixels decoded)."""

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.card import IGNORE_INDEX, ClassInfo, DatasetCard
 from pipeline.data.formats import DatasetFormat, SplitDataset, wanted_label_kinds
+from pipeline.data.split_dataset import SampleDataset
 from pipeline.errors import DataError
 from pipeline.hookspecs import hookimpl
 
@@ -214,7 +215,7 @@ def _npy_stems(folder: Path) -> list[str]:
         return []
 
 
-class NYUv2Dataset(torch.utils.data.Dataset):
+class NYUv2Dataset(SampleDataset):
     """One split of MTAN/LibMTL's NYUv2 folder (see the module docstring) as a ``SplitDataset``.
 
     Samples are in index order (numeric stems sorted as numbers); ``image_ids`` are the stems
@@ -294,13 +295,6 @@ class NYUv2Dataset(torch.utils.data.Dataset):
                     normals_opencv(arr, self.options.normal_signs))
         return sample
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"sample index {index} out of range (dataset has {len(self)})")
-        sample = self.load(index % len(self))
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
 
 
 class NYUv2Format(DatasetFormat):

@@ -1,10 +1,10 @@
 """Built-in task ``panoptic``: Panoptic FPN's combination of the ``semantic`` and ``instance`` tasks.
 
 No head, no loss, no backbone work: ``postprocess`` combines the two tasks' predictions of each
-image with ``pipeline.nn.panoptic_fusion.combine_semantic_and_instances`` (instances by score,
+image with ``plugins.panoptic.fusion.combine_semantic_and_instances`` (instances by score,
 dropped above an overlap share, stuff from the semantic map above an area). Metrics: PQ, SQ, RQ
 for all classes, things (``_th``) and stuff (``_st``), and per class, as panopticapi computes them
-(``pipeline.metrics.panoptic``). ``densepipe evaluate`` exports the predictions in COCO panoptic
+(``plugins.panoptic.metrics``). ``densepipe evaluate`` exports the predictions in COCO panoptic
 format (``panoptic_pred.json`` + ``panoptic_pred/``).
 
 Options (``model.heads.panoptic``): ``overlap_threshold``, ``stuff_area_limit`` (pixels at the
@@ -26,15 +26,15 @@ from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
 from pipeline.io import atomic_write_json
-from pipeline.metrics.panoptic_evaluator import (
+from pipeline.task import Batch, FeatureSpec, PredictedImage, Task
+from plugins.panoptic.draw import draw_panoptic
+from plugins.panoptic.evaluator import (
     PanopticEvaluator,
     panoptic_categories_json,
     segment_info,
 )
-from pipeline.metrics.panoptic_files import write_panoptic_json, write_panoptic_png
-from pipeline.nn.panoptic_fusion import combine_semantic_and_instances
-from pipeline.task import Batch, FeatureSpec, PredictedImage, Task
-from pipeline.viz import draw_panoptic
+from plugins.panoptic.files import write_panoptic_json, write_panoptic_png
+from plugins.panoptic.fusion import combine_semantic_and_instances
 
 
 class PanopticOptions(BaseModel):

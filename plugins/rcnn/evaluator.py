@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.card import DatasetCard
-from pipeline.metrics.coco import CocoEvalResult, evaluate_coco, write_results_json
-from pipeline.metrics.coco_results import detections_to_results, masks_to_rle
 from pipeline.metrics.merge import check_mergeable, check_same_options
+from plugins.rcnn.coco import CocoEvalResult, evaluate_coco, write_results_json
+from plugins.rcnn.results import detections_to_results, masks_to_rle
 
 
 def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

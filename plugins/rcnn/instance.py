@@ -1,12 +1,12 @@
 """Built-in task ``instance``: instance segmentation with Mask R-CNN heads on the shared FPN.
 
 Head: torchvision's RPN, RoIAlign box head (two FC layers) and mask head, assembled in
-``pipeline.nn.rcnn`` over the backbone's p2..p6. The detector classes are the dataset card's
+``plugins.rcnn.heads`` over the backbone's p2..p6. The detector classes are the dataset card's
 thing classes (detector label ``1 + position`` in ``card.thing_indices``). Losses: RPN objectness
 and box regression, Fast R-CNN classification and box regression, per-pixel mask BCE. Metrics:
 COCO bbox and segm AP through pycocotools (``bbox_AP``, ``segm_AP50``, ...).
 
-Options (``model.heads.instance``): ``preset: cpu | gpu`` (see ``pipeline.nn.rcnn.RCNN_PRESETS``)
+Options (``model.heads.instance``): ``preset: cpu | gpu`` (see ``plugins.rcnn.heads.RCNN_PRESETS``)
 and any single setting of it.
 """
 
@@ -19,10 +19,11 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
-from pipeline.metrics.coco import BBOX_STAT_NAMES
-from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.nn.inference_size import box_scale, output_size
-from pipeline.nn.rcnn import (
+from pipeline.task import Batch, FeatureSpec, Task
+from plugins.rcnn.coco import BBOX_STAT_NAMES
+from plugins.rcnn.evaluator import CocoEvaluator
+from plugins.rcnn.heads import (
     Detector,
     DetectorOptions,
     MaskBranch,
@@ -31,8 +32,7 @@ from pipeline.nn.rcnn import (
     label_lookup,
     zero_loss,
 )
-from pipeline.nn.rcnn_task import RCNNTask
-from pipeline.task import Batch, FeatureSpec, Task
+from plugins.rcnn.task import RCNNTask
 
 
 class InstanceOptions(DetectorOptions):

@@ -3,7 +3,7 @@
 Predictions are the panoptic task's: ``{"ids": HxW int64 (0 = VOID), "segments": [{"id",
 "category_id", "isthing", ...}]}`` at the input resolution; the ground truth is the batch's
 ``panoptic`` label at the same resolution. PQ is computed there, per image as it arrives (nothing
-is kept but the per-category counts), with ``pipeline.metrics.panoptic``.
+is kept but the per-category counts), with ``plugins.panoptic.metrics``.
 
 With ``export_to(out_dir, name)`` called before the first batch, each prediction is also written as
 a COCO panoptic PNG at the image's original size (``meta["orig_size"]``, nearest resize) into a
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from pipeline.data.card import DatasetCard
 from pipeline.io import atomic_dir
 from pipeline.metrics.merge import check_mergeable, check_same_options
-from pipeline.metrics.panoptic import PanopticCategories, PQStats, pq_image_stats
-from pipeline.metrics.panoptic_files import write_panoptic_json, write_panoptic_png
+from plugins.panoptic.files import write_panoptic_json, write_panoptic_png
+from plugins.panoptic.metrics import PanopticCategories, PQStats, pq_image_stats
 
 
 def panoptic_categories_json(card: DatasetCard) -> list[dict[str, Any]]:

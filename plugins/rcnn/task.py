@@ -1,4 +1,5 @@
-"""``RCNNTask``: the Task methods that the R-CNN tasks (``instance``, ``keypoints``) share.
+"""``RCNNTask``: the Task methods that the R-CNN tasks (``instance``, ``keypoints``) share, and
+their drawing (``draw_detections``).
 
 Their heads return an ``RCNNOutput``: the loss terms are computed inside the head (the RoI
 sampler needs the targets), predictions are its ``predictions()``, drawings show boxes, masks and
@@ -8,7 +9,7 @@ skeletons, and ``densepipe predict`` writes the detections as COCO results JSON:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,12 +18,12 @@ import torch
 from pydantic import BaseModel
 
 from pipeline.data.card import DatasetCard
-from pipeline.metrics.coco import write_results_json
-from pipeline.metrics.coco_evaluator import save_detections_json
-from pipeline.metrics.coco_results import detections_to_results
-from pipeline.nn.rcnn import RCNNOutput
 from pipeline.task import Batch, PredictedImage, Task
-from pipeline.viz import draw_detections
+from pipeline.viz import draw_instances
+from plugins.rcnn.coco import write_results_json
+from plugins.rcnn.evaluator import save_detections_json
+from plugins.rcnn.heads import RCNNOutput
+from plugins.rcnn.results import detections_to_results
 
 
 def coco_results(prediction: dict[str, torch.Tensor], *, image_id: int, card: DatasetCard,
@@ -40,6 +41,30 @@ def coco_results(prediction: dict[str, torch.Tensor], *, image_id: int, card: Da
         category_ids=[card.classes[c].id for c in labels[keep].tolist()],
         masks=prediction["masks"][keep].bool() if "segm" in iou_types else None,
         keypoints=prediction["keypoints"][keep].double() if "keypoints" in iou_types else None)
+
+
+def _np(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def draw_detections(image: Any, prediction: Mapping[str, Any], card: Any, *,
+                    min_score: float = 0.5) -> np.ndarray:
+    """``draw_instances`` for a detection task's prediction (``boxes``, ``scores``, ``labels`` as
+    card class indices, optional ``masks`` / ``keypoints`` N x K x 3 with scores): detections
+    scoring at least ``min_score``, labelled ``"<class> <score>"``, skeletons from the card."""
+    keep = _np(prediction["scores"]).reshape(-1) >= min_score
+    keypoints = prediction.get("keypoints")
+    if keypoints is not None:  # predicted keypoints have scores, not visibilities: draw them all
+        keypoints = _np(keypoints)[keep].astype(np.float64).copy()
+        keypoints[..., 2] = 2.0
+    masks = prediction.get("masks")
+    skeletons = {card.index_of_category(s.category_id): s.skeleton for s in card.keypoints}
+    return draw_instances(image, _np(prediction["boxes"])[keep], _np(prediction["labels"])[keep],
+                          masks=None if masks is None else _np(masks)[keep],
+                          scores=_np(prediction["scores"])[keep], keypoints=keypoints,
+                          class_names=card.class_names, palette=card.palette(), skeletons=skeletons)
 
 
 class RCNNTask(Task):

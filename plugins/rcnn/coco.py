@@ -44,7 +44,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_write_json
-from pipeline.metrics.coco_results import to_compressed_rle
+from plugins.rcnn.results import to_compressed_rle
 
 
 @contextlib.contextmanager

@@ -5,11 +5,11 @@ the a*b* channels of CIE Lab; the lightness L is the input's own. It needs no la
 the image itself, so every dataset teaches it.
 
 - Head: the chosen dense decoder (``DecoderOptions``) at ``1 / output_stride`` of the input
-  (Zhang: 1/4), with Q outputs (the sRGB ab gamut in ``grid``-wide bins, ``pipeline.nn.ab_bins``;
+  (Zhang: 1/4), with Q outputs (the sRGB ab gamut in ``grid``-wide bins, ``plugins.colorization.ab_bins``;
   Q = 261 for grid 10) for ``loss: classification`` or 2 (ab / 100) for ``loss: regression``, plus
   the class-rebalancing prior (bin counts gathered online from the training targets, saved with
   the model).
-- Targets: Lab of the RGB image (exact, ``pipeline.data.color``), ab **average-pooled** to the head's
+- Targets: Lab of the RGB image (exact, ``plugins.colorization.color``), ab **average-pooled** to the head's
   resolution (pooling in Lab, the space the loss lives in, rather than RGB's gamma-encoded values),
   soft-encoded on the 5 nearest bins (sigma 5), kept sparse (the loss gathers 5 logits a pixel).
 - Loss ``ce``: Zhang eq. 2, ``-sum_q Z_q log Zhat_q`` per pixel times ``v`` = the rebalancing
@@ -42,11 +42,13 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
-from pipeline.data.color import lab_to_rgb, rgb_to_lab, srgb8_to_lab
 from pipeline.hookspecs import hookimpl
-from pipeline.metrics.colorization import ab_accuracy, ab_error_auc, psnr
 from pipeline.metrics.merge import add_sums, check_mergeable
-from pipeline.nn.ab_bins import (
+from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_dense_head
+from pipeline.nn.inference_size import paste_maps
+from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
+from pipeline.viz import panel_grid
+from plugins.colorization.ab_bins import (
     RebalancingPrior,
     SoftTargets,
     ab_gamut,
@@ -55,10 +57,8 @@ from pipeline.nn.ab_bins import (
     soft_cross_entropy,
     soft_targets,
 )
-from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_dense_head
-from pipeline.nn.inference_size import paste_maps
-from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
-from pipeline.viz import panel_grid
+from plugins.colorization.color import lab_to_rgb, rgb_to_lab, srgb8_to_lab
+from plugins.colorization.metrics import ab_accuracy, ab_error_auc, psnr
 
 PSNR_CAP_DB = 100.0
 """An exact 8-bit reconstruction has infinite PSNR; each image's PSNR is capped here so that the
@@ -220,7 +220,7 @@ def lightness(image: torch.Tensor) -> torch.Tensor:
     """CIE L* (D65, 0..100) of ``N x 3 x H x W`` sRGB levels 0..255 -> ``N x 1 x H x W`` float32:
     ``rgb_to_lab``'s L for inputs in range, written without ``copysign`` (which the ONNX
     translator lacks)."""
-    from pipeline.data.color import CIE_EPSILON, CIE_KAPPA, SRGB_DECODE_KNEE, SRGB_TO_XYZ
+    from plugins.colorization.color import CIE_EPSILON, CIE_KAPPA, SRGB_DECODE_KNEE, SRGB_TO_XYZ
 
     c = (image.float() / 255.0).clamp(0.0, 1.0)
     power = ((c.clamp_min(SRGB_DECODE_KNEE) + 0.055) / 1.055) ** 2.4

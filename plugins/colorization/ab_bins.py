@@ -3,7 +3,7 @@
 
 Contract:
 
-- ab values are the a*, b* channels of CIE Lab (``pipeline.data.color``), in ab units (roughly
+- ab values are the a*, b* channels of CIE Lab (``plugins.colorization.color``), in ab units (roughly
   -128..127). Maps are channels first: ``B x 2 x h x w``; distributions ``B x Q x h x w``.
 - ``ab_gamut(grid)``: the Q bin centres (``Q x 2``, float32, sorted by a then b) of the ``grid``-wide
   cells of the ab plane reached by 8-bit sRGB colours. Cell ``(i, j)`` is centred on
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.color import rgb_to_lab
+from plugins.colorization.color import rgb_to_lab
 
 GRID = 10.0
 """Zhang's bin width in ab units."""

@@ -1,4 +1,4 @@
-"""A straightforward per-image PQ implementation: the baseline that ``pipeline.metrics.panoptic`` is
+"""A straightforward per-image PQ implementation: the baseline that ``plugins.panoptic.metrics`` is
 checked and timed against (tests and ``benchmarks/panoptic_speed.py``).
 
 It follows panopticapi's steps one by one on plain dictionaries: ``np.unique`` over each map for the
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.metrics.panoptic import IGNORED_SHARE, MATCH_IOU, VOID, PanopticCategories, PQStats
+from plugins.panoptic.metrics import IGNORED_SHARE, MATCH_IOU, VOID, PanopticCategories, PQStats
 
 OFFSET = 256 * 256 * 256  # larger than any 24-bit RGB-encoded segment id
 

@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.data.panoptic_ids import ids_to_rgb, rgb_to_ids
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path, atomic_write_json
-from pipeline.metrics.panoptic import PanopticCategories, PQResult, PQStats, pq_image_stats
+from plugins.panoptic.metrics import PanopticCategories, PQResult, PQStats, pq_image_stats
 
 Pair = tuple[dict[str, Any], dict[str, Any]]
 

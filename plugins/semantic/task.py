@@ -6,7 +6,7 @@ logits at the input resolution. ``decoder_options`` go to the decoder; ``conv_di
 ``in_features`` are ``panoptic_fpn``'s, ``norm`` goes to every decoder that has a norm.
 Loss: cross-entropy, ignore index 255. Metrics: the FCN paper's pixel accuracy, mean
 accuracy, mean IoU and frequency-weighted IoU, plus per-class IoU, from a dataset-level confusion
-matrix (``pipeline.metrics.confusion``).
+matrix (``plugins.semantic.confusion``).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
-from pipeline.metrics.confusion import ConfusionMatrix
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.dense_losses import build_dense_loss
 from pipeline.nn.inference_size import paste_maps
 from pipeline.task import Batch, ExportOutput, FeatureSpec, PredictedImage, Task
 from pipeline.viz import colorize_labels, overlay, with_legend
+from plugins.semantic.confusion import ConfusionMatrix
 
 
 class SemanticOptions(DecoderOptions):

@@ -7,7 +7,7 @@ Contract:
   whose first axis indexes images (``Nx3xHxW`` or ``NxHxWx3``). PSNR is computed per image over all its
   elements and the batch result is the mean of the per-image values (the usual convention in
   colorization papers), not the PSNR of the pooled MSE. An exact match gives ``inf``.
-- ab metrics: the a*, b* channels of CIE Lab (``pipeline.data.color.rgb_to_lab``), channels last
+- ab metrics: the a*, b* channels of CIE Lab (``plugins.colorization.color.rgb_to_lab``), channels last
   (``...x2``) by default or on axis -3 with ``channels_first=True`` (``2xHxW`` / ``Nx2xHxW``). The
   per-pixel error is the Euclidean distance ``||ab - ab*||``; both metrics pool all pixels (of all
   images in a batch).

@@ -12,7 +12,7 @@ object giving their share. Checking costs one device-to-host read per training s
 
 Loss (``pipeline.nn.regression_losses``): ``cosine`` (default: 1 - cos, smooth everywhere),
 ``angular`` (the angle in radians, the metric itself) or ``l2`` (squared distance of unit
-vectors, 2 - 2 cos). Metrics (``pipeline.metrics.normals``): ``mean_angle``, ``median_angle``,
+vectors, 2 - 2 cos). Metrics (``plugins.normals.metrics``): ``mean_angle``, ``median_angle``,
 ``rmse_angle`` (degrees) and ``within_11.25``, ``within_22.5``, ``within_30``.
 """
 
@@ -29,12 +29,12 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.hookspecs import hookimpl
 from pipeline.metrics.merge import check_mergeable
-from pipeline.metrics.normals import NormalsMetricAccumulator
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.inference_size import paste_maps
 from pipeline.nn.regression_losses import build_regression_loss, channel_norm, unit_channels
 from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import normals_to_rgb
+from plugins.normals.metrics import NormalsMetricAccumulator
 
 
 class NormalsOptions(DecoderOptions):

@@ -23,10 +23,11 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
-from pipeline.metrics.coco import KEYPOINT_STAT_NAMES
-from pipeline.metrics.coco_evaluator import CocoEvaluator
 from pipeline.nn.inference_size import box_scale
-from pipeline.nn.rcnn import (
+from pipeline.task import Batch, FeatureSpec, Task
+from plugins.rcnn.coco import KEYPOINT_STAT_NAMES
+from plugins.rcnn.evaluator import CocoEvaluator
+from plugins.rcnn.heads import (
     Detector,
     DetectorOptions,
     DetectorOutput,
@@ -36,8 +37,7 @@ from pipeline.nn.rcnn import (
     label_lookup,
     zero_loss,
 )
-from pipeline.nn.rcnn_task import RCNNTask
-from pipeline.task import Batch, FeatureSpec, Task
+from plugins.rcnn.task import RCNNTask
 
 
 class KeypointOptions(DetectorOptions):

@@ -20,7 +20,7 @@ plus, with ``gradient_weight`` > 0, MegaDepth's multi-scale log-gradient matchin
 (``log_gradient``), which penalises blurred or misplaced depth edges.
 
 Metrics: Eigen et al.'s ``abs_rel``, ``sq_rel``, ``rmse`` (m), ``rmse_log``, ``delta1..3``
-(``pipeline.metrics.depth``), over samples with depth; with ``median_scaling`` every image is scaled
+(``plugins.depth.metrics``), over samples with depth; with ``median_scaling`` every image is scaled
 by median(target) / median(pred) first and the output says so with ``median_scale`` (the mean
 factor); ``min_depth`` / ``max_depth`` cap the evaluated range (monodepth2's protocol).
 """
@@ -39,13 +39,13 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
-from pipeline.metrics.depth import DepthMetricAccumulator
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_task_decoder_from_options
 from pipeline.nn.inference_size import paste_maps
 from pipeline.nn.regression_losses import build_regression_loss, log_gradient_matching
 from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
-from pipeline.viz import depth_with_colorbar
+from plugins.depth.draw import depth_with_colorbar
+from plugins.depth.metrics import DepthMetricAccumulator
 
 LOG_DEPTH_MAX = math.log(1e4)
 """Log-depth outputs are clamped to this (10 km) before exp, so a diverging head stays finite."""

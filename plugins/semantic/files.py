@@ -17,7 +17,7 @@ from PIL import Image
 from rich.table import Table
 
 from pipeline.errors import DataError
-from pipeline.metrics.confusion import ConfusionMatrix
+from plugins.semantic.confusion import ConfusionMatrix
 
 PREFIX = "semantic/"
 OVERALL_KEYS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")

@@ -1,0 +1,1 @@
+"""Built-in task ``depth`` (``task``: the plugin), with its metrics (``metrics``)."""

@@ -1,0 +1,1 @@
+"""Built-in task ``normals`` (``task``: the plugin), with its metrics (``metrics``)."""
