@@ -532,10 +532,11 @@ def predict_to_folder(model: Any, images: Sequence[InputImage], sizes: Sequence[
                     pred = predictions[name][j]
                     if vis:
                         atomic_write_png(staging / VIS_DIR / name / f"{img.stem}.png",
-                                         task.visualize(rgb, pred, card=card))
+                                         task.visualize(rgb, pred, card=card,
+                                                        options=model.options[name]))
                     stem = staging / name / img.stem
                     stem.parent.mkdir(parents=True, exist_ok=True)
-                    task.save_prediction(pred, str(stem), card=card)
+                    task.save_prediction(pred, str(stem), card=card, options=model.options[name])
                     if name in writers:
                         writers[name].put(PredictedImage(name=img.name, image_id=int(ids[i]),
                                                          height=sizes[i][0], width=sizes[i][1],

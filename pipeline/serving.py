@@ -242,7 +242,8 @@ class DensepipePyfunc:
         with tempfile.TemporaryDirectory(prefix="densepipe-serve-") as tmp:
             folder = Path(tmp)
             for name, task in self.model.tasks.items():
-                files = task.save_prediction(predictions[name][0], str(folder / STEM), card=self.model.card)
+                files = task.save_prediction(predictions[name][0], str(folder / STEM), card=self.model.card,
+                                             options=self.model.options[name])
                 answer[name] = {Path(f).relative_to(folder).as_posix().removeprefix(f"{STEM}_"):
                                 _encode(Path(f)) for f in files}
         return answer

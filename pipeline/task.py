@@ -21,6 +21,54 @@ run on the ``instance`` detector's RoIs.
 
 A task with ``depends_on`` may have no head (``build_head`` returns ``None``): its
 ``postprocess`` combines the predictions of the tasks it depends on (``predictions``).
+
+Options. ``Task`` is generic in the options type its methods receive: a plugin declares
+``class MyTask(Task[MyOptions])`` with ``Options = MyOptions`` (the parse model) and types every
+``options`` parameter ``MyOptions``. ``resolve_options`` turns the parsed options into that type
+(a task whose resolved options are a subclass of its parse model, like panoptic's
+``ResolvedPanopticOptions``, is parametrized by the resolved type). Every method below gets them:
+``build_head``, ``losses``, ``postprocess``, ``evaluator``, ``export_forward``, and also
+``visualize`` and ``save_prediction`` (e.g. a score threshold for drawing and saving).
+
+The batch (``Batch``: a dict; what ``pipeline.data.transforms.collate`` builds from samples,
+``pipeline.data.sample``)::
+
+    image       uint8 B x 3 x H x W, RGB 0..255 (the model normalises it for the backbone)
+    semantic    int64 B x H x W, dataset-card class indices, 255 = ignore
+    depth       float32 B x H x W, metres, 0 = unknown
+    normals     float32 B x 3 x H x W, camera-frame unit vectors (OpenCV axes), 0 = unknown
+    <kind>      a plugin's dense label kind (``pipeline.data.label_kinds``): its dtype,
+                B x H x W or B x C x H x W, its ``unknown`` value where unknown
+    instances   list of B dicts (``boxes`` float32 N x 4 x1y1x2y2 pixels, ``labels`` int64 N,
+                ``masks`` bool N x H x W, ``iscrowd`` bool N, ``ids`` int64 N, optional
+                ``keypoints`` float32 N x K x 3), ``None`` for a sample without them
+    panoptic    list of B dicts (``ids`` int64 H x W segment ids, 0 = void; ``segments``),
+                ``None`` for a sample without them
+    has         {kind: bool tensor B}: which samples have which labels
+    image_ids   list of B ints (COCO image ids)
+    file_names  list of B str
+    meta        list of B dicts (``{"orig_size": (H, W)}``)
+
+A dense map is a key only when some sample of the batch has it (the others are filled with the
+kind's unknown value); ``instances`` / ``panoptic`` likewise. ``has`` always holds the built-in
+dense kinds, ``instances``, ``panoptic`` and ``keypoints``, but a plugin's dense kind only when some
+sample has it: read it with ``batch["has"].get(kind)``. Mask a loss with ``has``, not by looking
+for the key.
+
+At prediction time (``densepipe predict``, ``pipeline.predict``) the batch holds only ``image``,
+``image_ids``, ``file_names``, ``meta`` (empty dicts) and ``has`` (empty: ``{}``); in serving
+(``pipeline.serving``) only ``image`` (B = 1), ``image_ids`` and ``has`` (``{}``). So
+``postprocess`` and a head's ``forward`` in eval mode must work from ``image`` alone (evaluation
+batches carry labels, these do not).
+
+Evaluation, predict and serving go through ``MultiTaskModel.predict``, which applies the test-size
+rule (``pipeline.nn.inference_size``): when it resized or padded the images, the batch the head
+and ``postprocess`` see also holds ``valid_size`` (rh, rw: the resized image inside the padded
+``image``), ``output_size`` (H, W: the original size) and ``original_image`` (the untouched uint8
+images); otherwise none of these keys exist. ``postprocess`` must return predictions at
+``output_size`` (the input's size when absent): crop and resize dense maps with
+``pipeline.nn.inference_size.paste_maps(maps, batch)`` and scale boxes / keypoints by
+``box_scale(batch)``; both are no-ops for a batch that was not resized.
 """
 
 from __future__ import annotations
@@ -28,7 +76,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +91,8 @@ Batch = dict[str, Any]
 FeatureSpec = dict[str, FeatureLevel]
 VIEWS = ("rgb", "gray")
 LABEL_KINDS = _LABEL_KINDS  # a view of the registry: built-ins + plugins' dense kinds
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+"""The options type a ``Task``'s methods receive (what ``resolve_options`` returns)."""
 
 
 class NoOptions(BaseModel):
@@ -105,8 +155,9 @@ class ExportOutput:
     """Channel ``i`` belongs to the dataset card's class ``i`` (the sidecar lists the classes)."""
 
 
-class Task(ABC):
-    """One prediction task. Subclasses set the class attributes and implement the methods."""
+class Task(ABC, Generic[OptionsT]):
+    """One prediction task. Subclasses set the class attributes and implement the methods;
+    ``OptionsT`` is the type of the options every method receives (module doc)."""
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
@@ -118,7 +169,8 @@ class Task(ABC):
     input_view: ClassVar[str] = "rgb"
     """Which view of the image the head sees (``VIEWS``)."""
     Options: ClassVar[type[BaseModel]] = NoOptions
-    """Pydantic model of ``model.heads.<name>`` (extra keys forbidden)."""
+    """Pydantic model of ``model.heads.<name>`` (extra keys forbidden): the parse model, usually
+    ``OptionsT`` itself (``resolve_options`` maps it to ``OptionsT``)."""
     main_metric: ClassVar[str | None] = None
     """The metric (name without the task prefix) that sums the task up: the multi-task delta
     and the default model selection use it (``train.best_metric: auto`` takes the first enabled
@@ -143,42 +195,48 @@ class Task(ABC):
         return validated_options(self.Options, raw, key=f"model.heads.{self.name}",
                                  owner=f"options of {self.name}")
 
-    def resolve_options(self, options: BaseModel, *, card: DatasetCard) -> BaseModel:
+    def resolve_options(self, options: OptionsT, *, card: DatasetCard) -> OptionsT:
         """Fill in options that depend on the dataset (e.g. class weights from the card's class
-        frequencies); the result is what every other method receives. Default: unchanged."""
+        frequencies); the result is what every other method receives. ``options`` is what
+        ``parse_options`` returned (an override may widen the parameter to the parse model when
+        that is a base of ``OptionsT``). Default: unchanged."""
         return options
 
     @abstractmethod
     def build_head(
-        self, *, feature_spec: FeatureSpec, card: DatasetCard, options: BaseModel
+        self, *, feature_spec: FeatureSpec, card: DatasetCard, options: OptionsT
     ) -> nn.Module | None:
         """The head module. Its ``forward(features, *, image_size, batch)`` sees the FPN levels
         of this task's input view, the (H, W) of the input and the batch (labels for heads that
         need targets in training, like an RPN)."""
 
     @abstractmethod
-    def losses(self, output: Any, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
+    def losses(self, output: Any, batch: Batch, *, options: OptionsT) -> dict[str, torch.Tensor]:
         """Loss terms (scalar tensors, names without the task prefix). Samples lacking this
         task's labels (``batch["has"][kind]`` false) contribute nothing; with none in the batch,
         return zero-valued terms that keep the graph connected (``output.sum() * 0``)."""
 
     @abstractmethod
     def postprocess(
-        self, output: Any, *, batch: Batch, predictions: dict[str, list[Any]], options: BaseModel
+        self, output: Any, *, batch: Batch, predictions: dict[str, list[Any]], options: OptionsT
     ) -> list[Any]:
         """One prediction per image at the input resolution. ``predictions`` holds those of the
         tasks in ``depends_on``."""
 
     @abstractmethod
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> Evaluator:
+    def evaluator(self, *, card: DatasetCard, options: OptionsT) -> Evaluator:
         """A fresh evaluator for this task."""
 
     @abstractmethod
-    def visualize(self, image: np.ndarray, prediction: Any, *, card: DatasetCard) -> np.ndarray:
-        """Draw ``prediction`` for an HxWx3 uint8 image; returns HxWx3 uint8."""
+    def visualize(self, image: np.ndarray, prediction: Any, *, card: DatasetCard,
+                  options: OptionsT) -> np.ndarray:
+        """Draw ``prediction`` for an HxWx3 uint8 image (at the prediction's size); returns HxWx3
+        uint8. ``options``: the model's resolved options for this task (e.g. a score threshold)."""
 
-    def save_prediction(self, prediction: Any, path_stem: str, *, card: DatasetCard) -> list[str]:
-        """Write the raw prediction next to ``path_stem`` (``densepipe predict``); return paths."""
+    def save_prediction(self, prediction: Any, path_stem: str, *, card: DatasetCard,
+                        options: OptionsT) -> list[str]:
+        """Write the raw prediction next to ``path_stem`` (``densepipe predict``, serving);
+        return the paths. ``options``: as for ``visualize``."""
         return []
 
     def write_dataset_predictions(self, items: Iterable[PredictedImage], out_dir: str, *,
@@ -206,7 +264,7 @@ class Task(ABC):
         return []
 
     def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
-                       image: torch.Tensor, options: BaseModel) -> dict[str, torch.Tensor]:
+                       image: torch.Tensor, options: OptionsT) -> dict[str, torch.Tensor]:
         """The ``export_outputs`` tensors, by name, for the ONNX graph: what ``postprocess``
         computes, at the input resolution, in a form ``torch.export`` can trace (tensor ops only:
         no Python ``int()`` of sizes, no data-dependent branches). ``features``: the backbone

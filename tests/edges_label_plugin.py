@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 from torch import nn
 
 from pipeline.data.card import DatasetCard
@@ -22,7 +21,7 @@ from pipeline.data.label_kinds import DenseLabelKind
 from pipeline.data.reader import read_png
 from pipeline.errors import DataError
 from pipeline.hookspecs import hookimpl
-from pipeline.task import Batch, FeatureSpec, Task
+from pipeline.task import Batch, FeatureSpec, NoOptions, Task
 
 UNKNOWN = 255
 
@@ -65,17 +64,17 @@ class EdgesEvaluator:
         return {"accuracy": self.right / max(self.known, 1)}
 
 
-class EdgesTask(Task):
+class EdgesTask(Task[NoOptions]):
     name = "edges"
     requires = ("edges",)
     main_metric = "accuracy"
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
-                   options: BaseModel) -> nn.Module:
+                   options: NoOptions) -> nn.Module:
         return EdgesHead(feature_spec["p2"].channels)
 
     def losses(self, output: torch.Tensor, batch: Batch, *,
-               options: BaseModel) -> dict[str, torch.Tensor]:
+               options: NoOptions) -> dict[str, torch.Tensor]:
         has = batch["has"].get("edges")
         if has is None or not bool(has.any()):
             return {"bce": output.sum() * 0}
@@ -86,14 +85,14 @@ class EdgesTask(Task):
         return {"bce": F.binary_cross_entropy_with_logits(output[known], target[known].float())}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch,
-                    predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:
+                    predictions: dict[str, list[Any]], options: NoOptions) -> list[torch.Tensor]:
         return list(torch.sigmoid(output).detach().cpu())
 
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> EdgesEvaluator:
+    def evaluator(self, *, card: DatasetCard, options: NoOptions) -> EdgesEvaluator:
         return EdgesEvaluator()
 
     def visualize(self, image: np.ndarray, prediction: torch.Tensor, *,
-                  card: DatasetCard) -> np.ndarray:
+                  card: DatasetCard, options: NoOptions) -> np.ndarray:
         return image
 
 

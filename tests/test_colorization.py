@@ -320,13 +320,14 @@ def test_prediction_drawing_and_file(registry: TaskRegistry, tmp_path: Path) -> 
     assert torch.allclose(pred[0]["lab"][0], _truth_lab(images)[0, 0])  # L is the input's own
     task = model.tasks["colorization"]
     image = images[0].permute(1, 2, 0).numpy()
-    panel = task.visualize(image, pred[0], card=CARD)
+    panel = task.visualize(image, pred[0], card=CARD, options=model.options["colorization"])
     assert panel.dtype == np.uint8 and panel.ndim == 3 and panel.shape[1] >= 3 * 30 and panel.shape[0] > 32
     # the third panel is the image itself, below a caption, at the top-left of the last column
     hits = [(y, x) for y in range(panel.shape[0] - 31) for x in range(2 * 30, panel.shape[1] - 29)
             if np.array_equal(panel[y:y + 32, x:x + 30], image)]
     assert hits and hits[0][0] > 0
-    paths = task.save_prediction(pred[0], str(tmp_path / "img"), card=CARD)
+    paths = task.save_prediction(pred[0], str(tmp_path / "img"), card=CARD,
+                                 options=model.options["colorization"])
     assert paths == [str(tmp_path / "img_colorization.png")]
     saved = np.asarray(Image.open(paths[0]))
     expected = lab_to_rgb(pred[0]["lab"].double(), channels_first=True, clip=True).permute(1, 2, 0).numpy()

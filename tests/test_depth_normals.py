@@ -34,9 +34,9 @@ from pipeline.nn.regression_losses import (
 from pipeline.registry import default_registry
 from pipeline.viz import colorize_depth, depth_colorbar, turbo, viridis
 from plugins.depth.metrics import depth_metrics
-from plugins.depth.task import DepthTask, depth_offset, to_depth
+from plugins.depth.task import DepthOptions, DepthTask, depth_offset, to_depth
 from plugins.normals.metrics import normals_metrics
-from plugins.normals.task import NormalsTask
+from plugins.normals.task import NormalsOptions, NormalsTask
 
 CARD = DatasetCard("toy", [ClassInfo(1, "floor", (128, 64, 0), False),
                            ClassInfo(2, "box", (0, 0, 255), True)])
@@ -277,7 +277,7 @@ def test_depth_config_errors_name_the_key() -> None:
 
 def test_depth_visualisation_has_viridis_and_a_colour_bar() -> None:
     pred = torch.linspace(1.0, 14.0, 32).repeat(32, 1)
-    vis = DepthTask().visualize(np.zeros((32, 32, 3), np.uint8), pred, card=CARD)
+    vis = DepthTask().visualize(np.zeros((32, 32, 3), np.uint8), pred, card=CARD, options=DepthOptions())
     assert vis.dtype == np.uint8 and vis.shape[0] == 32 and vis.shape[1] > 32 and vis.shape[2] == 3
     assert tuple(vis[5, 0]) == tuple(viridis(0.0)) and tuple(vis[5, 31]) == tuple(viridis(1.0))
     assert tuple(viridis(0.0)) == (68, 1, 84) and tuple(viridis(1.0)) == (253, 231, 37)
@@ -296,7 +296,7 @@ def test_viz_cmap_keeps_turbo_callable() -> None:
 def test_depth_png_round_trip_through_the_reader(tmp_path: Path) -> None:
     pred = torch.rand(5, 7) * 13 + 1
     pred[0, 0] = 1e-5  # still known after saving (1 mm)
-    (path,) = DepthTask().save_prediction(pred, str(tmp_path / "img"), card=CARD)
+    (path,) = DepthTask().save_prediction(pred, str(tmp_path / "img"), card=CARD, options=DepthOptions())
     assert path == str(tmp_path / "img_depth.png")
     metres = read_label(Path(path), "depth", (5, 7)).astype(np.float32) * np.float32(0.001)
     assert np.abs(metres - pred.numpy())[1:].max() <= 0.0005 + 1e-6 and metres[0, 0] == np.float32(0.001)
@@ -396,12 +396,13 @@ def test_normals_evaluator_equals_normals_metrics() -> None:
 def test_normals_png_round_trip_and_drawing(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(2)
     pred = _unit_field(g, (3, 5, 7))
-    (path,) = NormalsTask().save_prediction(pred, str(tmp_path / "img"), card=CARD)
+    (path,) = NormalsTask().save_prediction(pred, str(tmp_path / "img"), card=CARD,
+                                            options=NormalsOptions())
     assert path == str(tmp_path / "img_normals.png")
     back = _decode_normals(read_label(Path(path), "normals", (5, 7)))
     cos = (back * pred.numpy()).sum(0)
     assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 0.5  # 8-bit quantisation
-    vis = NormalsTask().visualize(np.zeros((5, 7, 3), np.uint8), pred, card=CARD)
+    vis = NormalsTask().visualize(np.zeros((5, 7, 3), np.uint8), pred, card=CARD, options=NormalsOptions())
     assert vis.shape == (5, 7, 3) and vis.dtype == np.uint8
 
 

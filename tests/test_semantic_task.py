@@ -10,7 +10,7 @@ import torch
 
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
-from plugins.semantic.task import SemanticTask
+from plugins.semantic.task import SemanticOptions, SemanticTask
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_visualisation_has_overlay_and_legend(card: DatasetCard) -> None:
     image = np.zeros((64, 64, 3), np.uint8)
     pred = torch.zeros(64, 64, dtype=torch.int64)
     pred[:, 32:] = 4
-    vis = SemanticTask().visualize(image, pred, card=card)
+    vis = SemanticTask().visualize(image, pred, card=card, options=SemanticOptions())
     assert vis.shape[0] >= 64 and vis.shape[1] > 64 and vis.dtype == np.uint8
     left = vis[:64, :32].reshape(-1, 3)
     assert (left == (np.array(card.palette()[0]) * 0.6).astype(np.uint8)).all(axis=1).mean() > 0.9

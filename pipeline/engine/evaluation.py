@@ -51,7 +51,8 @@ def evaluate_model(
             image = batch["image"][i].permute(1, 2, 0).cpu().numpy()
             drawings.append((f"image {batch['image_ids'][i]}", image))
             for name, task in model.tasks.items():
-                drawings.append((name, task.visualize(image, predictions[name][i], card=model.card)))
+                drawings.append((name, task.visualize(image, predictions[name][i], card=model.card,
+                                                      options=model.options[name])))
     from pipeline.engine import distributed as dist
 
     if distributed:

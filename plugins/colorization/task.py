@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
@@ -300,7 +300,7 @@ def _captioned_panels(panels: list[tuple[str, np.ndarray]]) -> np.ndarray:
     return np.asarray(panel_grid(panels, ncols=len(panels)))
 
 
-class ColorizationTask(Task):
+class ColorizationTask(Task[ColorizationOptions]):
     name = "colorization"
     requires = ()
     input_view = "gray"
@@ -309,7 +309,7 @@ class ColorizationTask(Task):
     metrics = ("auc", "acc_ab_10", "psnr", "psnr_gray", "skipped_gray")
     """Zhang's summary of colour accuracy; PSNR rewards grayish, desaturated answers."""
 
-    def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,  # type: ignore[override]
+    def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
                    options: ColorizationOptions) -> ColorizationHead:
         centres = ab_gamut(options.grid)
         outputs = centres.shape[0] if options.loss == "classification" else 2
@@ -318,7 +318,7 @@ class ColorizationTask(Task):
         return ColorizationHead(dense, RebalancingPrior(centres), rebalance=options.rebalance,
                                 lam=options.rebalance_lambda)
 
-    def losses(self, output: dict[str, Any], batch: Batch, *,  # type: ignore[override]
+    def losses(self, output: dict[str, Any], batch: Batch, *,
                options: ColorizationOptions) -> dict[str, torch.Tensor]:
         """``{"ce": ...}`` (classification) or ``{"smooth_l1": ...}`` (regression)."""
         term = "ce" if options.loss == "classification" else "smooth_l1"
@@ -330,7 +330,7 @@ class ColorizationTask(Task):
             targets = colour_targets(batch, (raw.shape[-2], raw.shape[-1]), output["centres"])
         return {term: colorization_loss(output, targets, options=options)}
 
-    def postprocess(self, output: dict[str, Any], *, batch: Batch,  # type: ignore[override]
+    def postprocess(self, output: dict[str, Any], *, batch: Batch,
                     predictions: dict[str, list[Any]],
                     options: ColorizationOptions) -> list[dict[str, torch.Tensor]]:
         """Per image ``{"lab": 3xHxW}`` at the original image size: its own L* and the
@@ -343,14 +343,14 @@ class ColorizationTask(Task):
         lab = torch.cat([image_lab(original)[:, :1], ab], dim=1).cpu()
         return [{"lab": lab[i]} for i in range(lab.shape[0])]
 
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> ColorizationEvaluator:
+    def evaluator(self, *, card: DatasetCard, options: ColorizationOptions) -> ColorizationEvaluator:
         return ColorizationEvaluator()
 
     export_outputs = (ExportOutput("colorization_lab", "CIE L*a*b* (D65)",
                                    "N x 3 x H x W: L* (0..100) of the input, predicted a*b*; "
                                    "lab_to_rgb gives sRGB"),)
 
-    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,  # type: ignore[override]
+    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
                        image: torch.Tensor, options: ColorizationOptions) -> dict[str, torch.Tensor]:
         """``postprocess``'s Lab from the dense head alone (the full head's forward also computes
         the rebalancing weights, a data-dependent branch inference does not use) and L* by
@@ -361,7 +361,7 @@ class ColorizationTask(Task):
         return {"colorization_lab": torch.cat([lightness(image), ab.float()], dim=1)}
 
     def visualize(self, image: np.ndarray, prediction: dict[str, torch.Tensor], *,
-                  card: DatasetCard) -> np.ndarray:
+                  card: DatasetCard, options: ColorizationOptions) -> np.ndarray:
         """Gray input | prediction | truth (the image), captioned, side by side."""
         lab = prediction["lab"]
         gray = torch.cat([lab[:1], torch.zeros_like(lab[1:])])
@@ -369,7 +369,7 @@ class ColorizationTask(Task):
                                   ("truth", np.asarray(image, dtype=np.uint8))])
 
     def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
-                        card: DatasetCard) -> list[str]:
+                        card: DatasetCard, options: ColorizationOptions) -> list[str]:
         """``<stem>_colorization.png``: the predicted colours as 8-bit RGB."""
         from pipeline.io import atomic_write_png
 

@@ -158,7 +158,7 @@ class DepthEvaluator:
         return metrics
 
 
-class DepthTask(Task):
+class DepthTask(Task[DepthOptions]):
     name = "depth"
     requires = ("depth",)
     input_view = "rgb"
@@ -168,7 +168,7 @@ class DepthTask(Task):
                "median_scale")  # median_scale: with median scaling only
     lower_is_better = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log"})
 
-    def resolve_options(self, options: DepthOptions, *,  # type: ignore[override]
+    def resolve_options(self, options: DepthOptions, *,
                         card: DatasetCard) -> DepthOptions:
         try:
             build_regression_loss(options.loss, **options.loss_options)
@@ -181,11 +181,11 @@ class DepthTask(Task):
         return options
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
-                   options: DepthOptions) -> nn.Module:  # type: ignore[override]
+                   options: DepthOptions) -> nn.Module:
         decoder = build_task_decoder_from_options("depth", options, feature_spec=feature_spec, num_outputs=1)
         return DepthHead(decoder, offset=depth_offset(options.output, options.init_depth))
 
-    def losses(self, output: torch.Tensor, batch: Batch, *,  # type: ignore[override]
+    def losses(self, output: torch.Tensor, batch: Batch, *,
                options: DepthOptions) -> dict[str, torch.Tensor]:
         """``{<loss name>: scalar}`` over the valid pixels; exact zero (graph connected) without any."""
         found = depth_target(batch, output.device)
@@ -200,26 +200,28 @@ class DepthTask(Task):
         return terms
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: DepthOptions) -> list[torch.Tensor]:  # type: ignore[override]
+                    options: DepthOptions) -> list[torch.Tensor]:
         """Per image: ``HxW`` float32 depth in metres (> 0) at the original image size
         (bilinear in metres), on the CPU."""
         return list(paste_maps(to_depth(output.detach(), options.output), batch)[:, 0].cpu())
 
     export_outputs = (ExportOutput("depth", "metres", "N x 1 x H x W depth along the optical axis, > 0"),)
 
-    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,  # type: ignore[override]
+    def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
                        image: torch.Tensor, options: DepthOptions) -> dict[str, torch.Tensor]:
         return {"depth": to_depth(head(features, image_size=image.shape[-2:]), options.output)}
 
-    def evaluator(self, *, card: DatasetCard, options: DepthOptions) -> DepthEvaluator:  # type: ignore[override]
+    def evaluator(self, *, card: DatasetCard, options: DepthOptions) -> DepthEvaluator:
         return DepthEvaluator(options)
 
-    def visualize(self, image: np.ndarray, prediction: torch.Tensor, *, card: DatasetCard) -> np.ndarray:
+    def visualize(self, image: np.ndarray, prediction: torch.Tensor, *, card: DatasetCard,
+                  options: DepthOptions) -> np.ndarray:
         """The predicted depth in viridis (near dark, far yellow) with a colour bar in metres to the
         right, over the prediction's own range: ``H x (W + bar) x 3 uint8``."""
         return depth_with_colorbar(prediction, cmap="viridis")
 
-    def save_prediction(self, prediction: torch.Tensor, path_stem: str, *, card: DatasetCard) -> list[str]:
+    def save_prediction(self, prediction: torch.Tensor, path_stem: str, *, card: DatasetCard,
+                        options: DepthOptions) -> list[str]:
         """``<stem>_depth.png``: uint16 millimetres, the dataset's format (at least 1 mm, since 0
         means unknown; at most 65.535 m)."""
         from pipeline.data.synthetic.writer import encode_depth

@@ -107,7 +107,7 @@ class NormalsEvaluator:
         return metrics
 
 
-class NormalsTask(Task):
+class NormalsTask(Task[NormalsOptions]):
     name = "normals"
     requires = ("normals",)
     input_view = "rgb"
@@ -120,7 +120,7 @@ class NormalsTask(Task):
         self._warned_off_unit = False
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
-                   options: NormalsOptions) -> nn.Module:  # type: ignore[override]
+                   options: NormalsOptions) -> nn.Module:
         return build_dense_head("normals", options, feature_spec=feature_spec, num_outputs=3)
 
     def _warn_off_unit(self, labelled: torch.Tensor, off_unit: torch.Tensor, options: NormalsOptions) -> None:
@@ -136,7 +136,7 @@ class NormalsTask(Task):
                       f"not unit length (|n| off by > {options.unit_tolerance:g}); {done} "
                       f"(model.heads.normals.bad_labels)", stacklevel=3)
 
-    def losses(self, output: torch.Tensor, batch: Batch, *,  # type: ignore[override]
+    def losses(self, output: torch.Tensor, batch: Batch, *,
                options: NormalsOptions) -> dict[str, torch.Tensor]:
         """``{<loss name>: scalar}`` over the valid pixels; exact zero (graph connected) without any."""
         found = normals_target(batch, output.device, bad_labels=options.bad_labels,
@@ -149,7 +149,7 @@ class NormalsTask(Task):
         return {options.loss: build_regression_loss(options.loss)(pred, unit, valid)}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: NormalsOptions) -> list[torch.Tensor]:  # type: ignore[override]
+                    options: NormalsOptions) -> list[torch.Tensor]:
         """Per image: ``3xHxW`` float32 unit vectors (camera frame) at the original image size
         (interpolated, then renormalised), on the CPU."""
         return list(unit_channels(paste_maps(output.detach().float(), batch)).cpu())
@@ -158,18 +158,20 @@ class NormalsTask(Task):
                                    "camera frame (OpenCV: x right, y down, z forward)"),)
 
     def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
-                       image: torch.Tensor, options: Any) -> dict[str, torch.Tensor]:
+                       image: torch.Tensor, options: NormalsOptions) -> dict[str, torch.Tensor]:
         return {"normals": unit_channels(head(features, image_size=image.shape[-2:]).float())}
 
-    def evaluator(self, *, card: DatasetCard,  # type: ignore[override]
+    def evaluator(self, *, card: DatasetCard,
                   options: NormalsOptions) -> NormalsEvaluator:
         return NormalsEvaluator(options)
 
-    def visualize(self, image: np.ndarray, prediction: torch.Tensor, *, card: DatasetCard) -> np.ndarray:
+    def visualize(self, image: np.ndarray, prediction: torch.Tensor, *, card: DatasetCard,
+                  options: NormalsOptions) -> np.ndarray:
         """The predicted normals as RGB = (n + 1) / 2: ``HxWx3 uint8``."""
         return normals_to_rgb(prediction)
 
-    def save_prediction(self, prediction: torch.Tensor, path_stem: str, *, card: DatasetCard) -> list[str]:
+    def save_prediction(self, prediction: torch.Tensor, path_stem: str, *, card: DatasetCard,
+                        options: NormalsOptions) -> list[str]:
         """``<stem>_normals.png``: uint8 RGB encoding (n + 1) / 2, the dataset's format."""
         from pipeline.data.synthetic.writer import encode_normals
         from pipeline.io import atomic_write_png

@@ -54,7 +54,7 @@ class ResolvedPanopticOptions(PanopticOptions):
     category_ids: tuple[int, ...]  # COCO category id of each class index
 
 
-class PanopticTask(Task):
+class PanopticTask(Task[ResolvedPanopticOptions]):
     name = "panoptic"
     export_refusal = "semantic and instance predictions are fused in Python, no graph of its own"
     main_metric = "PQ"
@@ -64,22 +64,24 @@ class PanopticTask(Task):
     input_view = "rgb"
     Options = PanopticOptions
 
-    def resolve_options(self, options: PanopticOptions, *,  # type: ignore[override]
-                        card: DatasetCard) -> PanopticOptions:
+    def resolve_options(self, options: PanopticOptions, *,  # the parse model, a base of OptionsT
+                        card: DatasetCard) -> ResolvedPanopticOptions:
         if not card.stuff_indices:
             raise ConfigError(f"task panoptic: the dataset card of {card.name} has no stuff classes "
                               "(isthing 0); panoptic segmentation needs things and stuff")
         return ResolvedPanopticOptions(**options.model_dump(), stuff_classes=tuple(card.stuff_indices),
                                        category_ids=tuple(c.id for c in card.classes))
 
-    def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard, options: BaseModel) -> None:
+    def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
+                   options: ResolvedPanopticOptions) -> None:
         return None
 
-    def losses(self, output: Any, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
+    def losses(self, output: Any, batch: Batch, *,
+               options: ResolvedPanopticOptions) -> dict[str, torch.Tensor]:
         return {}
 
     def postprocess(self, output: Any, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: ResolvedPanopticOptions) -> list[dict[str, Any]]:  # type: ignore[override]
+                    options: ResolvedPanopticOptions) -> list[dict[str, Any]]:
         """Per image ``{"ids": HxW int64 (0 = VOID), "segments": [{"id", "label", "category_id",
         "isthing", "area", "score"?}]}``."""
         out = []
@@ -93,13 +95,15 @@ class PanopticTask(Task):
             out.append({"ids": ids, "segments": segments})
         return out
 
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> PanopticEvaluator:
+    def evaluator(self, *, card: DatasetCard, options: ResolvedPanopticOptions) -> PanopticEvaluator:
         return PanopticEvaluator(card)
 
-    def visualize(self, image: np.ndarray, prediction: dict[str, Any], *, card: DatasetCard) -> np.ndarray:
+    def visualize(self, image: np.ndarray, prediction: dict[str, Any], *, card: DatasetCard,
+                  options: ResolvedPanopticOptions) -> np.ndarray:
         return draw_panoptic(image, prediction["ids"], prediction["segments"], card)
 
-    def save_prediction(self, prediction: dict[str, Any], path_stem: str, *, card: DatasetCard) -> list[str]:
+    def save_prediction(self, prediction: dict[str, Any], path_stem: str, *, card: DatasetCard,
+                        options: ResolvedPanopticOptions) -> list[str]:
         png = Path(f"{path_stem}_panoptic.png")
         ids = prediction["ids"].cpu().numpy()
         write_panoptic_png(png, ids)

@@ -13,7 +13,7 @@ and any single setting of it.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
@@ -75,7 +75,7 @@ class InstanceHead(nn.Module):
         return RCNNOutput(det, self.class_of_label, losses=losses)
 
 
-class InstanceTask(RCNNTask):
+class InstanceTask(RCNNTask[InstanceOptions]):
     name = "instance"
     main_metric = "segm_AP"
     metrics = tuple(f"{t}_{s}" for t in ("bbox", "segm") for s in BBOX_STAT_NAMES)
@@ -84,17 +84,17 @@ class InstanceTask(RCNNTask):
     Options = InstanceOptions
     coco_iou_types = ("bbox", "segm")
 
-    def resolve_options(self, options: InstanceOptions, *,  # type: ignore[override]
+    def resolve_options(self, options: InstanceOptions, *,
                         card: DatasetCard) -> InstanceOptions:
         if not card.thing_indices:
             raise ConfigError(f"task instance: the dataset card of {card.name} has no thing classes")
         return options.with_preset()  # type: ignore[return-value]
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
-                   options: InstanceOptions) -> nn.Module:  # type: ignore[override]
+                   options: InstanceOptions) -> nn.Module:
         return InstanceHead(feature_spec=feature_spec, card=card, options=options)
 
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> CocoEvaluator:
+    def evaluator(self, *, card: DatasetCard, options: InstanceOptions) -> CocoEvaluator:
         return CocoEvaluator(card, iou_types=("bbox", "segm"))
 
 

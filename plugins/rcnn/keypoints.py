@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from pipeline.data.card import DatasetCard
@@ -114,7 +113,7 @@ class KeypointHead(nn.Module):
         return out
 
 
-class KeypointsTask(RCNNTask):
+class KeypointsTask(RCNNTask[KeypointOptions]):
     name = "keypoints"
     main_metric = "AP"
     metrics = KEYPOINT_STAT_NAMES
@@ -127,17 +126,17 @@ class KeypointsTask(RCNNTask):
     def coco_classes(self, card: DatasetCard) -> list[int]:
         return keypointed_classes(card)[0]
 
-    def resolve_options(self, options: KeypointOptions, *,  # type: ignore[override]
+    def resolve_options(self, options: KeypointOptions, *,
                         card: DatasetCard) -> KeypointOptions:
         keypointed_classes(card)
         return options.with_preset()  # type: ignore[return-value]
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard, options: KeypointOptions,
-                   shared_with: tuple[str, ...] = ()) -> nn.Module:  # type: ignore[override]
+                   shared_with: tuple[str, ...] = ()) -> nn.Module:
         shared = "instance" in shared_with and options.share_detector
         return KeypointHead(feature_spec=feature_spec, card=card, options=options, shared=shared)
 
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> CocoEvaluator:
+    def evaluator(self, *, card: DatasetCard, options: KeypointOptions) -> CocoEvaluator:
         return CocoEvaluator(card, iou_types=("keypoints",), class_indices=keypointed_classes(card)[0])
 
 

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 
 from pipeline.data.card import DatasetCard
 from pipeline.task import Batch, PredictedImage, Task
 from pipeline.viz import draw_instances
 from plugins.rcnn.coco import write_results_json
 from plugins.rcnn.evaluator import save_detections_json
-from plugins.rcnn.heads import RCNNOutput
+from plugins.rcnn.heads import DetectorOptions, RCNNOutput
 from plugins.rcnn.results import detections_to_results
+
+DetectorOptionsT = TypeVar("DetectorOptionsT", bound=DetectorOptions)
+"""The options of an R-CNN task (``InstanceOptions``, ``KeypointOptions``)."""
 
 
 def coco_results(prediction: dict[str, torch.Tensor], *, image_id: int, card: DatasetCard,
@@ -67,7 +69,7 @@ def draw_detections(image: Any, prediction: Mapping[str, Any], card: Any, *,
                           class_names=card.class_names, palette=card.palette(), skeletons=skeletons)
 
 
-class RCNNTask(Task):
+class RCNNTask(Task[DetectorOptionsT]):
     """Base of tasks whose head returns an ``RCNNOutput`` (subclasses add head and evaluator)."""
 
     coco_iou_types: ClassVar[tuple[str, ...]] = ("bbox",)
@@ -79,19 +81,20 @@ class RCNNTask(Task):
         """The card classes the task's COCO evaluation covers (default: the thing classes)."""
         return list(card.thing_indices)
 
-    def losses(self, output: RCNNOutput, batch: Batch, *, options: BaseModel) -> dict[str, torch.Tensor]:
+    def losses(self, output: RCNNOutput, batch: Batch, *,
+               options: DetectorOptionsT) -> dict[str, torch.Tensor]:
         return output.losses
 
     def postprocess(self, output: RCNNOutput, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: BaseModel) -> list[dict[str, torch.Tensor]]:
+                    options: DetectorOptionsT) -> list[dict[str, torch.Tensor]]:
         return output.predictions()
 
     def visualize(self, image: np.ndarray, prediction: dict[str, torch.Tensor], *,
-                  card: DatasetCard) -> np.ndarray:
+                  card: DatasetCard, options: DetectorOptionsT) -> np.ndarray:
         return draw_detections(image, prediction, card)
 
     def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
-                        card: DatasetCard) -> list[str]:
+                        card: DatasetCard, options: DetectorOptionsT) -> list[str]:
         return save_detections_json(prediction, Path(f"{path_stem}_{self.name}.json"), card)
 
     def write_dataset_predictions(self, items: Iterable[PredictedImage], out_dir: str, *,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
@@ -94,7 +94,7 @@ class SemanticEvaluator:
         return self.matrix.compute(class_names=self.card.class_names)
 
 
-class SemanticTask(Task):
+class SemanticTask(Task[SemanticOptions]):
     name = "semantic"
     main_metric = "mIoU"
     metrics = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "IoU/*")  # IoU/<class name>
@@ -102,7 +102,7 @@ class SemanticTask(Task):
     input_view = "rgb"
     Options = SemanticOptions
 
-    def resolve_options(self, options: SemanticOptions, *,  # type: ignore[override]
+    def resolve_options(self, options: SemanticOptions, *,
                         card: DatasetCard) -> SemanticOptions:
         weights = options.class_weights
         if weights == "median_frequency":
@@ -121,10 +121,10 @@ class SemanticTask(Task):
         return options.model_copy(update={"class_weights": weights})
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
-                   options: SemanticOptions) -> nn.Module:  # type: ignore[override]
+                   options: SemanticOptions) -> nn.Module:
         return build_semantic_decoder(feature_spec, card.num_classes, options)
 
-    def losses(self, output: torch.Tensor, batch: Batch, *,  # type: ignore[override]
+    def losses(self, output: torch.Tensor, batch: Batch, *,
                options: SemanticOptions) -> dict[str, torch.Tensor]:
         """``{"ce": ...}`` (the default cross-entropy) or ``{<loss name>: ...}``."""
         plain = options.loss == "cross_entropy" and not options.loss_options
@@ -143,7 +143,7 @@ class SemanticTask(Task):
         return {term: F.cross_entropy(output, target, ignore_index=255, weight=weight)}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch,
-                    predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:
+                    predictions: dict[str, list[Any]], options: SemanticOptions) -> list[torch.Tensor]:
         """Per image: ``HxW`` int64 class indices at the original image size (the logits are
         pasted back bilinearly before the argmax, as MMSegmentation does)."""
         return list(paste_maps(output, batch).argmax(dim=1).to(torch.int64).cpu())
@@ -153,14 +153,14 @@ class SemanticTask(Task):
         "over axis 1 is the index into classes (densepipe predict's label map)", per_class=True),)
 
     def export_forward(self, head: nn.Module, features: dict[str, torch.Tensor], *,
-                       image: torch.Tensor, options: BaseModel) -> dict[str, torch.Tensor]:
+                       image: torch.Tensor, options: SemanticOptions) -> dict[str, torch.Tensor]:
         return {"semantic_logits": head(features, image_size=image.shape[-2:])}
 
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> SemanticEvaluator:
+    def evaluator(self, *, card: DatasetCard, options: SemanticOptions) -> SemanticEvaluator:
         return SemanticEvaluator(card)
 
     def visualize(self, image: np.ndarray, prediction: torch.Tensor, *,
-                  card: DatasetCard) -> np.ndarray:
+                  card: DatasetCard, options: SemanticOptions) -> np.ndarray:
         labels = np.asarray(prediction)
         colors = colorize_labels(labels, card.palette(), ignore=card.ignore_index)
         present = [i for i in np.unique(labels).tolist() if i < card.num_classes]
@@ -168,7 +168,7 @@ class SemanticTask(Task):
                            [card.palette()[i] for i in present])
 
     def save_prediction(self, prediction: torch.Tensor, path_stem: str, *,
-                        card: DatasetCard) -> list[str]:
+                        card: DatasetCard, options: SemanticOptions) -> list[str]:
         from pipeline.io import atomic_write_png
 
         path = atomic_write_png(f"{path_stem}_semantic.png", np.asarray(prediction, dtype=np.uint8))

@@ -56,29 +56,29 @@ class BrightnessEvaluator:
         return {"mae": self.abs_error / max(self.pixels, 1)}
 
 
-class BrightnessTask(Task):
+class BrightnessTask(Task[BrightnessOptions]):
     name = "brightness"
     requires = ()
     input_view = "rgb"
     Options = BrightnessOptions
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard,
-                   options: BrightnessOptions) -> nn.Module:  # type: ignore[override]
+                   options: BrightnessOptions) -> nn.Module:
         return BrightnessHead(feature_spec, options.conv_dims)
 
     def losses(self, output: torch.Tensor, batch: Batch, *,
-               options: BaseModel) -> dict[str, torch.Tensor]:
+               options: BrightnessOptions) -> dict[str, torch.Tensor]:
         return {"l1": F.l1_loss(output, luma(batch["image"]).to(output.device))}
 
     def postprocess(self, output: torch.Tensor, *, batch: Batch,
-                    predictions: dict[str, list[Any]], options: BaseModel) -> list[torch.Tensor]:
+                    predictions: dict[str, list[Any]], options: BrightnessOptions) -> list[torch.Tensor]:
         return list(output.detach().cpu())
 
-    def evaluator(self, *, card: DatasetCard, options: BaseModel) -> BrightnessEvaluator:
+    def evaluator(self, *, card: DatasetCard, options: BrightnessOptions) -> BrightnessEvaluator:
         return BrightnessEvaluator()
 
     def visualize(self, image: np.ndarray, prediction: torch.Tensor, *,
-                  card: DatasetCard) -> np.ndarray:
+                  card: DatasetCard, options: BrightnessOptions) -> np.ndarray:
         gray = (prediction.clamp(0, 1).numpy() * 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
 
