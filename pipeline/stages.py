@@ -201,6 +201,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
     process runs this; only rank 0 tracks, writes the loss curve and logs the model, and the
     process group is closed at the end."""
     from pipeline.engine import distributed
+    from pipeline.engine.trainer import MLflowTracking
     from pipeline.engine.trainer import train as run_training
     from pipeline.tracking import make_tracker
 
@@ -212,7 +213,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
     if tracker is not None:
         tracker.check_reachable()  # before any training: no GPU hours go untracked
     try:
-        result = run_training(cfg, tracker=tracker)
+        result = run_training(cfg, trainer_hooks=[MLflowTracking(tracker)] if tracker is not None else [])
         summary = {"step": result.step, "steps_run": len(result.losses), "out_dir": str(out_dir),
                    "best": str(result.best), "last": str(result.last), "metrics": result.metrics,
                    "run_id": result.run_id, "images_per_s": result.images_per_s,
