@@ -9,6 +9,9 @@ KILLED), one ``error: stopped by SIGTERM`` line is printed and the exit code is 
 signal number: 130 for SIGINT, 143 for SIGTERM. A command that has not ended ``STOP_GRACE_S`` seconds
 after the signal, or that gets a second one, exits at once with that code. ``densepipe serve`` is
 the exception: it stops serving, pauses its schedule and exits 0 (``flows.serve``).
+
+Every command imports what it needs inside its function: ``densepipe --help``, ``config`` and a
+bad ``--set`` answer without loading torch, MLflow or Prefect (``tests/test_import_cost.py``).
 """
 
 from __future__ import annotations

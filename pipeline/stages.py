@@ -7,6 +7,10 @@
 - ``predict(cfg, images, checkpoint | model_uri, out_dir)``: visualisations and raw outputs per image.
 
 Each takes ``parent_run_id`` (except predict) so a pipeline run nests one MLflow run per stage.
+
+Imports inside functions: MLflow (``pipeline.tracking``), the exporters and the dataset checks are
+imported by the stage that needs them, so ``densepipe prepare`` and untracked training never load
+MLflow (``tests/test_import_cost.py`` pins what importing this module may load).
 """
 
 from __future__ import annotations
