@@ -30,7 +30,6 @@ Methods (``build_loss_weighting(method, ...)``): ``fixed``, ``uncertainty`` (Ken
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 
 from pipeline.engine import distributed
 from pipeline.errors import ConfigError
+from pipeline.named_registry import NamedRegistry
 
 GRADNORM_MIN_WEIGHT = 1e-4
 """GradNorm weights are floored here before renormalising (not in the paper: a large step must not
@@ -388,17 +388,13 @@ def _grad_norm(loss: Tensor, shared: list[nn.Parameter]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms).to(loss.device))
 
 
-LOSS_WEIGHTINGS: dict[str, type[LossWeighting]] = {
-    "fixed": FixedWeighting,
-    "uncertainty": UncertaintyWeighting,
-    "dwa": DynamicWeightAverage,
-    "gradnorm": GradNorm,
-}
-
-
-def _options_of(cls: type[LossWeighting]) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+LOSS_WEIGHTINGS: NamedRegistry[type[LossWeighting]] = NamedRegistry(
+    "method", what="train.loss_weighting.method", sort=False, keyword_only=True, entries={
+        "fixed": FixedWeighting,
+        "uncertainty": UncertaintyWeighting,
+        "dwa": DynamicWeightAverage,
+        "gradnorm": GradNorm,
+    })
 
 
 def build_loss_weighting(method: str, *, tasks: Sequence[str], base_weights: Mapping[str, float],
@@ -406,11 +402,8 @@ def build_loss_weighting(method: str, *, tasks: Sequence[str], base_weights: Map
     """The weighting ``method`` (fixed | uncertainty | dwa | gradnorm) over ``tasks`` with the user's
     ``base_weights`` and method ``options`` (uncertainty: init; dwa: window, temperature; gradnorm:
     alpha). One-line ``ConfigError`` for an unknown method, an unknown option or a bad value."""
-    if method not in LOSS_WEIGHTINGS:
-        raise ConfigError(f"train.loss_weighting.method: unknown method {method!r}; "
-                          f"allowed: {', '.join(LOSS_WEIGHTINGS)}")
-    cls = LOSS_WEIGHTINGS[method]
-    allowed = _options_of(cls)
+    cls = LOSS_WEIGHTINGS.lookup(method)
+    allowed = LOSS_WEIGHTINGS.options(method)
     for key in options:
         if key not in allowed:
             raise ConfigError(f"train.loss_weighting.options: unknown option {key!r} for method {method!r}; "

@@ -333,7 +333,7 @@ def test_incompatible_backbones_are_named_with_the_fix(backbones: dict) -> None:
 
 
 def test_register_decoder(monkeypatch: pytest.MonkeyPatch, backbones: dict) -> None:
-    monkeypatch.setattr(decoders_module, "DECODERS", dict(DECODERS))
+    monkeypatch.setattr(decoders_module, "DECODERS", DECODERS.copy())
 
     @register_decoder("one_by_one")
     def builder(feature_spec: dict, *, num_outputs: int, backbone: BackboneInfo,

@@ -217,7 +217,7 @@ def test_unknown_names_raise_config_error() -> None:
 
 
 def test_register_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backbones_module, "BACKBONES", dict(BACKBONES))
+    monkeypatch.setattr(backbones_module, "BACKBONES", BACKBONES.copy())
 
     @register_backbone("resnet18_again")
     def builder(*, fpn_channels: int, norm: str) -> torch.nn.Module:
@@ -318,7 +318,7 @@ def test_backbone_spec_keeps_info_through_copy_and_pickle() -> None:
 
 
 def test_registered_backbone_without_output_strides_cannot_dilate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backbones_module, "BACKBONES", dict(BACKBONES))
+    monkeypatch.setattr(backbones_module, "BACKBONES", BACKBONES.copy())
     strides = dict(backbones_module.BACKBONE_OUTPUT_STRIDES)
     monkeypatch.setattr(backbones_module, "BACKBONE_OUTPUT_STRIDES", strides)
 

@@ -52,6 +52,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.errors import ConfigError
+from pipeline.named_registry import NamedRegistry
 
 NORMS = ("bn", "frozen_bn", "gn")
 BODY_LEVELS = ("c2", "c3", "c4", "c5")  # the FPN's inputs, at strides 4, 8, 16, 32 (undilated)
@@ -203,7 +204,9 @@ class BackboneBuilder(Protocol):
     def __call__(self, *, fpn_channels: int, norm: str) -> Backbone: ...
 
 
-BACKBONES: dict[str, BackboneBuilder] = {}
+TIMM_PREFIX = "timm:"
+BACKBONES: NamedRegistry[BackboneBuilder] = NamedRegistry(
+    "backbone", allowed_suffix=f", {TIMM_PREFIX}<timm model name>", required=("fpn_channels", "norm"))
 BACKBONE_OUTPUT_STRIDES: dict[str, tuple[int, ...]] = {}
 """Output strides each registered backbone supports (``(32,)`` unless registered otherwise)."""
 
@@ -221,9 +224,7 @@ def register_backbone(
         raise ValueError(f"output_strides must include 32 and lie in {OUTPUT_STRIDES}, got {strides}")
 
     def decorator(builder: BackboneBuilder) -> BackboneBuilder:
-        if name in BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        BACKBONES[name] = builder
+        BACKBONES.add(name, builder)
         BACKBONE_OUTPUT_STRIDES[name] = strides
         return builder
 
@@ -233,7 +234,7 @@ def register_backbone(
 def known_backbone(name: str) -> bool:
     """Whether ``build_backbone`` knows ``name``: a registered backbone or ``timm:<model>`` (the
     timm model itself is checked when built)."""
-    return name in BACKBONES or (name.startswith("timm:") and len(name) > len("timm:"))
+    return name in BACKBONES or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX))
 
 
 def dilatable_backbones() -> list[str]:
@@ -302,13 +303,8 @@ def build_backbone(
     return backbone
 
 
-TIMM_PREFIX = "timm:"
-
-
 def _registered_backbone(name: str, *, fpn_channels: int, norm: str, output_stride: int) -> Backbone:
-    if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; allowed: {', '.join(sorted(BACKBONES))}, "
-                          f"{TIMM_PREFIX}<timm model name>")
+    builder = BACKBONES.lookup(name)
     if norm not in NORMS:
         raise ConfigError(f"unknown backbone norm {norm!r}; allowed: {', '.join(NORMS)}")
     if fpn_channels < 1:
@@ -323,7 +319,7 @@ def _registered_backbone(name: str, *, fpn_channels: int, norm: str, output_stri
         raise ConfigError(f"model.output_stride={output_stride} is not supported by backbone "
                           f"{name!r} ({hint})")
     extra = {"output_stride": output_stride} if output_stride != 32 else {}
-    backbone = BACKBONES[name](fpn_channels=fpn_channels, norm=norm, **extra)
+    backbone = builder(fpn_channels=fpn_channels, norm=norm, **extra)
     if backbone.output_stride != output_stride:
         raise ValueError(f"backbone {name!r} built with output stride {backbone.output_stride}, "
                          f"asked for {output_stride}")

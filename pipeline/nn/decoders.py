@@ -53,7 +53,6 @@ groups; works at any batch size), ``"BN"`` or ``"none"``.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -62,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+from pipeline.named_registry import NamedRegistry
 from pipeline.nn.backbones import BackboneInfo, FeatureLevel, dilatable_backbones
 from pipeline.nn.fpn_heads import SemanticFPNHead, norm_layer
 from pipeline.nn.resize import crop_to, upsample_to
@@ -74,27 +74,18 @@ CONTEXT_LARGE_WIDTHS = (2, 2, 4, 8, 16, 32, 32)
 """Widths of the large context module's seven 3x3 layers, in multiples of C."""
 
 DecoderBuilder = Callable[..., nn.Module]
-DECODERS: dict[str, DecoderBuilder] = {}
-_BUILDER_ARGS = {"feature_spec", "num_outputs", "backbone"}
+DECODERS: NamedRegistry[DecoderBuilder] = NamedRegistry(
+    "decoder", positional=("feature_spec",), required=("num_outputs", "backbone"))
 
 
 def register_decoder(name: str) -> Callable[[DecoderBuilder], DecoderBuilder]:
     """Decorator registering ``builder(feature_spec, *, num_outputs, backbone, **options)``."""
-
-    def decorator(builder: DecoderBuilder) -> DecoderBuilder:
-        if name in DECODERS:
-            raise ValueError(f"decoder {name!r} is already registered")
-        DECODERS[name] = builder
-        return builder
-
-    return decorator
+    return DECODERS.register(name)
 
 
 def decoder_options(name: str) -> list[str]:
     """The keyword options the registered decoder ``name`` accepts."""
-    params = inspect.signature(DECODERS[name]).parameters.values()
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sorted(p.name for p in params if p.kind in kinds and p.name not in _BUILDER_ARGS)
+    return sorted(DECODERS.options(name))
 
 
 def build_decoder(
@@ -120,8 +111,7 @@ def build_decoder(
             decoder does not take (listing those it takes), a bad value, or a backbone the decoder
             cannot run on (naming decoder, backbone and the fix).
     """
-    if name not in DECODERS:
-        raise ConfigError(f"unknown decoder {name!r}; allowed: {', '.join(sorted(DECODERS))}")
+    builder = DECODERS.lookup(name)
     accepted = decoder_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -131,7 +121,7 @@ def build_decoder(
         raise ConfigError(f"decoder {name!r}: num_outputs must be an integer >= 1, got {num_outputs!r}")
     info = backbone or getattr(feature_spec, "info", None) or _infer_info(feature_spec)
     try:
-        return DECODERS[name](feature_spec, num_outputs=num_outputs, backbone=info, **options)
+        return builder(feature_spec, num_outputs=num_outputs, backbone=info, **options)
     except (ValueError, TypeError) as exc:
         message = " ".join(str(exc).split())
         raise ConfigError(f"decoder {name!r}: {message}") from exc

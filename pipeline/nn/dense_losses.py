@@ -17,7 +17,6 @@ Build one with ``build_dense_loss(name, **options)`` -> ``callable(logits, targe
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.errors import ConfigError
+from pipeline.named_registry import NamedRegistry
 
 DenseLoss = Callable[..., Tensor]
 
@@ -188,22 +188,16 @@ def combined(
 # ---------------------------------------------------------------------------------------------
 # registry
 
-DENSE_LOSSES: dict[str, DenseLoss] = {
+DENSE_LOSSES: NamedRegistry[DenseLoss] = NamedRegistry("dense loss", keyword_only=True, entries={
     "cross_entropy": cross_entropy,
     "soft_dice": soft_dice,
     "focal": focal,
     "combined": combined,
-}
-
-
-def _loss_options(name: str) -> set[str]:
-    """Keyword-only options of the registered loss ``name``."""
-    params = inspect.signature(DENSE_LOSSES[name]).parameters.values()
-    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+})
 
 
 def _check_options(name: str, options: Mapping[str, Any]) -> None:
-    accepted = _loss_options(name)
+    accepted = set(DENSE_LOSSES.options(name))
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ConfigError(
@@ -236,14 +230,13 @@ def build_dense_loss(name: str, **options: Any) -> Callable[[Tensor, Tensor], Te
         ConfigError: unknown ``name`` (listing the registered ones) or an option the loss does not
             take; for ``"combined"``, also bad ``weights``/``options`` names.
     """
-    if name not in DENSE_LOSSES:
-        raise ConfigError(f"unknown dense loss {name!r}; allowed: {', '.join(sorted(DENSE_LOSSES))}")
+    loss = DENSE_LOSSES.lookup(name)
     _check_options(name, options)
     if name == "combined":
         if "weights" not in options:
             raise ConfigError("combined loss needs weights={loss name: weight}")
         _check_combined(options["weights"], options.get("options"))
-    return functools.partial(DENSE_LOSSES[name], **options)
+    return functools.partial(loss, **options)
 
 
 __all__ = [

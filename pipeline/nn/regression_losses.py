@@ -21,7 +21,6 @@ options are one-line ``ConfigError``s.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import ConfigError
+from pipeline.named_registry import NamedRegistry
 
 RegressionLoss = Callable[..., Tensor]
 
@@ -178,15 +178,16 @@ def log_gradient_matching(pred: Tensor, target: Tensor, valid: Tensor, *, scales
     return total / used.clamp_min(1)
 
 
-REGRESSION_LOSSES: dict[str, RegressionLoss] = {
-    "l1": masked_l1,
-    "l2": masked_l2,
-    "berhu": berhu,
-    "silog": scale_invariant_log,
-    "cosine": cosine_loss,
-    "angular": angular_loss,
-    "log_gradient": log_gradient_matching,
-}
+REGRESSION_LOSSES: NamedRegistry[RegressionLoss] = NamedRegistry(
+    "regression loss", keyword_only=True, entries={
+        "l1": masked_l1,
+        "l2": masked_l2,
+        "berhu": berhu,
+        "silog": scale_invariant_log,
+        "cosine": cosine_loss,
+        "angular": angular_loss,
+        "log_gradient": log_gradient_matching,
+    })
 
 _RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
     ("berhu", "threshold"): (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
@@ -195,18 +196,11 @@ _RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
 }
 
 
-def _options_of(fn: RegressionLoss) -> list[str]:
-    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-
-
 def build_regression_loss(name: str, **options: Any) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """``callable(pred, target, valid)`` for loss ``name`` with ``options`` bound; one-line
     ``ConfigError`` for an unknown name, an unknown option or a value out of range."""
-    if name not in REGRESSION_LOSSES:
-        names = ", ".join(sorted(REGRESSION_LOSSES))
-        raise ConfigError(f"unknown regression loss {name!r}; allowed: {names}")
-    fn = REGRESSION_LOSSES[name]
-    allowed = _options_of(fn)
+    fn = REGRESSION_LOSSES.lookup(name)
+    allowed = REGRESSION_LOSSES.options(name)
     for key, value in options.items():
         if key not in allowed:
             raise ConfigError(f"loss {name!r} got unknown option {key!r}; "

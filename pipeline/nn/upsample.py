@@ -23,7 +23,6 @@ add one with ``@register_upsampler("name")`` on a builder taking those keywords.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,23 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+from pipeline.named_registry import NamedRegistry
 
 RESIZE_MODES = ("nearest", "bilinear")
 
 UpsamplerBuilder = Callable[..., nn.Module]
-UPSAMPLERS: dict[str, UpsamplerBuilder] = {}
+UPSAMPLERS: NamedRegistry[UpsamplerBuilder] = NamedRegistry(
+    "upsampler", required=("in_channels", "out_channels", "factor"))
 
 
 def register_upsampler(name: str) -> Callable[[UpsamplerBuilder], UpsamplerBuilder]:
     """Decorator registering ``builder(*, in_channels, out_channels, factor, **options)``."""
-
-    def decorator(builder: UpsamplerBuilder) -> UpsamplerBuilder:
-        if name in UPSAMPLERS:
-            raise ValueError(f"upsampler {name!r} is already registered")
-        UPSAMPLERS[name] = builder
-        return builder
-
-    return decorator
+    return UPSAMPLERS.register(name)
 
 
 def build_upsampler(
@@ -60,10 +54,8 @@ def build_upsampler(
         ConfigError: unknown ``name`` (listing the registered ones), an option the upsampler does
             not take, or a bad value (channels, factor, mode, kernel size).
     """
-    if name not in UPSAMPLERS:
-        raise ConfigError(f"unknown upsampler {name!r}; allowed: {', '.join(sorted(UPSAMPLERS))}")
-    builder = UPSAMPLERS[name]
-    accepted = _keyword_options(builder)
+    builder = UPSAMPLERS.lookup(name)
+    accepted = set(UPSAMPLERS.options(name))
     unknown = sorted(set(options) - accepted)
     if unknown:
         allowed = ", ".join(sorted(accepted)) or "none"
@@ -72,13 +64,6 @@ def build_upsampler(
         return builder(in_channels=in_channels, out_channels=out_channels, factor=factor, **options)
     except ValueError as exc:
         raise ConfigError(f"upsampler {name!r}: {exc}") from exc
-
-
-def _keyword_options(builder: UpsamplerBuilder) -> set[str]:
-    """Keyword options of ``builder`` beyond ``in_channels``, ``out_channels``, ``factor``."""
-    params = inspect.signature(builder).parameters.values()
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {p.name for p in params if p.kind in kinds} - {"in_channels", "out_channels", "factor"}
 
 
 # ---------------------------------------------------------------------------------------------
