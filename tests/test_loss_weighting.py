@@ -1,7 +1,8 @@
-"""Multi-task loss weighting (pipeline.losses) on a toy problem: a shared ``Linear(4, 8)`` + tanh and
-one linear head per task, regressing random data. Each method is checked against its paper: fixed
-sums, uncertainty's optimum exp(-s) = 1/(bL), DWA's eq. 7, GradNorm's gradient-norm balancing; plus
-absent tasks, state_dict resume, the builder's errors and agreement across distributed ranks."""
+"""Multi-task loss weighting (pipeline.engine.loss_weighting) on a toy problem: a shared
+``Linear(4, 8)`` + tanh and one linear head per task, regressing random data. Each method is
+checked against its paper: fixed sums, uncertainty's optimum exp(-s) = 1/(bL), DWA's eq. 7,
+GradNorm's gradient-norm balancing; plus absent tasks, state_dict resume, the builder's errors and
+agreement across distributed ranks."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from pipeline.engine.loss_weighting import LossWeighting, build_loss_weighting
 from pipeline.errors import ConfigError
-from pipeline.losses import LossWeighting, build_loss_weighting
 
 TASKS = ("a", "b")
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from pipeline.engine import distributed
+from pipeline.engine.loss_weighting import LossWeighting
 from pipeline.engine.precision import Precision
-from pipeline.losses import LossWeighting
 from pipeline.model import MultiTaskModel
 
 

@@ -22,10 +22,10 @@ from pipeline.engine import distributed
 from pipeline.engine.checkpoint import RunRecord, load_model_state, rng_state, set_rng_state
 from pipeline.engine.distributed import DistEnv
 from pipeline.engine.hooks import TrainState
+from pipeline.engine.loss_weighting import LossWeighting
 from pipeline.engine.precision import Precision
 from pipeline.engine.step import NonFiniteLoss, train_step
 from pipeline.errors import DensepipeError
-from pipeline.losses import LossWeighting
 from pipeline.model import MultiTaskModel
 
 log = logging.getLogger("pipeline.engine.trainer")  # the loop's and its hooks' log lines

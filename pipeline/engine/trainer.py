@@ -57,6 +57,7 @@ from pipeline.engine.checkpoint import (
     remove_stale_temp_files,
 )
 from pipeline.engine.loaders import train_dataset, train_loader
+from pipeline.engine.loss_weighting import LossWeighting, build_loss_weighting
 from pipeline.engine.precision import configure_backends, resolve_precision
 from pipeline.engine.schedule import lr_factor
 from pipeline.engine.step import NonFiniteLoss, TrainingModule, train_step
@@ -74,7 +75,6 @@ from pipeline.engine.train_hooks import (
 from pipeline.engine.train_loop import HookBase, Trainer
 from pipeline.errors import ConfigError, DensepipeError
 from pipeline.io import atomic_write_text
-from pipeline.losses import LossWeighting, build_loss_weighting
 from pipeline.metrics.multitask import metric_goal
 from pipeline.model import MultiTaskModel, build_model
 from pipeline.registry import TaskRegistry
