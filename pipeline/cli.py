@@ -346,7 +346,8 @@ def main() -> None:
     or a usage error), 130 / 143 (stopped by SIGINT / SIGTERM); see the module docstring. The
     process's SIGINT/SIGTERM handlers are put back on the way out (main() may run in-process)."""
     _log_to_stderr()
-    _add_plugin_commands()
+    if not _is_core_command(sys.argv[1:]):  # `densepipe train` imports no plugin command module
+        _add_plugin_commands()
     previous = _stop_on_signals()
     try:
         code = _run_app()
@@ -397,6 +398,14 @@ COMMANDS_ENTRY_POINT_GROUP = "densepipe.commands"
 to ``densepipe`` (a task's standalone evaluator, e.g. ``coco-eval``). The module is imported by
 every ``densepipe`` call, so it imports its heavy dependencies inside the function, as the
 commands here do."""
+
+
+def _is_core_command(args: list[str]) -> bool:
+    """Whether ``args`` run one of this module's own commands (then the plugin commands need not
+    be loaded: a stage run by DVC imports only the files its ``deps`` list)."""
+    first = next((a for a in args if not a.startswith("-")), None)
+    return first is not None and first in {c.name or c.callback.__name__.replace("_", "-")
+                                            for c in app.registered_commands if c.callback}
 
 
 def _add_plugin_commands() -> None:
