@@ -8,13 +8,23 @@ registry by ``check_tasks`` (the config module itself knows no task).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -44,10 +54,48 @@ def validated_options(model: type[BaseModel], raw: dict[str, Any] | None, *, key
         raise ConfigError(f"{key}.{loc}: {err['msg']}; {owner}: {allowed}") from None
 
 
+READS: set[str] | None = None
+"""With ``DENSEPIPE_RECORD_CONFIG_READS`` set when this module is imported: every config key a
+process reads (``section.key``), so a test can check that ``dvc.yaml`` lists what each stage reads
+(``tests/test_dvc.py``). None otherwise (nothing recorded, nothing slowed)."""
+if os.environ.get("DENSEPIPE_RECORD_CONFIG_READS"):
+    READS = set()
+
+
+@contextlib.contextmanager
+def unrecorded_reads() -> Iterator[None]:
+    """Reads inside the block are not recorded in ``READS``: validation that looks at every
+    section (``stages.check_config``) reads keys a stage does not use."""
+    global READS
+    saved, READS = READS, None
+    try:
+        yield
+    finally:
+        READS = saved
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are type-checked strictly."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _path: str = PrivateAttr("")
+
+    if READS is not None:
+        def __getattribute__(self, name: str) -> Any:
+            value = super().__getattribute__(name)
+            if READS is not None and not name.startswith("_") and name in type(
+                    self).model_fields and not isinstance(value, Section):
+                private = super().__getattribute__("__pydantic_private__") or {}
+                path = private.get("_path", "")
+                READS.add(f"{path}.{name}" if path else name)  # type: ignore[union-attr]
+            return value
+
+    def _set_paths(self, path: str) -> None:
+        self._path = path
+        for name in type(self).model_fields:
+            value = self.__dict__.get(name)
+            if isinstance(value, Section):
+                value._set_paths(f"{path}.{name}" if path else name)
 
 
 class SyntheticConfig(Section):
@@ -258,6 +306,11 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _named_sections(self) -> Config:
+        self._set_paths("")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """``{"train.lr": 0.002, ...}``: the flattened config (MLflow params)."""

@@ -133,6 +133,13 @@ def check_config(cfg: Config) -> None:
     (``pipeline.config.check_metric``; ``auto`` with no main metric to pick is refused only when
     early stopping needs it), ``data.source`` and ``data.options``. ``densepipe config`` runs it
     too."""
+    from pipeline.config import unrecorded_reads
+
+    with unrecorded_reads():  # validation reads every section; the stages record what they use
+        _check_config(cfg)
+
+
+def _check_config(cfg: Config) -> None:
     from pipeline.config import check_metric, check_tasks, resolve_best_metric
     from pipeline.engine.loaders import dataset_format
     from pipeline.errors import ConfigError

@@ -136,7 +136,8 @@ def _code_deps(spec: dict[str, Any]) -> list[str]:
 
 
 # Loaded by every Python process of the test (PYTHONPATH): a `densepipe <stage>` process writes the
-# project modules it imported to <DENSEPIPE_TEST_TRACE>/<stage>.txt when it exits.
+# project modules it imported to <DENSEPIPE_TEST_TRACE>/<stage>.txt when it exits, and the config
+# keys it read (pipeline.config.READS, DENSEPIPE_RECORD_CONFIG_READS) to <stage>.params.txt.
 _IMPORT_TRACE = """
 import atexit, os, sys
 
@@ -149,6 +150,9 @@ def _dump():
                     if (getattr(m, "__file__", None) or "").startswith(root)})
     with open(os.path.join(os.environ["DENSEPIPE_TEST_TRACE"], sys.argv[1] + ".txt"), "w") as f:
         f.write("\\n".join(files))
+    reads = sorted(getattr(sys.modules.get("pipeline.config"), "READS", None) or ())
+    with open(os.path.join(os.environ["DENSEPIPE_TEST_TRACE"], sys.argv[1] + ".params.txt"), "w") as f:
+        f.write("\\n".join(reads))
 
 
 atexit.register(_dump)
@@ -220,6 +224,7 @@ def test_dvc_pipeline_repro_experiments_metrics_plots_and_remote(tmp_path: Path)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
            "PYTHONPATH": os.pathsep.join([str(repo), str(hooks)]),
            "DENSEPIPE_TEST_ROOT": str(repo), "DENSEPIPE_TEST_TRACE": str(trace),
+           "DENSEPIPE_RECORD_CONFIG_READS": "1",
            "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"), "MLFLOW_DISABLE_TELEMETRY": "true",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -239,6 +244,12 @@ def test_dvc_pipeline_repro_experiments_metrics_plots_and_remote(tmp_path: Path)
         listed = _python_files(repo, stage["deps"])
         assert imported == listed, (f"dvc.yaml stage {name}: imported, no dep: {sorted(imported - listed)}; "
                                     f"a dep, not imported: {sorted(listed - imported)}")
+        # every config key the stage read is one of its params (tracking.* by design is none)
+        read = set((trace / f"{name}.params.txt").read_text().split())
+        params_listed = [p if isinstance(p, str) else next(iter(p)) for p in stage["params"]]
+        untracked = sorted(k for k in read if not k.startswith("tracking.") and not any(
+            k == p or k.startswith(p + ".") for p in params_listed))
+        assert untracked == [], f"dvc.yaml stage {name} reads params it does not list: {untracked}"
     # outputs, metrics and plot data are there
     metrics = json.loads((repo / "metrics.json").read_text())
     assert 0.0 <= metrics["semantic/mIoU"] <= 1.0 and "instance/bbox_AP50" in metrics

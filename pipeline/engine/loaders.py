@@ -244,8 +244,7 @@ def eval_dataset(cfg: Config, split: str | None = None, *,
     evaluated may be a registered one whose tasks differ from ``model.tasks``."""
     kinds = None if tasks is None else _label_kinds_or_all(tasks)
     ds = open_split(cfg, split or cfg.data.val_split, label_kinds=kinds)
-    ds.transforms = build_transforms(train=False, image_size=cfg.data.image_size, card=ds.card,
-                                     scale=cfg.data.scale_range)
+    ds.transforms = build_transforms(train=False, image_size=cfg.data.image_size, card=ds.card)
     return ds
 
 
