@@ -40,8 +40,7 @@ def prepare_flow(params: str = "params.yaml", overrides: list[str] | None = None
 def train_flow(params: str = "params.yaml", overrides: list[str] | None = None,
                nproc_per_node: int = 1) -> dict[str, Any]:
     """Train (resuming from ``last.pt``); ``nproc_per_node > 1`` runs torchrun on this machine."""
-    return train_task(_cfg(params, overrides), params=params, overrides=list(overrides or []),
-                      nproc_per_node=nproc_per_node)
+    return train_task(_cfg(params, overrides), nproc_per_node=nproc_per_node)
 
 
 @flow(name="densepipe-evaluate", log_prints=True)
@@ -72,8 +71,7 @@ def pipeline_flow(params: str = "params.yaml", overrides: list[str] | None = Non
             print(f"prepare {note}")
             if tracker is not None:
                 tracker.set_tags({SKIPPED_TAG.format(stage="prepare"): note})
-        trained = train_task(cfg, params=params, overrides=overrides, parent_run_id=parent_id,
-                             nproc_per_node=nproc_per_node)
+        trained = train_task(cfg, parent_run_id=parent_id, nproc_per_node=nproc_per_node)
         metrics = evaluate_task(cfg, parent_run_id=parent_id)
         links: dict[str, str] = {}
         notes = [f"checkpoint `{trained['best']}` at step {trained['step']}"]

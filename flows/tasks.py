@@ -82,35 +82,41 @@ def run_prepare(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]
 
 
 @task(name="train")
-def train_task(cfg: Config, *, params: str, overrides: list[str], parent_run_id: str | None = None,
+def train_task(cfg: Config, *, parent_run_id: str | None = None,
                nproc_per_node: int = 1) -> dict[str, Any]:
     """Train in this process, or under ``torchrun`` on ``nproc_per_node`` local processes (the
     summary then comes from ``<train.out_dir>/train_summary.json``, written by rank 0)."""
     if nproc_per_node <= 1:
         return stages.train(cfg, parent_run_id=parent_run_id)
-    return train_with_torchrun(params=params, overrides=overrides, parent_run_id=parent_run_id,
-                               nproc_per_node=nproc_per_node, out_dir=Path(cfg.train.out_dir))
+    return train_with_torchrun(cfg, parent_run_id=parent_run_id, nproc_per_node=nproc_per_node)
 
 
-def train_with_torchrun(*, params: str, overrides: list[str], parent_run_id: str | None,
-                        nproc_per_node: int, out_dir: Path) -> dict[str, Any]:
-    """``torchrun --standalone --nproc_per_node=N -m pipeline.cli train`` with the same config."""
+def train_with_torchrun(cfg: Config, *, parent_run_id: str | None,
+                        nproc_per_node: int) -> dict[str, Any]:
+    """``torchrun --standalone --nproc_per_node=N -m pipeline.cli train`` with ``cfg`` itself: the
+    resolved config is written to a temporary params file every process loads (no params path
+    and override strings travel alongside the config)."""
+    import tempfile
+
+    import yaml
     from prefect.logging import get_run_logger
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc_per_node}", "-m", "pipeline.cli", "train", "--params", params]
-    for override in overrides:
-        cmd += ["--set", override]
-    if parent_run_id is not None:
-        cmd += ["--parent-run-id", parent_run_id]
-    logger = get_run_logger()
-    logger.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="densepipe-torchrun-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc_per_node}", "-m", "pipeline.cli", "train", "--params",
+               str(params)]
+        if parent_run_id is not None:
+            cmd += ["--parent-run-id", parent_run_id]
+        logger = get_run_logger()
+        logger.info("running %s", " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         logger.error("torchrun output:\n%s", "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]))
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"torchrun training exited with {proc.returncode}: {last}")
-    return json.loads((out_dir / stages.TRAIN_SUMMARY).read_text())
+    return json.loads((Path(cfg.train.out_dir) / stages.TRAIN_SUMMARY).read_text())
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_transient)
