@@ -9,14 +9,16 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_LOGGING_LEVEL = WARNING
+export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: demo test test-fast install install-test lint bench ui serve clean-demo help
+.PHONY: demo test test-fast install install-test lint docs docs-gen bench ui serve clean-demo help
 
 help:
 	@echo "make demo   - install, then run the whole pipeline on the synthetic dataset (Prefect + MLflow)"
 	@echo "make test   - install test requirements, run the test suite"
 	@echo "make test-fast - the suite without the tests marked slow (real servers, trainings, DVC)"
 	@echo "make lint   - ruff"
+	@echo "make docs   - the manual into site/ (open site/index.html); docs-gen regenerates its generated pages"
 	@echo "make bench  - speed benchmarks (JSON in benchmarks/results/)"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:$(UI_PORT) over the default store (mlflow.db)"
 	@echo "make serve  - run the pipeline on a schedule (CRON=\"$(CRON)\" or INTERVAL=seconds) against"
@@ -53,11 +55,23 @@ test-fast: install-test
 lint: install-test
 	$(BIN)/ruff check .
 
+# The manual (mkdocs.yml). --strict: a broken link, anchor or API reference fails the build;
+# tests/test_docs.py builds it the same way and fails while a generated page is stale.
+docs: install-test
+	$(BIN)/mkdocs build --strict -d site
+
+# Rewrite the generated pages: the configuration reference (from pipeline/config.py) and the
+# benchmark tables (from benchmarks/results/*.json). docs/bad-inputs.md: docs/bad_inputs.py (3 min).
+docs-gen: install-test
+	$(BIN)/python docs/gen_reference.py
+	$(BIN)/python docs/gen_benchmarks.py
+
 bench: install-test
 	$(BIN)/python benchmarks/render_speed.py
 	$(BIN)/python benchmarks/read_speed.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/panoptic_speed.py
+	$(BIN)/python docs/gen_benchmarks.py
 
 UI_PORT ?= 5000
 ui: install

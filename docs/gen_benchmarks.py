@@ -1,0 +1,190 @@
+"""Regenerate docs/benchmarks.md from benchmarks/results/*.json: no number is copied by hand.
+
+    .venv/bin/python docs/gen_benchmarks.py           # writes docs/benchmarks.md
+    .venv/bin/python docs/gen_benchmarks.py OUT.md    # writes OUT.md (tests/test_docs.py compares)
+
+The page starts with the demo runs side by side (every file whose ``benchmark`` is ``demo_run``:
+its overrides, time and headline metrics), then one section per results file: the benchmark, the
+machine it ran on and the command as the file records them, its prose fields, and every value in
+tables (a mapping of mappings becomes one table, a list of records another). A benchmark writes
+its JSON (``make bench``, ``benchmarks/*.py``); rerun this script after it, ``make test`` fails
+while the page is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+OUT = REPO / "docs" / "benchmarks.md"
+
+PROSE = ("what", "how", "note", "settings", "statistic", "data", "images")
+"""Top-level string fields rendered as paragraphs rather than table cells."""
+MACHINE = ("device", "machine")
+COMMAND = ("command",)
+HEADLINE = [
+    ("mIoU", "semantic/mIoU"), ("segm AP", "instance/segm_AP"), ("bbox AP", "instance/bbox_AP"),
+    ("keypoint AP", "keypoints/AP"), ("PQ", "panoptic/PQ"), ("PQ things", "panoptic/PQ_th"),
+    ("PQ stuff", "panoptic/PQ_st"), ("depth delta1", "depth/delta1"),
+    ("depth abs_rel", "depth/abs_rel"), ("normals mean angle", "normals/mean_angle"),
+    ("normals median angle", "normals/median_angle"), ("colorization PSNR", "colorization/psnr"),
+    ("gray PSNR", "colorization/psnr_gray"),
+]
+"""The demo table's metric columns: (heading, key in a demo_run file's ``metrics``)."""
+
+
+def number(v: Any) -> str:
+    """A value as shown: floats to 4 decimals (3 significant digits when smaller than 0.001)."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if isinstance(v, bool) else "null"
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.3g}"
+        text = f"{v:.4f}".rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+    return str(v)
+
+
+def cell(v: Any) -> str:
+    if isinstance(v, list) and all(not isinstance(x, dict | list) for x in v):
+        text = ", ".join(number(x) for x in v) if v else "[]"
+    elif isinstance(v, dict | list):
+        text = json.dumps(v, separators=(", ", ": "), default=str)
+    else:
+        text = number(v)
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def record_table(first: str, records: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """One row per record (flattened), columns in order of first appearance."""
+    flat = [(name, flatten(r)) for name, r in records]
+    columns: list[str] = []
+    for _, r in flat:
+        columns += [c for c in r if c not in columns]
+    return table([first, *[f"`{c}`" for c in columns]],
+                 [[name, *[r.get(c, "") for c in columns]] for name, r in flat])
+
+
+def is_table_of_records(value: Any) -> bool:
+    if isinstance(value, list):
+        return len(value) > 0 and all(isinstance(x, dict) for x in value)
+    return (isinstance(value, dict) and len(value) >= 2
+            and all(isinstance(x, dict) for x in value.values()))
+
+
+def machine_text(data: dict[str, Any]) -> str:
+    parts = []
+    for key in MACHINE:
+        value = data.get(key)
+        if isinstance(value, dict):
+            parts.append(", ".join(f"{k} {number(v)}" for k, v in value.items()))
+        elif value is not None:
+            parts.append(str(value))
+    return "; ".join(parts) or "not recorded"
+
+
+def section(path: Path, data: dict[str, Any]) -> list[str]:
+    out = [f"## {path.stem}", ""]
+    out.append(f"`benchmarks/results/{path.name}`: benchmark `{data.get('benchmark', path.stem)}`, "
+               f"machine: {machine_text(data)}.")
+    out.append("")
+    for key in COMMAND:
+        if isinstance(data.get(key), str):
+            out += ["```bash", data[key], "```", ""]
+    for key in PROSE:
+        if isinstance(data.get(key), str):
+            out += [f"**{key}:** " + " ".join(data[key].split()), ""]
+    skip = {"benchmark", *MACHINE, *COMMAND, *[k for k in PROSE if isinstance(data.get(k), str)]}
+    scalars: dict[str, Any] = {}
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if is_table_of_records(value):
+            tables.append((key, value))
+        elif isinstance(value, dict) and value:
+            scalars.update(flatten(value, f"{key}."))
+        else:
+            scalars[key] = value
+    if scalars:
+        out += table(["key", "value"], [[f"`{k}`", v] for k, v in scalars.items()])
+        out.append("")
+    for key, value in tables:
+        out += [f"`{key}`:", ""]
+        if isinstance(value, dict):
+            out += record_table("", [(f"`{k}`", v) for k, v in value.items()])
+        else:
+            out += record_table("#", [(str(i), v) for i, v in enumerate(value)])
+        out.append("")
+    return out
+
+
+def demo_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    runs = [(p, d) for p, d in files if d.get("benchmark") == "demo_run"]
+    header = ["file", "overrides", "seconds", "training s", *[h for h, _ in HEADLINE], "machine"]
+    rows = []
+    for path, d in runs:
+        metrics = d.get("metrics", {})
+        overrides = " ".join(f"`{o}`" for o in d.get("overrides") or []) or "(the defaults)"
+        rows.append([f"[{path.stem}](#{path.stem.replace('_', '_')})", overrides,
+                     d.get("seconds", ""), d.get("train_seconds", ""),
+                     *[metrics.get(k, "") for _, k in HEADLINE], machine_text(d)])
+    return table(header, rows)
+
+
+def render() -> str:
+    files = [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob("*.json"))]
+    out = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by docs/gen_benchmarks.py from benchmarks/results/*.json: do not edit by "
+        "hand. -->",
+        "",
+        "Every number on this page is read from a results file in `benchmarks/results/`, written "
+        "by the benchmark scripts in `benchmarks/` (`make bench` runs the speed benchmarks). Each "
+        "file records the machine it ran on: compare numbers measured on the same machine only. "
+        "What the demo settings mean and how they were chosen: [demo results](results.md).",
+        "",
+        "## Demo runs",
+        "",
+        "Every `benchmarks/demo_run.py` result (the whole `densepipe run` pipeline, as `make demo` "
+        "runs it, with the overrides shown): wall time, training time and the headline metrics "
+        "(empty where the run did not train that task).",
+        "",
+        *demo_table(files),
+        "",
+    ]
+    for path, data in files:
+        out += section(path, data)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    target = Path(argv[1]) if len(argv) > 1 else OUT
+    target.write_text(render())
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
