@@ -25,11 +25,11 @@ batch 8, 128x128 crops, the semantic head's ``norm: BN``) with ``model.tasks=[se
 (pinned: the recorded results predate the AdamW default).
 
     python benchmarks/decoder_compare.py [--budget-s 240] [--decoders fcn8s,aspp] [--out FILE]
-        [--data-root DIR] [--update-readme]
+        [--data-root DIR]
     python benchmarks/decoder_compare.py --smoke     # seconds: 2 decoders, tiny data and budget
 
 Results: ``benchmarks/results/decoder_compare.json`` and a Markdown table on stdout
-(``--update-readme`` writes it between the ``decoder_compare`` markers of docs/decoders.md).
+(docs/benchmarks.md renders it from the JSON: ``docs/gen_benchmarks.py``).
 """
 
 from __future__ import annotations
@@ -55,8 +55,6 @@ from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from pipeline.config import Config, load_config  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "decoder_compare.json"
-README = ROOT / "docs" / "decoders.md"
-MARK_BEGIN, MARK_END = "<!-- decoder_compare:begin -->", "<!-- decoder_compare:end -->"
 BACKBONE = "resnet18"
 DILATED = {"aspp": 8, "context_basic": 8, "context_large": 8}
 # (decoder, backbone, output stride), in table order
@@ -189,15 +187,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str) -> None:
-    text = README.read_text()
-    if MARK_BEGIN not in text or MARK_END not in text:
-        sys.exit(f"{README} has no {MARK_BEGIN} ... {MARK_END} markers")
-    head, rest = text.split(MARK_BEGIN, 1)
-    _, tail = rest.split(MARK_END, 1)
-    README.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=240.0, help="CPU training seconds per decoder")
@@ -207,7 +196,6 @@ def main() -> None:
     ap.add_argument("--out", default=None, help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})")
     ap.add_argument("--smoke", action="store_true",
                     help="prove it works in seconds: fcn32s and aspp, 16 images at 64x64, 3 s budget")
-    ap.add_argument("--update-readme", action="store_true", help="write the table into docs/decoders.md")
     args = ap.parse_args()
 
     rows = ROWS
@@ -261,10 +249,6 @@ def main() -> None:
         out_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out_path}")
     print(table)
-    if args.update_readme:
-        if args.smoke:
-            sys.exit("--update-readme is refused with --smoke (docs/decoders.md shows the full run)")
-        update_readme(table)
     if any("error" in r for r in results):
         sys.exit(1)
 

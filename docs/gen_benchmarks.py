@@ -30,9 +30,10 @@ HEADLINE = [
     ("mIoU", "semantic/mIoU"), ("segm AP", "instance/segm_AP"), ("bbox AP", "instance/bbox_AP"),
     ("keypoint AP", "keypoints/AP"), ("PQ", "panoptic/PQ"), ("PQ things", "panoptic/PQ_th"),
     ("PQ stuff", "panoptic/PQ_st"), ("depth delta1", "depth/delta1"),
-    ("depth abs_rel", "depth/abs_rel"), ("normals mean angle", "normals/mean_angle"),
-    ("normals median angle", "normals/median_angle"), ("colorization PSNR", "colorization/psnr"),
-    ("gray PSNR", "colorization/psnr_gray"),
+    ("depth abs_rel", "depth/abs_rel"), ("depth rmse", "depth/rmse"),
+    ("normals mean angle", "normals/mean_angle"), ("normals median angle", "normals/median_angle"),
+    ("colorization PSNR", "colorization/psnr"), ("gray PSNR", "colorization/psnr_gray"),
+    ("colorization AUC", "colorization/auc"),
 ]
 """The demo table's metric columns: (heading, key in a demo_run file's ``metrics``)."""
 
@@ -126,6 +127,8 @@ def section(path: Path, data: dict[str, Any]) -> list[str]:
             scalars.update(flatten(value, f"{key}."))
         else:
             scalars[key] = value
+    if path.stem in SUMMARIES:
+        out += [f"### {path.stem} summary", "", *SUMMARIES[path.stem](data), ""]
     if scalars:
         out += table(["key", "value"], [[f"`{k}`", v] for k, v in scalars.items()])
         out.append("")
@@ -139,17 +142,90 @@ def section(path: Path, data: dict[str, Any]) -> list[str]:
     return out
 
 
+def last_logged_step(d: dict[str, Any]) -> Any:
+    """The step of a run's last training-log line (``train_log_tail``), else ``""``."""
+    tail = d.get("train_log_tail") or []
+    first = tail[-1].split(",")[0] if tail else ""
+    return int(first) if first.isdigit() else ""
+
+
+def overrides_text(overrides: list[str] | None) -> str:
+    return " ".join(f"`{o}`" for o in overrides or []) or "(the defaults)"
+
+
 def demo_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
     runs = [(p, d) for p, d in files if d.get("benchmark") == "demo_run"]
-    header = ["file", "overrides", "seconds", "training s", *[h for h, _ in HEADLINE], "machine"]
+    header = ["file", "overrides", "steps", "seconds", "training s", *[h for h, _ in HEADLINE],
+              "machine"]
     rows = []
     for path, d in runs:
         metrics = d.get("metrics", {})
-        overrides = " ".join(f"`{o}`" for o in d.get("overrides") or []) or "(the defaults)"
-        rows.append([f"[{path.stem}](#{path.stem.replace('_', '_')})", overrides,
-                     d.get("seconds", ""), d.get("train_seconds", ""),
+        rows.append([f"[{path.stem}](#{path.stem})", overrides_text(d.get("overrides")),
+                     last_logged_step(d), d.get("seconds", ""), d.get("train_seconds", ""),
                      *[metrics.get(k, "") for _, k in HEADLINE], machine_text(d)])
     return table(header, rows)
+
+
+def multitask_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """Every ``multitask`` result side by side: cost ratio, Delta_m and each task's metric."""
+    runs = [(p, d) for p, d in files if d.get("benchmark") == "multitask"]
+    metrics: list[str] = []
+    for _, d in runs:
+        metrics += [r["metric"] for r in d.get("delta_m_rows", []) if r["metric"] not in metrics]
+    header = ["file", "overrides", "steps", "multi-task train s", "single-task train s (sum)",
+              "cost ratio", "Delta_m %", *[f"{m}: multi (single, %)" for m in metrics], "machine"]
+    rows = []
+    for path, d in runs:
+        by_metric = {r["metric"]: r for r in d.get("delta_m_rows", [])}
+        multi = d.get("multi") if isinstance(d.get("multi"), dict) else {}
+        cells = []
+        for m in metrics:
+            r = by_metric.get(m)
+            cells.append(f"{number(r['multi'])} ({number(r['single'])}, "
+                         f"{number(r['relative_percent'])})" if r else "")
+        overrides = [*(d.get("overrides") or []), *(d.get("multi_overrides") or [])]
+        rows.append([f"[{path.stem}](#{path.stem})", overrides_text(overrides), d.get("steps", ""),
+                     multi.get("train_seconds", ""), d.get("single_total_train_seconds", ""),
+                     d.get("cost_ratio", ""), d.get("delta_m_percent", ""), *cells,
+                     machine_text(d)])
+    return table(header, rows)
+
+
+def decoder_summary(data: dict[str, Any]) -> list[str]:
+    """decoder_compare's rows as docs/decoders.md discusses them (millions, GFLOPs, img/s)."""
+    rows = []
+    for r in data.get("rows", []):
+        params = " / ".join(f"{r[k] / 1e6:.2f}" for k in ("params_total", "params_used",
+                                                            "params_decoder"))
+        gflops = f"{r['gflops_total']:.2f} / {r['gflops_decoder']:.2f}"
+        rows.append([f"`{r['decoder']}`", f"{r['backbone']} ({r['output_stride']})", params,
+                     gflops, f"{r['train_images_per_s']:.1f}", r["steps"], r["train_seconds"],
+                     f"{r['mIoU']:.3f}"])
+    return table(["decoder", "backbone (output stride)", "params total / used / decoder (M)",
+                  "GFLOPs total / decoder", "train img/s", "steps", "train s", "mIoU"], rows)
+
+
+def predict_summary(data: dict[str, Any]) -> list[str]:
+    """predict_speed's images/s per batch size (best round in brackets), one row per device."""
+    def pair(entry: dict[str, Any] | None) -> str:
+        if not entry:
+            return ""
+        return f"{number(entry['images_per_s'])} ({number(entry['best_images_per_s'])})"
+    rows = []
+    for device, res in data.get("results", {}).items():
+        for b in data.get("batch_sizes", []):
+            engine = res.get(f"engine_b{b}", {})
+            rows.append([device, b, pair(engine), pair(engine.get("model_predict")),
+                         pair(engine.get("forward_only")), pair(res.get(f"dense_eager_b{b}")),
+                         pair(res.get(f"dense_onnx_b{b}")),
+                         res.get(f"dense_onnx_over_eager_b{b}", "")])
+    return table(["device", "batch", "predict, end to end", "model.predict", "its forward alone",
+                  "4 dense tasks, eager", "4 dense tasks, onnxruntime", "onnxruntime / eager"],
+                 rows)
+
+
+SUMMARIES = {"decoder_compare": decoder_summary, "predict_speed": predict_summary}
+"""Results files that also get a compact table (``## <stem> summary``) that pages link to."""
 
 
 def render() -> str:
@@ -172,6 +248,15 @@ def render() -> str:
         "(empty where the run did not train that task).",
         "",
         *demo_table(files),
+        "",
+        "## Multi-task runs",
+        "",
+        "Every `benchmarks/multitask.py` result: the multi-task model against one single-task "
+        "model per task, trained for the same steps; cost ratio = multi-task training time / the "
+        "single-task ones' sum, Delta_m = the mean relative difference to the single-task models "
+        "(positive: the multi-task model is better).",
+        "",
+        *multitask_table(files),
         "",
     ]
     for path, data in files:
