@@ -98,3 +98,26 @@ def test_plugin_example_installs_and_trains(tiny_dataset: Path, tmp_path: Path,
         assert "brightness/mae" in metrics and "semantic/mIoU" in metrics
     finally:
         sys.modules.pop("densepipe_brightness", None)
+
+
+def test_bad_inputs_page_lists_every_case() -> None:
+    """docs/bad-inputs.md holds one row per case of docs/bad_inputs.py, in order, with the command
+    as the generator shows it (running the cases takes minutes: a case added, removed or changed
+    without regenerating the page fails here; the messages themselves are pinned by the tests of
+    each error)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("densepipe_docs_bad_inputs",
+                                                  root / "docs" / "bad_inputs.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.modules.pop(spec.name, None)  # type: ignore[union-attr]
+    port = "http://127.0.0.1:PORT"
+    expected = [f"| {c.what} | `densepipe {' '.join(c.args)}` |" for c in module.cases(port)]
+    rows = [line for line in (root / "docs" / "bad-inputs.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith(("| case |", "|---"))]
+    got = [row[:len(e)] for row, e in zip(rows, expected, strict=False)]
+    assert len(rows) == len(expected) and got == expected, (
+        "docs/bad-inputs.md is stale: regenerate it with `.venv/bin/python docs/bad_inputs.py`")
