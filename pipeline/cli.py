@@ -412,10 +412,10 @@ def _add_plugin_commands() -> None:
     """Register the ``densepipe.commands`` entry points (``main`` does, once per process; a test
     driving ``app`` itself calls this first); one that fails to load is a warning naming it (the
     other commands stay usable), one whose name is taken is skipped."""
-    import importlib.metadata as md
+    from pipeline.hookspecs import unique_entry_points
 
     taken = {c.name for c in app.registered_commands}
-    for ep in sorted(set(md.entry_points(group=COMMANDS_ENTRY_POINT_GROUP)), key=lambda e: e.name):
+    for ep in sorted(unique_entry_points(COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name):
         if ep.name in taken:
             continue
         try:

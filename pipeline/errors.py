@@ -55,3 +55,10 @@ class OutputError(DensepipeError):
 class ExportError(DensepipeError):
     """A model, or some of its tasks, cannot be exported in the requested format; the message names
     the tasks or values and what would work (``pipeline.export``)."""
+
+
+def error_line(e: BaseException) -> str:
+    """``"<ExceptionType>: <message on one line>"`` (the type alone for an empty message): how a
+    plugin's failure to load or register is reported."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -48,6 +48,7 @@ convention).
 
 from __future__ import annotations
 
+import importlib.metadata as md
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -62,6 +63,18 @@ if TYPE_CHECKING:
 PROJECT = "densepipe"
 ENTRY_POINT_GROUP = "densepipe.tasks"
 HOOKS_ENTRY_POINT_GROUP = "densepipe.hooks"
+
+def unique_entry_points(group: str) -> list[md.EntryPoint]:
+    """The entry points of ``group`` in discovery order, each ``name = value`` once (a
+    distribution found twice on ``sys.path`` lists its entry points twice). Loads nothing."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for ep in md.entry_points(group=group):
+        if (ep.name, ep.value) not in seen:
+            seen.add((ep.name, ep.value))
+            out.append(ep)
+    return out
+
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

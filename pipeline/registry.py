@@ -11,7 +11,6 @@ The same plugins may register dense label kinds (``densepipe_register_label_kind
 
 from __future__ import annotations
 
-import importlib.metadata as md
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pluggy
 
 from pipeline import hookspecs
-from pipeline.errors import ConfigError, PluginError
+from pipeline.errors import ConfigError, PluginError, error_line
 from pipeline.task import VIEWS, Task
 
 
@@ -43,11 +42,6 @@ class TaskEntry:
         }
         return {**base, "provider": self.provider, "entry_point": self.entry_point,
                 "status": self.status}
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class TaskRegistry:
@@ -74,26 +68,21 @@ class TaskRegistry:
 
     # -- discovery ------------------------------------------------------------------------------
     def _load_entry_points(self) -> None:
-        seen: set[tuple[str, str]] = set()
-        for ep in md.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
-            key = (ep.name, ep.value)
-            if key in seen:  # the same distribution seen twice on sys.path
-                continue
-            seen.add(key)
+        for ep in hookspecs.unique_entry_points(hookspecs.ENTRY_POINT_GROUP):
             provider = ep.dist.name if ep.dist is not None else "?"
             where = f"{ep.name} = {ep.value}"
             try:
                 plugin = ep.load()
             except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
                 self._failed.append(TaskEntry(ep.name, provider, where,
-                                              error=f"import failed: {_one_line(e)}"))
+                                              error=f"import failed: {error_line(e)}"))
                 continue
             if self.pm.is_registered(plugin):
                 continue
             try:
                 self.pm.register(plugin, name=ep.name)
             except ValueError as e:  # name already taken by another plugin
-                self._failed.append(TaskEntry(ep.name, provider, where, error=_one_line(e)))
+                self._failed.append(TaskEntry(ep.name, provider, where, error=error_line(e)))
                 continue
             self._origin[ep.name] = (provider, where)
 
@@ -106,7 +95,7 @@ class TaskRegistry:
                     _check_task(task)
             except Exception as e:  # noqa: BLE001 - reported per plugin
                 self._failed.append(TaskEntry(impl.plugin_name, provider, where,
-                                              error=f"densepipe_register_tasks failed: {_one_line(e)}"))
+                                              error=f"densepipe_register_tasks failed: {error_line(e)}"))
                 continue
             for task in tasks:
                 if task.name in self._entries:
@@ -128,7 +117,7 @@ class TaskRegistry:
                 provided.append((where, list(impl.function() or [])))
             except Exception as e:  # noqa: BLE001 - reported per plugin
                 self._failed.append(TaskEntry(impl.plugin_name, provider, where, error=(
-                    f"densepipe_register_label_kinds failed: {_one_line(e)}")))
+                    f"densepipe_register_label_kinds failed: {error_line(e)}")))
         self.dense_label_kinds, errors = collect_dense_kinds(provided)
         """Every usable dense label kind by name: built-ins first, then the plugins' in
         registration order (``pipeline.data.label_kinds``)."""

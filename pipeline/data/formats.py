@@ -31,7 +31,6 @@ folder), ``coco``; the ``plugins.formats`` package adds the public datasets' lay
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -44,7 +43,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.data.label_kinds import BUILTIN_LABEL_KINDS
 from pipeline.data.label_kinds import LABEL_KINDS as _LABEL_KINDS
-from pipeline.errors import ConfigError, DataError, PluginError
+from pipeline.errors import ConfigError, DataError, PluginError, error_line
 
 FORMATS_ENTRY_POINT_GROUP = "densepipe.formats"
 LABEL_KINDS = _LABEL_KINDS
@@ -203,11 +202,6 @@ def image_hw(path: str | os.PathLike[str]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 class FormatRegistry:
     """The dataset formats of this process: the ``densepipe.formats`` entry points (built-ins
     included) plus ``plugins`` given directly. A plugin that fails to import or register is
@@ -221,17 +215,13 @@ class FormatRegistry:
         self.formats: dict[str, DatasetFormat] = {}
         self.failed: dict[str, str] = {}
         if entry_points:
-            seen: set[tuple[str, str]] = set()
-            for ep in md.entry_points(group=FORMATS_ENTRY_POINT_GROUP):
-                if (ep.name, ep.value) in seen:
-                    continue
-                seen.add((ep.name, ep.value))
+            for ep in hookspecs.unique_entry_points(FORMATS_ENTRY_POINT_GROUP):
                 try:
                     plugin = ep.load()
                     if not self.pm.is_registered(plugin):
                         self.pm.register(plugin, name=f"format:{ep.name}")
                 except Exception as e:  # noqa: BLE001 - reported when the format is asked for
-                    self.failed[ep.name] = f"{ep.name} = {ep.value}: {_one_line(e)}"
+                    self.failed[ep.name] = f"{ep.name} = {ep.value}: {error_line(e)}"
         for i, plugin in enumerate(plugins):
             if not self.pm.is_registered(plugin):  # also found through its entry point
                 self.pm.register(plugin, name=getattr(plugin, "__name__", None) or f"format-{i}")
@@ -242,7 +232,7 @@ class FormatRegistry:
                     if not isinstance(fmt, DatasetFormat) or not getattr(fmt, "name", None):
                         raise PluginError(f"{fmt!r} is not a named pipeline.data.formats.DatasetFormat")
             except Exception as e:  # noqa: BLE001 - reported per plugin
-                self.failed[impl.plugin_name] = _one_line(e)
+                self.failed[impl.plugin_name] = error_line(e)
                 continue
             for fmt in found:
                 if fmt.name in self.formats:
