@@ -160,19 +160,17 @@ class MultiTaskModel(nn.Module):
 
 
 def _check_prediction_size(task: str, predictions: list[Any], size: tuple[int, int]) -> None:
-    """A map-shaped prediction (a tensor of 2+ dims, or a dict's ``ids`` / ``masks`` / ``lab``)
-    must be ``size``: a plugin that ignores ``output_size`` fails here, not inside a metric."""
+    """A prediction that is a map (a tensor of 2+ dims) must be ``size``: a plugin that ignores
+    ``output_size`` fails here, not inside a metric. Structured predictions (dicts) are the
+    plugin's own format, which the core does not read."""
     from pipeline.errors import PluginError
 
-    for p in predictions[:1]:
-        maps = [p] if isinstance(p, torch.Tensor) else (
-            [p[k] for k in ("ids", "masks", "lab") if k in p] if isinstance(p, dict) else [])
-        for m in maps:
-            if isinstance(m, torch.Tensor) and m.dim() >= 2 and tuple(m.shape[-2:]) != size:
-                raise PluginError(
-                    f"task {task}: postprocess returned a {m.shape[-2]}x{m.shape[-1]} map, expected "
-                    f"the original image size {size[0]}x{size[1]} (batch['output_size']; paste it "
-                    "back with pipeline.nn.inference_size.paste_maps, see Task.postprocess)")
+    for m in predictions[:1]:
+        if isinstance(m, torch.Tensor) and m.dim() >= 2 and tuple(m.shape[-2:]) != size:
+            raise PluginError(
+                f"task {task}: postprocess returned a {m.shape[-2]}x{m.shape[-1]} map, expected "
+                f"the original image size {size[0]}x{size[1]} (batch['output_size']; paste it "
+                "back with pipeline.nn.inference_size.paste_maps, see Task.postprocess)")
 
 
 def inference_resize_rule(cfg: Config, stride: int) -> InferenceResize:

@@ -63,7 +63,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
-from pipeline.data.formats import LABEL_KINDS, wanted_label_kinds
+from pipeline.data.formats import LABEL_KINDS, image_hw, wanted_label_kinds
 from pipeline.data.label_kinds import DenseLabelKind, dense_kind, dense_kinds, ordered
 from pipeline.data.panoptic_ids import rgb_to_ids
 from pipeline.data.split_dataset import SampleDataset
@@ -986,8 +986,6 @@ class CocoDataset(SampleDataset):
         rec = self._records[index]
         if rec.height is not None and rec.width is not None:
             return int(rec.height), int(rec.width)
-        from pipeline.data.formats import image_hw
-
         return image_hw(self.image_dir / rec.file_name)
 
     def index_of_image_id(self, image_id: int) -> int:
