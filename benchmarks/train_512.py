@@ -50,18 +50,6 @@ SIZE = 512
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_512.json"
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to(v, device) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to(v, device) for v in obj)
-    return obj
-
-
 def overrides(data_root: str, device: str, batch_size: int, extra: list[str]) -> list[str]:
     return [f"data.root={data_root}", f"data.image_size={SIZE}", f"data.synthetic.image_size={SIZE}",
             "data.num_workers=0", f"train.batch_size={batch_size}", f"train.device={device}",
@@ -90,7 +78,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     scaler = precision.scaler() if precision.needs_scaler else None
 
     def step(batch: dict[str, Any]) -> None:
-        train_step(model, _to(batch, device), optimizer, clip_grad_norm=cfg.train.clip_grad_norm,
+        # the batch as the trainer passes it: the model moves what it uses to its device
+        train_step(model, batch, optimizer, clip_grad_norm=cfg.train.clip_grad_norm,
                    precision=precision, scaler=scaler)
 
     for batch in batches[:args.warmup]:

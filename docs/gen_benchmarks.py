@@ -21,6 +21,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 OUT = REPO / "docs" / "benchmarks.md"
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import flatten  # noqa: E402  (nested dicts to dotted keys)
 
 PROSE = ("what", "how", "note", "settings", "statistic", "data", "images")
 """Top-level string fields rendered as paragraphs rather than table cells."""
@@ -58,16 +61,6 @@ def cell(v: Any) -> str:
     else:
         text = number(v)
     return " ".join(text.split()).replace("|", "\\|")
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
