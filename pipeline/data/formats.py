@@ -52,7 +52,8 @@ LABEL_KINDS = _LABEL_KINDS
 MAX_LISTED = 5
 
 __all__ = ["LABEL_KINDS", "DatasetFormat", "FormatRegistry", "NoFormatOptions", "SplitDataset",
-           "check_samples", "default_formats", "image_hw", "wanted_label_kinds"]
+           "check_samples", "default_formats", "image_hw", "image_ids_of", "numeric_stems",
+           "wanted_label_kinds"]
 
 
 class NoFormatOptions(BaseModel):
@@ -181,6 +182,17 @@ def wanted_label_kinds(label_kinds: Iterable[str] | None) -> frozenset[str]:
         raise ValueError(f"unknown label kind(s) {', '.join(map(repr, unknown))}: expected some "
                          f"of {', '.join(LABEL_KINDS)}")
     return wanted
+
+
+def numeric_stems(stems: Sequence[str]) -> bool:
+    """Whether every file stem is an integer and no two are the same integer."""
+    return all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
+
+
+def image_ids_of(stems: Sequence[str]) -> list[int]:
+    """COCO image ids of files named by ``stems`` (in sample order), the rule every folder-reading
+    format follows: the stems themselves when ``numeric_stems``, else 1..N in order."""
+    return [int(s) for s in stems] if numeric_stems(stems) else list(range(1, len(stems) + 1))
 
 
 def image_hw(path: str | os.PathLike[str]) -> tuple[int, int]:

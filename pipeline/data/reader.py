@@ -63,7 +63,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.data.card import IGNORE_INDEX, DatasetCard, KeypointSpec
-from pipeline.data.formats import LABEL_KINDS, image_hw, wanted_label_kinds
+from pipeline.data.formats import LABEL_KINDS, image_hw, image_ids_of, wanted_label_kinds
 from pipeline.data.label_kinds import DenseLabelKind, dense_kind, dense_kinds, ordered
 from pipeline.data.panoptic_ids import rgb_to_ids
 from pipeline.data.split_dataset import SampleDataset
@@ -919,13 +919,8 @@ class CocoDataset(SampleDataset):
     def _images_from_folder(self) -> dict[int, _ImageRecord]:
         names = sorted(n for n in os.listdir(self.image_dir)
                        if n.lower().endswith(IMAGE_SUFFIXES))
-        stems = [Path(n).stem for n in names]
-        numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
-        out: dict[int, _ImageRecord] = {}
-        for i, (n, s) in enumerate(zip(names, stems, strict=True)):
-            iid = int(s) if numeric else i + 1
-            out[iid] = _ImageRecord(iid, n, None, None, None)
-        return out
+        ids = image_ids_of([Path(n).stem for n in names])
+        return {iid: _ImageRecord(iid, n, None, None, None) for iid, n in zip(ids, names, strict=True)}
 
     # -- access -------------------------------------------------------------------------------
     def __len__(self) -> int:

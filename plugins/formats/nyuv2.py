@@ -53,7 +53,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.card import IGNORE_INDEX, ClassInfo, DatasetCard
-from pipeline.data.formats import DatasetFormat, SplitDataset, wanted_label_kinds
+from pipeline.data.formats import (
+    DatasetFormat,
+    SplitDataset,
+    image_ids_of,
+    numeric_stems,
+    wanted_label_kinds,
+)
 from pipeline.data.split_dataset import SampleDataset
 from pipeline.errors import DataError
 from pipeline.hookspecs import hookimpl
@@ -235,10 +241,8 @@ class NYUv2Dataset(SampleDataset):
                                             "depth,normal}/{index}.npy (see the nyuv2 format's "
                                             "docstring for how to obtain it)")
         stems = _npy_stems(self.image_dir)
-        numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
-        self.stems = sorted(stems, key=int) if numeric else sorted(stems)
-        self.image_ids = ([int(s) for s in self.stems] if numeric
-                          else list(range(1, len(self.stems) + 1)))
+        self.stems = sorted(stems, key=int) if numeric_stems(stems) else sorted(stems)
+        self.image_ids = image_ids_of(self.stems)
         self.card = make_card(self.options.classes)
         self._files: dict[str, set[str]] = {
             kind: set(_npy_stems(self.split_dir / d)) for kind, d in KIND_DIRS.items()}
