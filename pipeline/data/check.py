@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 5  # problems quoted in the error message
 MAX_NAMED = 5  # unlisted images named in the warning
 
-__all__ = ["check_dataset"]
+__all__ = ["check_dataset", "raise_if_problems"]
 
 
 @dataclass
@@ -201,7 +201,7 @@ def check_dataset(root: str | os.PathLike[str], splits: Sequence[str], *,
             "dropped_polygons": ds.dropped_polygons,
             "unlabelled": dict(sorted(unlabelled.items())),
         }
-    _raise_if_problems(root, problems)
+    raise_if_problems(root, problems)
     return {
         "root": str(root),
         "images": {s: v["images"] for s, v in splits_out.items()},
@@ -212,7 +212,7 @@ def check_dataset(root: str | os.PathLike[str], splits: Sequence[str], *,
     }
 
 
-def _raise_if_problems(root: Path, problems: dict[str, list[str]]) -> None:
+def raise_if_problems(root: Path, problems: dict[str, list[str]]) -> None:
     """One ``DataError``: ``N problem(s) in split 's': first; second; ... and K more``."""
     bad = {s: p for s, p in problems.items() if p}
     if not bad:

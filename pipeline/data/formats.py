@@ -49,7 +49,6 @@ FORMATS_ENTRY_POINT_GROUP = "densepipe.formats"
 LABEL_KINDS = _LABEL_KINDS
 """Every label kind a sample may carry (``pipeline.data.sample``): a view of the registry
 (``pipeline.data.label_kinds``), the built-ins then the plugins' dense kinds."""
-MAX_LISTED = 5
 
 __all__ = ["LABEL_KINDS", "DatasetFormat", "FormatRegistry", "NoFormatOptions", "SplitDataset",
            "check_samples", "default_formats", "image_hw", "image_ids_of", "numeric_stems",
@@ -135,18 +134,22 @@ class DatasetFormat(ABC):
 
 def check_samples(fmt: DatasetFormat, root: Path, splits: Sequence[str], *, options: BaseModel,
                   workers: int | None = None) -> dict[str, Any]:
-    """The default ``DatasetFormat.check`` (see there)."""
+    """The default ``DatasetFormat.check`` (see there); problems are reported as
+    ``pipeline.data.check`` reports the folder format's."""
+    from pipeline.data.check import raise_if_problems
+
     workers = workers or min(8, os.cpu_count() or 1)
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {}
     out: dict[str, dict[str, Any]] = {}
     for split in splits:
+        errs = problems.setdefault(split, [])
         try:
             ds = fmt.open(root, split, options=options)
         except DataError as e:
-            problems.append(f"split '{split}': {e}")
+            errs.append(str(e))
             continue
         if len(ds) == 0:
-            problems.append(f"split '{split}' has no images")
+            errs.append(f"split '{split}' has no images")
 
         def one(i: int, ds: SplitDataset = ds) -> str | None:
             try:
@@ -156,13 +159,9 @@ def check_samples(fmt: DatasetFormat, root: Path, splits: Sequence[str], *, opti
             return None
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            problems.extend(p for p in pool.map(one, range(len(ds))) if p)
+            errs.extend(p for p in pool.map(one, range(len(ds))) if p)
         out[split] = {"images": len(ds), "label_kinds": list(ds.label_kinds)}
-    if problems:
-        n = len(problems)
-        more = f"; ... and {n - MAX_LISTED} more" if n > MAX_LISTED else ""
-        raise DataError(root, f"{n} problem{'s' if n > 1 else ''}: "
-                              f"{'; '.join(problems[:MAX_LISTED])}{more}")
+    raise_if_problems(root, problems)
     return {"root": str(root), "images": {s: v["images"] for s, v in out.items()}, "splits": out}
 
 
