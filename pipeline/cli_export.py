@@ -40,7 +40,7 @@ def parse_image_size(text: str | int | None, *, default: int) -> tuple[int, int]
 def export_command(*, params: Path | None, set_: list[str] | None, checkpoint: Path | None,
                    model_uri: str | None, out: Path, format: str = "onnx", tasks: str | None = None,
                    opset: int = DEFAULT_OPSET, image_size: str | None = None) -> ExportReport:
-    """Load the model (``pipeline.stages.load_model_to_evaluate``) and export it to ``out``
+    """Load the model (``pipeline.trained_model.load_model_to_evaluate``) and export it to ``out``
     (``.onnx``) plus the sidecar ``<name>.json``. ``tasks``: comma-separated (default: all of the
     model's; R-CNN tasks are refused with the ``--tasks`` that work); ``image_size``: H or HxW of
     the traced example (default ``data.image_size``). Every refusal is a one-line
@@ -49,7 +49,7 @@ def export_command(*, params: Path | None, set_: list[str] | None, checkpoint: P
 
     from pipeline.config import load_config
     from pipeline.export import check_dependencies, export_onnx
-    from pipeline.stages import load_model_to_evaluate
+    from pipeline.trained_model import load_model_to_evaluate
 
     if format not in FORMATS:
         raise ExportError(f"--format {format}: expected one of {', '.join(FORMATS)}")

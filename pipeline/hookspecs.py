@@ -49,13 +49,17 @@ convention).
 from __future__ import annotations
 
 import importlib.metadata as md
-from typing import TYPE_CHECKING
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from pipeline.errors import error_line
+
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Any
 
     from pipeline.engine.hooks import TrainState
     from pipeline.task import Task
@@ -74,6 +78,54 @@ def unique_entry_points(group: str) -> list[md.EntryPoint]:
             seen.add((ep.name, ep.value))
             out.append(ep)
     return out
+
+
+@dataclass
+class LoadedPlugins:
+    """The task plugins of a process (``load_task_plugins``)."""
+
+    pm: pluggy.PluginManager
+    origin: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Plugin name -> (distribution providing it, ``"name = value"`` of its entry point)."""
+    failed: list[tuple[str, str, str, str]] = field(default_factory=list)
+    """``(name, provider, "name = value", one-line error)`` per plugin that failed to load."""
+
+    def where(self, plugin_name: str) -> tuple[str, str]:
+        """``(provider, entry point)`` of a registered plugin."""
+        return self.origin.get(plugin_name, ("?", plugin_name))
+
+
+def load_task_plugins(*, entry_points: bool = True, plugins: Iterable[Any] = ()) -> LoadedPlugins:
+    """A plugin manager holding the ``densepipe.tasks`` entry points (unless ``entry_points`` is
+    false) and then ``plugins`` given directly (tests, notebooks). A plugin that fails to import,
+    or whose name is taken, is recorded in ``failed`` and the others load. Calls no hook: the
+    task registry (``pipeline.registry``) and the label kinds (``pipeline.data.label_kinds``)
+    each ask the hooks they own."""
+    loaded = LoadedPlugins(pluggy.PluginManager(PROJECT))
+    loaded.pm.add_hookspecs(sys.modules[__name__])
+    if entry_points:
+        for ep in unique_entry_points(ENTRY_POINT_GROUP):
+            provider = ep.dist.name if ep.dist is not None else "?"
+            where = f"{ep.name} = {ep.value}"
+            try:
+                plugin = ep.load()
+            except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
+                loaded.failed.append((ep.name, provider, where, f"import failed: {error_line(e)}"))
+                continue
+            if loaded.pm.is_registered(plugin):
+                continue
+            try:
+                loaded.pm.register(plugin, name=ep.name)
+            except ValueError as e:  # name already taken by another plugin
+                loaded.failed.append((ep.name, provider, where, error_line(e)))
+                continue
+            loaded.origin[ep.name] = (provider, where)
+    for i, plugin in enumerate(plugins):
+        name = getattr(plugin, "__name__", None) or f"plugin-{i}"
+        loaded.origin[name] = ("(registered directly)", name)
+        loaded.pm.register(plugin, name=name)
+    loaded.pm.check_pending()
+    return loaded
 
 
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -36,6 +36,13 @@ FORMAT = "densepipe-model/1"
 WEIGHTS_FILE = "weights.pt"
 SHA256_TAG = "densepipe.weights_sha256"
 """Tag holding the weights file's sha256 in the tracking store (logged model, model version)."""
+PYFUNC_LOADER_MODULE = "pipeline.serving"
+"""The ``loader_module`` of the ``python_function`` flavor (the module serving the model)."""
+IMAGE_COLUMN = "image"
+"""The input column: base64-encoded image files (strings)."""
+DEVICE_KEY = "device"
+"""``model_config`` key (``mlflow.pyfunc.load_model(..., model_config=...)``, or the
+``SERVING_MODEL_CONFIG`` JSON of ``mlflow models serve``): ``auto`` (default), ``cpu``, ``cuda``."""
 
 
 def model_payload(model: Any, *, config: dict[str, Any], step: int,
@@ -61,10 +68,8 @@ def save_model(path: str, mlflow_model: Any, *, weights_file: str, sha256: str, 
     the new model folder ``path`` and write its ``MLmodel`` (plus ``requirements.txt`` when
     ``pip_requirements`` are given). The model also gets the ``python_function`` flavor, whose
     signature names ``tasks`` (the model's, in order), and a ``python_env.yaml``
-    (``pipeline.serving.add_pyfunc_flavor``)."""
+    (``add_pyfunc_flavor``)."""
     from mlflow.models.model import MLMODEL_FILE_NAME
-
-    from pipeline.serving import add_pyfunc_flavor
 
     folder = Path(path)
     folder.mkdir(parents=True)
@@ -112,3 +117,31 @@ def build_from_payload(payload: dict[str, Any], *, source: str,
     model = build_model(cfg, card, load_weights=False)  # no weights file read: the payload's weights
     load_model_state(model, payload["model"], source=source)
     return model.to(device or "cpu").eval()
+
+
+def pyfunc_signature(tasks: list[str]) -> Any:
+    """The ``ModelSignature`` of a model with ``tasks``: input a string column ``image``; output
+    one object per row with a property per task, each a map from file name to value (a base64
+    string, or the parsed JSON of a ``.json`` file)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Object, Property, Schema
+
+    inputs = Schema([ColSpec(DataType.string, IMAGE_COLUMN)])
+    outputs = Schema([ColSpec(Object([Property(t, Map(AnyType())) for t in tasks]))])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def add_pyfunc_flavor(mlflow_model: Any, folder: str | Path, *, tasks: list[str]) -> None:
+    """Give ``mlflow_model`` (being saved into ``folder``, which already holds ``weights.pt``)
+    the ``python_function`` flavor (``loader_module`` ``pipeline.serving``, ``data`` the weights file,
+    ``model_config`` ``{"device": "auto"}``, which callers may override), a ``python_env.yaml``
+    (this Python; pip installs ``requirements.txt``) and the signature of
+    ``pyfunc_signature(tasks)``. Writes no pickle and needs no network."""
+    import mlflow.pyfunc
+    from mlflow.utils.environment import _PYTHON_ENV_FILE_NAME, _PythonEnv
+
+    _PythonEnv.current().to_yaml(str(Path(folder) / _PYTHON_ENV_FILE_NAME))
+    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=PYFUNC_LOADER_MODULE,
+                               data=WEIGHTS_FILE, python_env=_PYTHON_ENV_FILE_NAME,
+                               model_config={DEVICE_KEY: "auto"})  # MLflow passes on only declared keys
+    mlflow_model.signature = pyfunc_signature(tasks)

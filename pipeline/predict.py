@@ -588,7 +588,7 @@ def run_predict(cfg: Any, inputs: Sequence[str | os.PathLike[str]], *,
     to ``data.num_workers``; ``coco_gt`` (a COCO JSON whose ``images`` give the ids) implies
     ``eval_files``. Returns the written paths."""
     from pipeline.engine.trainer import resolve_device
-    from pipeline.stages import load_model_to_evaluate
+    from pipeline.trained_model import load_model_to_evaluate
 
     if checkpoint is None and model_uri is None:
         raise ConfigError("predict: give --checkpoint PATH or --model models:/<name>/<version>")

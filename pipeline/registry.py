@@ -5,8 +5,8 @@ there too). A plugin that fails to import, or whose hook raises, is recorded wit
 point and the error, and every other task stays usable.
 
 The same plugins may register dense label kinds (``densepipe_register_label_kinds``, see
-``pipeline.data.label_kinds``); the registry collects them next to the tasks
-(``dense_label_kinds``), and the data code asks the process's registry for them.
+``pipeline.data.label_kinds``); the registry reports a failing one next to the tasks
+(``densepipe tasks``), and the data code collects the process's kinds itself.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import pluggy
-
 from pipeline import hookspecs
+from pipeline.data.label_kinds import plugin_label_kinds
 from pipeline.errors import ConfigError, PluginError, error_line
 from pipeline.task import VIEWS, Task
 
@@ -51,44 +50,22 @@ class TaskRegistry:
     skips discovery."""
 
     def __init__(self, *, entry_points: bool = True, plugins: Iterable[Any] = ()) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        loaded = hookspecs.load_task_plugins(entry_points=entry_points, plugins=plugins)
+        self.pm = loaded.pm
+        self._loaded = loaded
         self._entries: dict[str, TaskEntry] = {}
-        self._failed: list[TaskEntry] = []
-        self._origin: dict[str, tuple[str, str]] = {}  # plugin name -> (provider, entry point)
-        if entry_points:
-            self._load_entry_points()
-        for i, plugin in enumerate(plugins):
-            name = getattr(plugin, "__name__", None) or f"plugin-{i}"
-            self._origin[name] = ("(registered directly)", name)
-            self.pm.register(plugin, name=name)
-        self.pm.check_pending()
+        self._failed: list[TaskEntry] = [TaskEntry(name, provider, where, error=error)
+                                         for name, provider, where, error in loaded.failed]
         self._collect_tasks()
-        self._collect_label_kinds()
-
-    # -- discovery ------------------------------------------------------------------------------
-    def _load_entry_points(self) -> None:
-        for ep in hookspecs.unique_entry_points(hookspecs.ENTRY_POINT_GROUP):
-            provider = ep.dist.name if ep.dist is not None else "?"
-            where = f"{ep.name} = {ep.value}"
-            try:
-                plugin = ep.load()
-            except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
-                self._failed.append(TaskEntry(ep.name, provider, where,
-                                              error=f"import failed: {error_line(e)}"))
-                continue
-            if self.pm.is_registered(plugin):
-                continue
-            try:
-                self.pm.register(plugin, name=ep.name)
-            except ValueError as e:  # name already taken by another plugin
-                self._failed.append(TaskEntry(ep.name, provider, where, error=error_line(e)))
-                continue
-            self._origin[ep.name] = (provider, where)
+        self.dense_label_kinds, failures = plugin_label_kinds(loaded)
+        """Every usable dense label kind by name: built-ins first, then the plugins' in
+        registration order (``pipeline.data.label_kinds``)."""
+        self._failed += [TaskEntry(name, provider, where, error=error)
+                         for name, provider, where, error in failures]
 
     def _collect_tasks(self) -> None:
         for impl in self.pm.hook.densepipe_register_tasks.get_hookimpls():
-            provider, where = self._origin.get(impl.plugin_name, ("?", impl.plugin_name))
+            provider, where = self._loaded.where(impl.plugin_name)
             try:
                 tasks = list(impl.function() or [])
                 for task in tasks:
@@ -104,26 +81,6 @@ class TaskRegistry:
                                                   error=f"task name already provided by {other.entry_point}"))
                     continue
                 self._entries[task.name] = TaskEntry(task.name, provider, where, task=task)
-
-    def _collect_label_kinds(self) -> None:
-        from pipeline.data.label_kinds import collect_dense_kinds
-
-        provided: list[tuple[str, list[Any]]] = []
-        plugin_of: dict[str, tuple[str, str]] = {}  # entry point -> (plugin name, provider)
-        for impl in self.pm.hook.densepipe_register_label_kinds.get_hookimpls():
-            provider, where = self._origin.get(impl.plugin_name, ("?", impl.plugin_name))
-            plugin_of[where] = (impl.plugin_name, provider)
-            try:
-                provided.append((where, list(impl.function() or [])))
-            except Exception as e:  # noqa: BLE001 - reported per plugin
-                self._failed.append(TaskEntry(impl.plugin_name, provider, where, error=(
-                    f"densepipe_register_label_kinds failed: {error_line(e)}")))
-        self.dense_label_kinds, errors = collect_dense_kinds(provided)
-        """Every usable dense label kind by name: built-ins first, then the plugins' in
-        registration order (``pipeline.data.label_kinds``)."""
-        for where, error in errors.items():
-            name, provider = plugin_of[where]
-            self._failed.append(TaskEntry(name, provider, where, error=error))
 
     # -- queries --------------------------------------------------------------------------------
     @property

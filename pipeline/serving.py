@@ -10,10 +10,11 @@ that store records for the logged model (tag ``densepipe.weights_sha256``): whoe
 only the artifact store cannot swap the weights. It is then read with ``torch.load(weights_only=True)``
 and the model rebuilt from its config and dataset card through the task registry.
 
-Request (``pyfunc_signature``): a DataFrame with a string column ``image``, one image per row,
-each the base64 of an image *file* (PNG, JPEG, anything ``read_image`` reads; whitespace and a
-``data:...;base64,`` prefix are allowed). Pixels are read as ``densepipe predict`` reads them
-(``pipeline.data.reader.read_image``: upright, EXIF orientation applied).
+Request (``pipeline.model_store.pyfunc_signature``): a DataFrame with a string column
+``image``, one image per row, each the base64 of an image *file* (PNG, JPEG, anything
+``read_image`` reads; whitespace and a ``data:...;base64,`` prefix are allowed). Pixels are
+read as ``densepipe predict`` reads them (``pipeline.data.reader.read_image``: upright, EXIF
+orientation applied).
 
 Answer: one dict per row, ``{task: {file: value}}`` for every task of the model. ``file`` is the
 name of a file the task's ``save_prediction`` writes, without the ``<stem>_`` prefix
@@ -43,17 +44,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
 
 from pipeline import model_store  # noqa: E402
 from pipeline.errors import CheckpointError, ConfigError, DataError, TrackingError  # noqa: E402
+from pipeline.model_store import DEVICE_KEY, IMAGE_COLUMN  # noqa: E402
 
-LOADER_MODULE = "pipeline.serving"
-"""The ``loader_module`` of the ``python_function`` flavor (this module)."""
-IMAGE_COLUMN = "image"
-"""The input column: base64-encoded image files (strings)."""
 STEM = "image"
 """The file stem ``save_prediction`` writes under; stripped (with ``_``) from the answer's keys."""
-DEVICE_KEY = "device"
-"""``model_config`` key (``mlflow.pyfunc.load_model(..., model_config=...)``, or the
-``SERVING_MODEL_CONFIG`` JSON of ``mlflow models serve``): ``auto`` (default), ``cpu``, ``cuda``."""
-
 Answer = dict[str, dict[str, Any]]
 """One image's answer: ``{task: {file name: base64 string | parsed JSON}}``."""
 
@@ -68,34 +62,6 @@ class ImageInputError(DataError, MlflowException):
     def __init__(self, path: object, problem: str) -> None:
         DataError.__init__(self, path, problem)
         MlflowException.__init__(self, str(self), error_code=INVALID_PARAMETER_VALUE)
-
-
-def pyfunc_signature(tasks: list[str]) -> Any:
-    """The ``ModelSignature`` of a model with ``tasks``: input a string column ``image``; output
-    one object per row with a property per task, each a map from file name to value (a base64
-    string, or the parsed JSON of a ``.json`` file)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, DataType, Map, Object, Property, Schema
-
-    inputs = Schema([ColSpec(DataType.string, IMAGE_COLUMN)])
-    outputs = Schema([ColSpec(Object([Property(t, Map(AnyType())) for t in tasks]))])
-    return ModelSignature(inputs=inputs, outputs=outputs)
-
-
-def add_pyfunc_flavor(mlflow_model: Any, folder: str | Path, *, tasks: list[str]) -> None:
-    """Give ``mlflow_model`` (being saved into ``folder``, which already holds ``weights.pt``)
-    the ``python_function`` flavor (``loader_module`` this module, ``data`` the weights file,
-    ``model_config`` ``{"device": "auto"}``, which callers may override), a ``python_env.yaml``
-    (this Python; pip installs ``requirements.txt``) and the signature of
-    ``pyfunc_signature(tasks)``. Writes no pickle and needs no network."""
-    import mlflow.pyfunc
-    from mlflow.utils.environment import _PYTHON_ENV_FILE_NAME, _PythonEnv
-
-    _PythonEnv.current().to_yaml(str(Path(folder) / _PYTHON_ENV_FILE_NAME))
-    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=LOADER_MODULE,
-                               data=model_store.WEIGHTS_FILE, python_env=_PYTHON_ENV_FILE_NAME,
-                               model_config={DEVICE_KEY: "auto"})  # MLflow passes on only declared keys
-    mlflow_model.signature = pyfunc_signature(tasks)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -309,5 +275,5 @@ def decode_png(value: str) -> np.ndarray:
         return np.asarray(img)
 
 
-__all__ = ["DensepipePyfunc", "ImageInputError", "_load_pyfunc", "add_pyfunc_flavor", "decode_image",
-           "decode_png", "pyfunc_signature", "verified_weights"]
+__all__ = ["DensepipePyfunc", "ImageInputError", "_load_pyfunc", "decode_image",
+           "decode_png", "verified_weights"]

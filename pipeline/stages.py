@@ -22,10 +22,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -296,40 +294,7 @@ def log_trained_model(cfg: Config, tracker: Any, checkpoint: Path) -> str:
     return tracker.log_model(payload, metadata=metadata)
 
 
-def default_checkpoint(cfg: Config) -> Path:
-    if cfg.evaluate.checkpoint:
-        return Path(cfg.evaluate.checkpoint)
-    out = Path(cfg.train.out_dir)
-    for name in ("best.pt", "last.pt"):
-        if (out / name).exists():
-            return out / name
-    raise CheckpointError(f"{out}: no best.pt or last.pt (run `densepipe train` first)")
-
-
 # -- evaluate -----------------------------------------------------------------------------------
-def load_model_to_evaluate(cfg: Config, *, checkpoint: str | Path | None = None,
-                           model_uri: str | None = None, card: Any = None,
-                           device: torch.device | None = None) -> tuple[Any, int, str | None, str]:
-    """The model to evaluate or predict with: from the MLflow ``model_uri`` (``models:/...``) when
-    given, else from ``checkpoint`` (default ``default_checkpoint``), built with ``cfg`` and the
-    dataset ``card`` when a card is given, else with the checkpoint's own config and card.
-    Returns ``(model, step, training run id, source)``; ``source`` names where it came from."""
-    from pipeline.engine.trainer import load_trained_model
-
-    if model_uri is not None:
-        if checkpoint is not None:
-            raise ConfigError(f"--model {model_uri} and --checkpoint {checkpoint}: give one of them")
-        from pipeline.tracking import load_registered_model, resolve_uri
-
-        model, meta = load_registered_model(model_uri, tracking_uri=resolve_uri(cfg.tracking),
-                                            device=device)
-        run_id = meta.get("train_run_id") or meta.get("run_id")
-        return model, int(meta.get("step", 0)), run_id, model_uri
-    path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
-    model, ckpt = load_trained_model(cfg if card is not None else None, path, card, device=device)
-    return model, int(ckpt["step"]), ckpt.get("mlflow_run_id"), str(path)
-
-
 def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: str | None = None,
              parent_run_id: str | None = None) -> dict[str, float]:
     """Evaluate a checkpoint (or the MLflow model ``model_uri``) on ``data.val_split``; write
@@ -342,6 +307,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: st
     from pipeline.engine.loaders import eval_dataset, eval_loader
     from pipeline.engine.trainer import resolve_device
     from pipeline.tracking import make_tracker
+    from pipeline.trained_model import load_model_to_evaluate
     from pipeline.viz import panel_grid
 
     check_config(cfg)
@@ -402,6 +368,7 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
     from pipeline.errors import TrackingError
     from pipeline.metrics import headline_metrics
     from pipeline.tracking import make_tracker
+    from pipeline.trained_model import default_checkpoint
 
     tracker = make_tracker(cfg.tracking, parent_run_id=parent_run_id)
     if tracker is None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import stages
+from pipeline import stages, trained_model
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import (
     RESUME_KEYS,
@@ -134,7 +134,7 @@ def test_resume_continues_the_mlflow_run_its_record_names_and_no_other(
     # evaluate and register find the training run through the record
     assert load_checkpoint(out / "best.pt")["mlflow_run_id"] == run_id
     cfg = _cfg(tiny_dataset, tmp_path, mlflow_uri)
-    assert stages.load_model_to_evaluate(cfg, checkpoint=out / "best.pt")[2] == run_id
+    assert trained_model.load_model_to_evaluate(cfg, checkpoint=out / "best.pt")[2] == run_id
     registered = stages.register(cfg, metrics={"semantic/mIoU": 0.5})  # logs best.pt in its run
     info = load_registered_model_info(registered["model_uri"], tracking_uri=mlflow_uri)
     assert info["train_run_id"] == run_id and info["step"] == 1

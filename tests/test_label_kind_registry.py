@@ -31,9 +31,10 @@ from tests.conftest import tiny_overrides
 
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> TaskRegistry:
-    """The process registry with the edges plugin added (the data code asks it for kinds)."""
+    """The process registry with the edges plugin added, and its kinds as the process's."""
     reg = TaskRegistry(plugins=[edges_label_plugin])
     monkeypatch.setattr("pipeline.registry._default", reg)
+    monkeypatch.setattr("pipeline.data.label_kinds._process_kinds", reg.dense_label_kinds)
     return reg
 
 

@@ -56,6 +56,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import error_line
+from pipeline.hookspecs import LoadedPlugins, load_task_plugins
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -220,12 +223,38 @@ def collect_dense_kinds(provided: Sequence[tuple[str, Sequence[Any]]]
 # ------------------------------------------------------------------------------------------------
 # the process's kinds (the task registry's plugins)
 # ------------------------------------------------------------------------------------------------
-def dense_kinds() -> Mapping[str, DenseLabelKind]:
-    """Every registered dense kind by name: the built-ins, then the plugins' (in registration
-    order) of the process's task registry (``pipeline.registry.default_registry``)."""
-    from pipeline.registry import default_registry
+def plugin_label_kinds(loaded: LoadedPlugins
+                       ) -> tuple[dict[str, DenseLabelKind], list[tuple[str, str, str, str]]]:
+    """The dense kinds of the built-ins and of ``loaded``'s plugins (``collect_dense_kinds``), and
+    ``(plugin name, provider, entry point, one-line error)`` for each plugin whose hook raised or
+    whose kinds are refused."""
+    provided: list[tuple[str, list[Any]]] = []
+    plugin_of: dict[str, tuple[str, str]] = {}  # entry point -> (plugin name, provider)
+    failures: list[tuple[str, str, str, str]] = []
+    for impl in loaded.pm.hook.densepipe_register_label_kinds.get_hookimpls():
+        provider, where = loaded.where(impl.plugin_name)
+        plugin_of[where] = (impl.plugin_name, provider)
+        try:
+            provided.append((where, list(impl.function() or [])))
+        except Exception as e:  # noqa: BLE001 - reported per plugin
+            failures.append((impl.plugin_name, provider, where,
+                             f"densepipe_register_label_kinds failed: {error_line(e)}"))
+    kinds, errors = collect_dense_kinds(provided)
+    failures += [(*plugin_of[where], where, error) for where, error in errors.items()]
+    return kinds, failures
 
-    return default_registry().dense_label_kinds
+
+_process_kinds: dict[str, DenseLabelKind] | None = None
+
+
+def dense_kinds() -> Mapping[str, DenseLabelKind]:
+    """Every registered dense kind by name: the built-ins, then those of the ``densepipe.tasks``
+    plugins in registration order (loaded once per process; ``densepipe tasks`` names a plugin
+    whose kinds are refused)."""
+    global _process_kinds
+    if _process_kinds is None:
+        _process_kinds = plugin_label_kinds(load_task_plugins())[0]
+    return _process_kinds
 
 
 def dense_kind(name: str) -> DenseLabelKind | None:
@@ -306,4 +335,5 @@ DENSE_KINDS = KindsView(lambda: tuple(dense_kinds()), "The registered dense kind
 
 __all__ = ["BUILTIN_DENSE_NAMES", "BUILTIN_LABEL_KINDS", "DENSE_KINDS", "LABEL_KINDS", "STRUCTURED_KINDS",
            "DenseLabelKind", "KindsView", "UnknownValues", "builtin_dense_kinds",
-           "collect_dense_kinds", "dense_kind", "dense_kinds", "label_kinds", "ordered"]
+           "collect_dense_kinds", "dense_kind", "dense_kinds", "label_kinds", "ordered",
+           "plugin_label_kinds"]
