@@ -42,53 +42,10 @@ Per-task options (`model.heads.<task>`) and format options (`data.options`) are 
 each plugin's own `Options` model: [the tasks](tasks.md), [your own data](own-data.md).
 """
 
-# Descriptions of the keys that have no attribute docstring in pipeline/config.py yet. A docstring
-# written there replaces the entry here (tests/test_docs.py fails on an entry that is no longer
-# needed or names no key), so move them into the models when they are next edited.
-UNDOCUMENTED = {
-    "data.root": "Dataset folder: where ``prepare`` renders the synthetic world, or the dataset "
-                 "read by the format named by ``source``.",
-    "data.train_split": "Split trained on.",
-    "data.val_split": "Split evaluated on (during training and by ``evaluate``).",
-    "data.augment": "Training augmentation: random zoom (``scale_range``), crop, flips and colour "
-                    "jitter. ``false``: none.",
-    "data.synthetic.num_train": "Synthetic training images ``prepare`` renders.",
-    "data.synthetic.num_val": "Synthetic validation images ``prepare`` renders.",
-    "data.synthetic.image_size": "Side of the rendered synthetic images (square).",
-    "data.synthetic.seed": "Seed of the synthetic world: the same seed renders the same images.",
-    "data.synthetic.workers": "Processes rendering the synthetic dataset.",
-    "model.backbone": "Backbone under the FPN: ``resnet18``, ``resnet34``, ``resnet50``, "
-                      "``mobilenet_v3_large``, ``vgg11_bn``, ``vgg16_bn``, a registered one, or "
-                      "``timm:<model>`` (the ``timm`` extra).",
-    "model.fpn_channels": "Channels of every FPN level the heads read.",
-    "model.tasks": "Tasks trained in one model (``densepipe tasks`` lists the installed ones); "
-                   "tasks they depend on are enabled too.",
-    "train.steps": "Optimizer steps of the run.",
-    "train.lr": "Peak learning rate (after warm-up).",
-    "train.weight_decay": "Weight decay (not applied to norms and biases).",
-    "train.optimizer": "AdamW or SGD (with ``momentum``); no weight decay on norms and biases.",
-    "train.schedule": "Learning-rate schedule after warm-up: cosine decay, polynomial decay "
-                      "(power 0.9) or constant.",
-    "train.clip_grad_norm": "Clip the gradients' global norm to this value; ``null``: no clipping.",
-    "train.device": "Device of training, evaluation and prediction; ``auto``: CUDA when there "
-                    "is a GPU, else the CPU.",
-    "train.momentum": "SGD momentum (``optimizer: sgd``).",
-    "train.warmup_steps": "Steps of linear learning-rate warm-up before ``schedule`` applies.",
-    "train.checkpoint_every": "Write ``last.pt`` every N steps (resume point).",
-    "train.log_every": "Log losses and throughput every N steps.",
-    "train.seed": "Seed of the weights' initialisation, the data order and the "
-                  "augmentations.",
-    "train.out_dir": "Checkpoints (``last.pt``, ``best.pt``) and the training summary.",
-    "train.progress": "Progress bar on a terminal (a plain log line every ``log_every`` steps "
-                      "otherwise).",
-    "evaluate.metrics_file": "JSON file the metrics are written to (DVC reads it).",
-    "evaluate.out_dir": "Visualisations and plot data of the evaluation.",
-    "evaluate.batch_size": "Images per evaluation batch.",
-    "evaluate.num_visualizations": "Validation images drawn with their predictions.",
-    "tracking.enabled": "Track the run in MLflow.",
-    "tracking.experiment": "MLflow experiment the runs are logged to.",
-    "tracking.log_model": "Log the trained model (weights plus config) to the MLflow run.",
-}
+# Descriptions of keys that have no attribute docstring in pipeline/config.py, for a key added
+# without one: a docstring written there replaces the entry here (tests/test_docs.py fails on an
+# entry that is no longer needed or names no key). Every key has its docstring now: keep it empty.
+UNDOCUMENTED: dict[str, str] = {}
 
 
 def field_docs(model: type[BaseModel]) -> dict[str, str]:

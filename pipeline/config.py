@@ -33,8 +33,6 @@ def auto_num_workers(cpus: int | None = None) -> int:
     """``data.num_workers: auto``: ``min(4, cpus - 1)``, at least 0, where ``cpus`` (default: the
     cores this process may run on, ``os.sched_getaffinity``, else ``os.cpu_count()``) leaves one
     core to the training process."""
-    import os
-
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
@@ -100,14 +98,28 @@ class Section(BaseModel):
 
 class SyntheticConfig(Section):
     num_train: int = Field(320, ge=1)
+    """Training images (integer, at least 1) ``prepare`` renders into ``data.root`` when
+    ``data.source`` is ``synthetic``; each carries the labels of every built-in task."""
     num_val: int = Field(64, ge=1)
+    """Validation images (integer, at least 1) ``prepare`` renders: the ``val`` split that
+    training's periodic evaluation and ``evaluate`` score."""
     image_size: int = Field(128, ge=32, le=4096)
+    """Side in pixels of the rendered images, which are square (32 to 4096). The network's input
+    size is ``data.image_size`` (the training crop), not this."""
     seed: int = 0
+    """Seed of the synthetic world (integer): the same seed, counts and size render the same
+    dataset, so ``prepare`` skips a render that is already there; another seed renders another
+    world."""
     workers: int = Field(2, ge=1)
+    """Processes rendering the synthetic dataset in parallel (at least 1); only the speed of
+    ``prepare`` depends on it."""
 
 
 class DataConfig(Section):
     root: str = "data/synthetic"
+    """Dataset folder (a path; relative to the working folder). ``source: synthetic``: ``prepare``
+    renders the synthetic dataset here (only into a new or empty folder, or over its own
+    earlier render); any other ``source``: the dataset as published, read in place."""
     source: str = "synthetic"
     """The dataset format (``pipeline.data.formats``; ``densepipe formats`` lists them).
     ``synthetic``: ``prepare`` renders the synthetic world into ``root``; ``folder``: ``root``
@@ -117,7 +129,11 @@ class DataConfig(Section):
     """Options of the format named by ``source`` (validated by its ``Options`` model)."""
     synthetic: SyntheticConfig = SyntheticConfig()
     train_split: str = "train"
+    """Name of the split trained on, as the format names its splits (detectron2's
+    ``DATASETS.TRAIN``)."""
     val_split: str = "val"
+    """Name of the split evaluated on: by training every ``train.eval_every`` steps (which picks
+    ``best.pt``), by ``evaluate`` and in the drawings (detectron2's ``DATASETS.TEST``)."""
     image_size: int = Field(128, ge=32)
     """Training crop size (square) and evaluation resize target."""
     test_size: int | None = Field(None, ge=0)
@@ -129,6 +145,11 @@ class DataConfig(Section):
     test_max_size: int | None = Field(None, ge=32)
     """Cap on the longer side after the test resize (detectron2's ``MAX_SIZE_TEST``); None: none."""
     augment: bool = True
+    """Training augmentation (boolean): a random zoom by a factor drawn from ``scale_range`` and a
+    random ``image_size`` square crop, a horizontal flip with probability 0.5 (keypoints swap
+    left and right, the x of normals is negated) and colour jitter (brightness, contrast,
+    saturation factors in [0.8, 1.2]). ``false``: none of it, each training image is read at
+    its size on disk. Evaluation never augments."""
     scale_range: tuple[float, float] = (0.75, 1.25)
     """Zoom range of the training augmentation (``RandomScaleCrop``; depth divided by the zoom).
     ``[1, 1]``: flips and colour jitter only, every training view at the camera's own focal
@@ -158,6 +179,11 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     backbone: str = "resnet18"
+    """Backbone under the FPN (detectron2's ``MODEL.BACKBONE``): ``resnet18``, ``resnet34``,
+    ``resnet50``, ``mobilenet_v3_large``, ``vgg11_bn``, ``vgg16_bn``, one a plugin registers
+    (``pipeline.nn.backbones.register_backbone``), or ``timm:<model name>`` for any timm model
+    with ``features_only`` (the ``timm`` extra). Randomly initialised unless ``pretrained`` or
+    ``weights`` is set."""
     weights: str | None = None
     """Local path to backbone weights; ``None`` = random initialisation. Never downloaded."""
     pretrained: str | None = None
@@ -181,10 +207,16 @@ class ModelConfig(Section):
     batches) or GroupNorm (independent of the batch, so results do not depend on how a global
     batch is split across DDP processes)."""
     fpn_channels: int = Field(128, ge=8)
+    """Channels of every FPN level (integer, at least 8; detectron2's ``FPN.OUT_CHANNELS``, 256
+    there): what each task head reads. Smaller is faster and holds less."""
     output_stride: Literal[8, 16, 32] = 32
     """Stride of the backbone's deepest level: 16 or 8 dilate the last stages (dense decoders
     such as ``aspp``; backbones that cannot dilate refuse it). The R-CNN tasks need 32."""
     tasks: list[str] = Field(default_factory=lambda: ["semantic"])
+    """Tasks trained together in one model, on one shared backbone (``densepipe tasks`` lists the
+    installed ones, e.g. ``[semantic, depth]``); tasks they depend on are enabled too
+    (``panoptic`` adds ``semantic`` and ``instance``). With ``train.best_metric: auto`` the
+    first of them that has a main metric picks ``best.pt``."""
     heads: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-task options, validated by each task's ``Options`` model (``model.heads.semantic``)."""
     loss_weights: dict[str, float] = Field(default_factory=dict)
@@ -235,15 +267,31 @@ class EMAConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(600, ge=1)
+    """Optimizer steps of the whole run (integer, at least 1; detectron2's ``MAX_ITER``,
+    MMSegmentation's ``max_iters``). Resuming from ``last.pt`` continues up to this step."""
     batch_size: int = Field(8, ge=1)
     """Global batch: under torchrun each of N processes takes batch_size / N images."""
     lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (float, above 0), reached at the end of ``warmup_steps``; ``schedule``
+    then decays it. Tuned for the global ``batch_size``: scale it with the batch."""
     weight_decay: float = Field(1e-4, ge=0)
+    """Decoupled (AdamW) or L2 (SGD) weight decay (float, 0 or more); never applied to
+    normalisation weights and biases (parameters of one dimension)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """``adamw`` (torch's AdamW) or ``sgd`` (SGD with ``momentum``, as detectron2 and
+    MMSegmentation schedules use); both take ``lr`` and ``weight_decay``."""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum in [0, 1) (used with ``optimizer: sgd`` only)."""
     schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up, by step: ``cosine`` decays to 0 at ``steps``,
+    ``poly`` multiplies by (1 - t)^0.9 (t the fraction of steps after warm-up; MMSegmentation's
+    ``PolyLR``), ``constant`` keeps ``lr``."""
     warmup_steps: int = Field(50, ge=0)
+    """Steps of linear warm-up (0 or more): the learning rate rises from ``lr / (warmup_steps +
+    1)`` to ``lr`` before ``schedule`` applies (detectron2's ``WARMUP_ITERS``)."""
     clip_grad_norm: float | None = Field(5.0, gt=0)
+    """Clip the gradients' global L2 norm to this value (float, above 0) before each step;
+    ``null``: no clipping."""
     channels_last: bool = True
     """NHWC memory format for the model and its inputs (faster convolutions on CPU and GPU)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -267,7 +315,11 @@ class TrainConfig(Section):
     eval_every: int = Field(200, ge=0)
     """Evaluate on the val split every N steps (0 = only at the end); ``best.pt`` follows it."""
     checkpoint_every: int = Field(100, ge=1)
+    """Write ``<out_dir>/last.pt``, the resume point, every N steps (at least 1), after each
+    evaluation and at the last step; a stopped run resumes from it."""
     log_every: int = Field(10, ge=1)
+    """Log the losses, learning rate and images/s to MLflow every N steps (at least 1) and at the
+    last step; without a progress bar, also as a line on the terminal."""
     best_metric: str = "auto"
     """Metric (``<task>/<name>``) that picks ``best.pt``; maximised, or minimised when its task
     lists it in ``lower_is_better`` (e.g. ``depth/rmse``). ``auto``: the ``main_metric`` of the
@@ -276,26 +328,47 @@ class TrainConfig(Section):
     An explicit metric must belong to an enabled task and be one it reports
     (``check_metric``)."""
     seed: int = 0
+    """Seed (integer) of the weights' initialisation, the data order and the augmentations: the
+    same seed and config reproduce a run (bit for bit on CPU; see ``deterministic``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of training, evaluation and prediction: ``auto`` = CUDA when a GPU is visible, else
+    the CPU; ``cuda`` without a GPU is an error. Under torchrun each process takes its local
+    GPU."""
     out_dir: str = "runs/train"
+    """Folder of the training outputs (a path): ``last.pt``, ``best.pt``, ``config.yaml``,
+    ``train_log.csv`` and the run record (docs/outputs.md). Training resumes from the
+    ``last.pt`` found here."""
     progress: bool = True
+    """A progress bar of the steps when the output is a terminal; ``false``, or not a terminal: a
+    plain line every ``log_every`` steps."""
 
 
 class EvaluateConfig(Section):
     checkpoint: str | None = None
     """Checkpoint to evaluate; default ``<train.out_dir>/best.pt`` (else ``last.pt``)."""
     metrics_file: str = "metrics.json"
+    """JSON file ``evaluate`` writes the metrics to, flat ``{"task/metric": value}`` (a path;
+    DVC's ``metrics`` reads it)."""
     out_dir: str = "runs/eval"
+    """Folder of the evaluation's other outputs (a path): the drawings grid, plot data and the
+    COCO ground-truth and result files (docs/outputs.md)."""
     batch_size: int = Field(8, ge=1)
+    """Images per evaluation batch (at least 1); also the default of ``predict --batch-size``."""
     num_visualizations: int = Field(8, ge=0)
+    """Validation images drawn with their predictions into the drawings grid (0 or more; 0: none)."""
 
 
 class TrackingConfig(Section):
     enabled: bool = True
+    """Track runs in MLflow (parameters, metrics by step, checkpoints, the model) at ``uri``;
+    ``false``: nothing is logged."""
     uri: str | None = None
     """Any MLflow tracking URI; default ``sqlite:///<working folder>/mlflow.db``."""
     experiment: str = "densepipe"
+    """MLflow experiment the runs are logged under (created when missing)."""
     log_model: bool = True
+    """Log the trained model (weights plus config, never a pickle) to the training's MLflow run
+    when ``train`` ends; ``false``: ``register`` logs it when it registers it."""
     registered_model: str = "densepipe"
     """Model-registry name the ``register`` stage adds a version to."""
 
