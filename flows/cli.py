@@ -26,6 +26,9 @@ from pipeline.cli import (
 )
 from pipeline.errors import DensepipeError
 
+# Imports inside functions: `densepipe` imports this command module on every call; Prefect loads
+# when a flow command runs.
+
 
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run the whole pipeline once as a Prefect flow (prepare, train, evaluate, register).

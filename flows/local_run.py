@@ -12,8 +12,15 @@ import atexit
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
+
+from prefect.context import refresh_global_settings_context
+from prefect.logging.configuration import setup_logging
+from prefect.logging.handlers import PrefectConsoleHandler
+
+from pipeline.errors import PrefectServerError
 
 
 def prefect_console_logging() -> None:
@@ -28,9 +35,6 @@ def prefect_console_logging() -> None:
     for handler in ours:
         root.removeHandler(handler)
     if ours and "prefect" in sys.modules:  # Prefect was configured while ours was there
-        from prefect.logging.configuration import setup_logging
-        from prefect.logging.handlers import PrefectConsoleHandler
-
         if not any(isinstance(h, PrefectConsoleHandler) for h in root.handlers):
             setup_logging(incremental=False)
 
@@ -54,8 +58,6 @@ class WithoutTraceback(logging.Formatter):
 
 def console_without_tracebacks() -> None:
     """Prefect's console handler (after Prefect is imported) prints log lines without tracebacks."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter,
                                                                            WithoutTraceback):
@@ -91,8 +93,6 @@ class TemporaryServer:
     ])
 
     def __init__(self, log: Path) -> None:
-        import subprocess
-
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -106,10 +106,6 @@ class TemporaryServer:
     def use(self) -> str:
         """Wait for the server; set PREFECT_API_URL for this process; the API URL. Raises
         ``PrefectServerError`` when the server did not start."""
-        from prefect.context import refresh_global_settings_context
-
-        from pipeline.errors import PrefectServerError
-
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         if not line.startswith("http"):
@@ -124,8 +120,6 @@ class TemporaryServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server and wait up to ``timeout_s`` for it, then kill what is left. A running
         server is stopped by closing the keeper's stdin; one still starting, by SIGTERM."""
-        import subprocess
-
         try:
             if self.proc.stdin is not None and not self.proc.stdin.closed:
                 self.proc.stdin.close()

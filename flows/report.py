@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect.artifacts import create_markdown_artifact
+
 from pipeline.metrics import headline_metrics
 
 
@@ -23,6 +25,4 @@ def metrics_markdown(metrics: dict[str, float], *, title: str, links: dict[str, 
 
 def publish_report(markdown: str, *, key: str, description: str) -> Any:
     """Create the Prefect markdown artifact (``key``: lowercase letters, digits and dashes)."""
-    from prefect.artifacts import create_markdown_artifact
-
     return create_markdown_artifact(markdown=markdown, key=key, description=description)

@@ -24,8 +24,16 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from prefect import get_client
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule, is_valid_timezone
+from prefect.deployments.runner import EntrypointType
 from prefect.runner import Runner
+from prefect.schedules import Cron, Interval
+from prefect.settings import get_current_settings
+from pydantic import ValidationError
 
+from flows.pipeline import pipeline_flow
+from flows.server import check_api
 from pipeline.errors import ConfigError
 
 DEFAULT_API_TIMEOUT_S = 10.0
@@ -38,9 +46,6 @@ def validate_schedule(*, cron: str | None, interval: float | None, timezone: str
 
     Raises ``ConfigError`` naming the option and value, with an example.
     """
-    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule, is_valid_timezone
-    from pydantic import ValidationError
-
     if cron is not None and interval is not None:
         raise ConfigError(f"--cron {cron!r} and --interval {interval:g} both given: choose one, "
                           f"e.g. {CRON_EXAMPLE} or {INTERVAL_EXAMPLE}")
@@ -73,8 +78,6 @@ def validate_schedule(*, cron: str | None, interval: float | None, timezone: str
 
 def api_url_or_raise() -> str:
     """``PREFECT_API_URL`` as Prefect sees it (environment or active profile); ConfigError if unset."""
-    from prefect.settings import get_current_settings
-
     url = get_current_settings().api.url
     if not url:
         raise ConfigError("PREFECT_API_URL is not set: scheduling needs a running Prefect server "
@@ -95,19 +98,11 @@ def serve_pipeline(*, cron: str | None, interval: float | None, name: str, timez
     without waiting for that. Raises ``ConfigError`` for a bad schedule or an unset PREFECT_API_URL,
     and ``flows.server.PrefectServerError`` when the server does not answer within ``api_timeout_s``.
     """
-    from flows.server import check_api
-
     what = validate_schedule(cron=cron, interval=interval, timezone=timezone)
     if not (api_timeout_s > 0):
         raise ConfigError(f"--api-timeout {api_timeout_s:g}: expected seconds > 0, e.g. 10")
     api_url = api_url_or_raise()
     check_api(api_url, timeout_s=api_timeout_s)
-
-    from prefect.deployments.runner import EntrypointType
-    from prefect.schedules import Cron, Interval
-    from prefect.settings import get_current_settings
-
-    from flows.pipeline import pipeline_flow
 
     schedule = (Cron(cron, timezone=timezone) if cron is not None
                 else Interval(interval, timezone=timezone))  # type: ignore[arg-type]
@@ -181,8 +176,6 @@ async def _serve_until_signalled(runner: _LoopSignalRunner, flow: Any, **deploym
         while not runner.started and not serving.done():  # a signal while the runner was starting
             await asyncio.sleep(0.05)
         if runner.started:
-            from prefect import get_client
-
             async with get_client() as client:  # first: the server drops the scheduled runs now
                 await client.pause_deployment(deployment_id)
             stopping = asyncio.ensure_future(runner.astop())

@@ -22,6 +22,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
+import httpx
+from prefect.settings import get_current_settings
+
 from pipeline.errors import DensepipeError, PrefectServerError
 
 DEFAULT_PORT = 4200
@@ -46,9 +50,6 @@ def check_api(api_url: str, *, timeout_s: float) -> None:
 
     Raises ``PrefectServerError`` naming the URL (and the timeout when nothing answered in time).
     """
-    import anyio
-    import httpx
-
     url = api_url.rstrip("/") + "/health"
 
     async def get() -> httpx.Response:
@@ -198,8 +199,6 @@ def _forward_to(child: subprocess.Popen):
 
 
 def _prefect_home() -> Path:
-    from prefect.settings import get_current_settings
-
     return Path(get_current_settings().home)
 
 

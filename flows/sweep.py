@@ -27,6 +27,8 @@ from pipeline.errors import ConfigError
 from pipeline.io import atomic_write_json
 from pipeline.tracking import parent_run
 
+# Imports inside functions: prefect_dask is an extra's (the Dask task runner).
+
 RUNNERS = ("thread", "dask")
 
 

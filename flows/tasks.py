@@ -17,11 +17,14 @@ import hashlib
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import task
 from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
 from prefect.states import State
 
 from pipeline import stages
@@ -96,11 +99,6 @@ def train_with_torchrun(cfg: Config, *, parent_run_id: str | None,
     """``torchrun --standalone --nproc_per_node=N -m pipeline.cli train`` with ``cfg`` itself: the
     resolved config is written to a temporary params file every process loads (no params path
     and override strings travel alongside the config)."""
-    import tempfile
-
-    import yaml
-    from prefect.logging import get_run_logger
-
     with tempfile.TemporaryDirectory(prefix="densepipe-torchrun-") as tmp:
         params = Path(tmp) / "params.yaml"
         params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

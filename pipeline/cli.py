@@ -26,11 +26,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import stages
+from pipeline.config import load_config
 from pipeline.errors import DensepipeError
+from pipeline.stages import check_config
+
+# Imports inside functions: every `densepipe` call and every DVC stage imports this module: it
+# loads no torch (tests/test_import_cost.py) and, at import time, no module that some stage does
+# not list in dvc.yaml (tests/test_layering.py).
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-task dense prediction: prepare, train, evaluate, predict.")
@@ -137,8 +146,6 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override:
 
 
 def _config(params: Path, overrides: list[str] | None):
-    from pipeline.config import load_config
-
     return load_config(params, overrides or [])
 
 
@@ -159,8 +166,6 @@ def _metrics_table(metrics: dict[str, float], title: str = "metrics") -> Table:
 @app.command()
 def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Render the synthetic dataset into data.root (or check a user's dataset folder)."""
-    from pipeline import stages
-
     summary = stages.prepare(_config(params, set_))
     out.print(json.dumps(summary, indent=2, sort_keys=True))
 
@@ -176,7 +181,6 @@ def train(
         help="Nest the MLflow run under this run (a pipeline run).")] = None,
 ) -> None:
     """Train the configured tasks; resumes from <train.out_dir>/last.pt."""
-    from pipeline import stages
     from pipeline.engine.distributed import env_from_torchrun
 
     summary = stages.train(_config(params, set_), parent_run_id=parent_run_id)
@@ -193,8 +197,6 @@ def evaluate(
     model: ModelOpt = None,
 ) -> None:
     """Evaluate a checkpoint (or a registered MLflow model) on the val split; writes metrics.json."""
-    from pipeline import stages
-
     cfg = _config(params, set_)
     metrics = stages.evaluate(cfg, checkpoint, model_uri=model)
     out.print(_metrics_table(metrics))
@@ -228,8 +230,6 @@ def predict(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 ) -> None:
     """Predict every task for images: raw outputs, drawings and evaluator-ready files (docs/deploy.md)."""
-    from pipeline import stages
-
     files = stages.predict(_config(params, set_), list(inputs), checkpoint=checkpoint, model_uri=model,
                            out_dir=out_dir, batch_size=batch_size, num_workers=num_workers, vis=vis,
                            eval_files=eval_files, coco_gt=coco_gt, progress=progress)
@@ -266,8 +266,6 @@ def register(
     checkpoint: Annotated[Path | None, typer.Option(help="Default: best.pt of train.out_dir.")] = None,
 ) -> None:
     """Add the trained model to the MLflow model registry (tracking.registered_model)."""
-    from pipeline import stages
-
     result = stages.register(_config(params, set_), checkpoint=checkpoint)
     out.print(f"registered {result['model_uri']} (load it with --model models:/{result['name']}/latest)")
 
@@ -332,10 +330,6 @@ def show_sample(
 def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Print the resolved configuration as YAML, after the checks train runs before reading data
     (tasks, each enabled task's options, backbone, train.best_metric); reads no data."""
-    import yaml
-
-    from pipeline.stages import check_config
-
     cfg = _config(params, set_)
     check_config(cfg)
     sys.stdout.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -380,8 +374,6 @@ def _run_app() -> int | str | None:
     except typer.Abort:
         code = 1
     except Exception as e:  # click usage errors carry their own formatting
-        import click
-
         if isinstance(e, click.ClickException):
             e.show()
             return e.exit_code

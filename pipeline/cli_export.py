@@ -10,8 +10,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
+
+from pipeline.config import load_config
 from pipeline.errors import ExportError
-from pipeline.export import DEFAULT_OPSET, ExportReport
+from pipeline.export import DEFAULT_OPSET, ExportReport, check_dependencies, export_onnx
+from pipeline.trained_model import load_model_to_evaluate
 
 FORMATS = ("onnx",)
 
@@ -45,12 +49,6 @@ def export_command(*, params: Path | None, set_: list[str] | None, checkpoint: P
     model's; R-CNN tasks are refused with the ``--tasks`` that work); ``image_size``: H or HxW of
     the traced example (default ``data.image_size``). Every refusal is a one-line
     ``DensepipeError``; checked before the model is loaded where it can be."""
-    import torch
-
-    from pipeline.config import load_config
-    from pipeline.export import check_dependencies, export_onnx
-    from pipeline.trained_model import load_model_to_evaluate
-
     if format not in FORMATS:
         raise ExportError(f"--format {format}: expected one of {', '.join(FORMATS)}")
     check_dependencies()

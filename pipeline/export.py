@@ -37,14 +37,21 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
+from pipeline.engine.checkpoint import sha256_file
 from pipeline.errors import ExportError
+from pipeline.io import atomic_path, atomic_write_json
 from pipeline.model import GRAY_WEIGHTS, PIXEL_MEAN, PIXEL_STD, MultiTaskModel, image_views
+
+# Imports inside functions: onnx is the `onnx` extra's; torch._dynamo costs seconds to import and
+# only an export needs it.
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
@@ -160,7 +167,6 @@ def _trace(module: DenseExportModule, example: Tensor, *, stride: int, dynamic: 
     """``torch.export`` with a dynamic batch and, if ``dynamic``, H/W as multiples of ``stride``;
     when the model's code fixes H/W, again with them fixed, and the reason."""
     from torch._dynamo.exc import UserError
-    from torch.export import Dim
 
     batch = {0: Dim("N", min=1)}
     if not dynamic:
@@ -205,8 +211,6 @@ def _dims(value_info: Any) -> list[int | str]:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("densepipe")
     except PackageNotFoundError:
@@ -264,8 +268,6 @@ def export_onnx(
 
     import onnx
 
-    from pipeline.io import atomic_path, atomic_write_json
-
     proto = _name_dims(program.model_proto)
     with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
@@ -308,8 +310,6 @@ def sidecar(model: MultiTaskModel, report: ExportReport, *, example_size: tuple[
     for axis, what, symbol in ((2, "height", "h"), (3, "width", "w")):
         if isinstance(shape[axis], str):
             dims[shape[axis]] = f"image {what}: {report.stride} x {symbol}, {symbol} >= 1"
-    from pipeline.engine.checkpoint import sha256_file
-
     src_path = Path(source) if source else None
     return {
         "schema": SIDECAR_SCHEMA,

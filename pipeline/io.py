@@ -21,6 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from pipeline.errors import OutputError
+
 
 def _umask() -> int:
     """The process umask, read without changing it where Linux tells it (``/proc/self/status``):
@@ -117,8 +121,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def atomic_write_png(path: str | os.PathLike[str], array: Any) -> Path:
     """``array`` (``HxW`` uint8/uint16 or ``HxWx3`` uint8) as a PNG, written atomically."""
-    from PIL import Image
-
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return Path(path)
@@ -136,8 +138,6 @@ def atomic_dir(path: str | os.PathLike[str], *,
     ``path`` that ``protected_reason`` names, or that is not a folder, is refused with
     ``OutputError`` whatever the caller says; a symbolic link at ``path`` is replaced (its target
     is not touched). On failure the temporary folder is removed and ``path`` is as it was."""
-    from pipeline.errors import OutputError
-
     path = Path(path)
     reason = protected_reason(path)
     if reason is not None:

@@ -9,8 +9,9 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from pipeline.config import Config
+from pipeline.config import Config, check_tasks
 from pipeline.data.card import DatasetCard
+from pipeline.errors import ConfigError, PluginError
 from pipeline.nn.backbones import build_backbone
 from pipeline.nn.inference_size import InferenceResize, output_size
 from pipeline.registry import TaskRegistry, default_registry
@@ -163,8 +164,6 @@ def _check_prediction_size(task: str, predictions: list[Any], size: tuple[int, i
     """A prediction that is a map (a tensor of 2+ dims) must be ``size``: a plugin that ignores
     ``output_size`` fails here, not inside a metric. Structured predictions (dicts) are the
     plugin's own format, which the core does not read."""
-    from pipeline.errors import PluginError
-
     for m in predictions[:1]:
         if isinstance(m, torch.Tensor) and m.dim() >= 2 and tuple(m.shape[-2:]) != size:
             raise PluginError(
@@ -188,8 +187,6 @@ DETECTION_LABELS = "instances"
 def wants_frozen_bn(cfg: Config, tasks: list[Task]) -> bool:
     """``model.freeze_bn`` resolved: ``auto`` is true when ``model.pretrained`` is set, the body
     uses BatchNorm and an enabled task (dependencies included) needs ``instances`` labels."""
-    from pipeline.errors import ConfigError
-
     m = cfg.model
     if m.freeze_bn == "auto":
         return (m.pretrained is not None and m.backbone_norm == "bn"
@@ -206,8 +203,6 @@ def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = 
 
     ``load_weights=False`` builds the same modules (frozen BatchNorm and frozen levels included)
     without reading ``weights`` / ``pretrained``: for loading a checkpoint over them."""
-    from pipeline.config import check_tasks
-
     registry = registry or default_registry()
     check_tasks(cfg, registry.names)
     tasks = registry.resolve(cfg.model.tasks)

@@ -28,8 +28,15 @@ from typing import Any
 
 import torch
 
+from pipeline.config import config_from_dict
+from pipeline.data.card import DatasetCard
+from pipeline.engine.checkpoint import load_model_state, unreadable_message
 from pipeline.errors import CheckpointError
 from pipeline.io import sha256_file
+from pipeline.model import build_model
+
+# Imports inside functions: MLflow, when a model is logged or saved: an untracked training imports
+# this module without it.
 
 FLAVOR = "densepipe"
 FORMAT = "densepipe-model/1"
@@ -87,8 +94,6 @@ def read_weights(path: str | Path, *, source: str) -> dict[str, Any]:
     tensors and plain data). ``CheckpointError`` (one line naming ``source``) when the file is
     not readable that way (a pickled object is refused, naming the global it needs) or not in
     ``FORMAT``."""
-    from pipeline.engine.checkpoint import unreadable_message
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -107,11 +112,6 @@ def build_from_payload(payload: dict[str, Any], *, source: str,
     """The model ``payload`` describes: built from its config (without ``model.weights``: the
     stored state replaces any pretrained backbone file) and dataset card through the task
     registry, the weights loaded strictly, in eval mode on ``device`` (default CPU)."""
-    from pipeline.config import config_from_dict
-    from pipeline.data.card import DatasetCard
-    from pipeline.engine.checkpoint import load_model_state
-    from pipeline.model import build_model
-
     cfg = config_from_dict(payload["config"], source=source)
     card = DatasetCard.from_json(payload["card"], source=source)
     model = build_model(cfg, card, load_weights=False)  # no weights file read: the payload's weights

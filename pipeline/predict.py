@@ -48,12 +48,23 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.reader import IMAGE_SUFFIXES, read_image
-from pipeline.engine.loaders import SizeBatches
+from pipeline.engine.loaders import SizeBatches, _worker_init_fn, worker_context
+from pipeline.engine.trainer import resolve_device
 from pipeline.errors import ConfigError, DataError, OutputError
 from pipeline.io import atomic_write_json, atomic_write_png
+from pipeline.task import PredictedImage, Task
+from pipeline.trained_model import load_model_to_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +284,6 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def image_loader(files: Sequence[Path], sizes: Sequence[tuple[int, int]], *, batch_size: int,
                  num_workers: int) -> tuple[DataLoader, SizeBatches]:
     """The loader of ``files`` (``ImageFiles`` in ``SizeBatches``) and its batch sampler."""
-    from pipeline.engine.loaders import _worker_init_fn, worker_context
-
     batches = SizeBatches(sizes, batch_size=batch_size)
     if num_workers < 0:
         raise ConfigError(f"--num-workers {num_workers}: expected 0 or more")
@@ -293,22 +302,12 @@ class ItemProgress:
 
     def __init__(self, total: int, *, label: str, unit: str = "images", enabled: bool = True,
                  stream: TextIO | None = None) -> None:
-        from rich.console import Console
-
         self.total, self.label, self.unit, self.enabled = total, label, unit, enabled
         self.console = Console(file=stream or sys.stderr, markup=False, highlight=False)
         self.start = time.perf_counter()
         self.done = 0
         self.bar: Any = None
         if enabled and self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
             self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]}"), TextColumn("ETA"),
                                 TimeRemainingColumn(), console=self.console, transient=True)
@@ -474,8 +473,6 @@ def _check_destinations(out: Path, staged: Sequence[str], manifest: _Manifest, *
 
 def _writes_dataset_files(task: Any) -> bool:
     """True when ``task`` overrides ``Task.write_dataset_predictions`` (the default writes nothing)."""
-    from pipeline.task import Task
-
     return getattr(type(task), "write_dataset_predictions", None) is not Task.write_dataset_predictions
 
 
@@ -492,8 +489,6 @@ def predict_to_folder(model: Any, images: Sequence[InputImage], sizes: Sequence[
                       progress: bool = True, source: str = "", step: int | None = None) -> list[str]:
     """Predict ``images`` (read and sized already) with ``model`` into ``out_dir`` (module doc:
     layout, all or nothing, ownership); returns the written paths, sorted."""
-    from pipeline.task import PredictedImage
-
     card = model.card
     bad = [n for n in model.tasks if n in RESERVED or n == MANIFEST]
     if bad:
@@ -587,9 +582,6 @@ def run_predict(cfg: Any, inputs: Sequence[str | os.PathLike[str]], *,
     ``out_dir`` (module doc). ``batch_size`` defaults to ``evaluate.batch_size``, ``num_workers``
     to ``data.num_workers``; ``coco_gt`` (a COCO JSON whose ``images`` give the ids) implies
     ``eval_files``. Returns the written paths."""
-    from pipeline.engine.trainer import resolve_device
-    from pipeline.trained_model import load_model_to_evaluate
-
     if checkpoint is None and model_uri is None:
         raise ConfigError("predict: give --checkpoint PATH or --model models:/<name>/<version>")
     batch_size = cfg.evaluate.batch_size if batch_size is None else batch_size

@@ -37,12 +37,20 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is imported
 
+import io
+
+import mlflow
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # noqa: E402
+from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+from PIL import Image
 
 from pipeline import model_store  # noqa: E402
+from pipeline.data.reader import read_image
 from pipeline.errors import CheckpointError, ConfigError, DataError, TrackingError  # noqa: E402
 from pipeline.model_store import DEVICE_KEY, IMAGE_COLUMN  # noqa: E402
 
@@ -109,9 +117,6 @@ def verified_weights(path: str | Path) -> Path:
     against that store's tag ``densepipe.weights_sha256`` (a store that does not know the model
     is refused too: the MLmodel sits in the same artifact store as the weights). Errors as
     ``_load_pyfunc``."""
-    from mlflow.models import Model
-    from mlflow.models.model import MLMODEL_FILE_NAME
-
     given = Path(path)
     folder = given if given.is_dir() else given.parent
     mlmodel_path = folder / MLMODEL_FILE_NAME
@@ -142,8 +147,6 @@ def _check_tracking_store(weights: Path, actual: str, model_id: str | None) -> N
     """``TrackingError`` unless the tracking store MLflow resolves (``_tracking_store``) records
     ``actual`` for the logged model ``model_id``; nothing to check without a store or a
     ``model_id``."""
-    import mlflow
-
     uri = _tracking_store()
     if not model_id or uri is None:
         return
@@ -164,9 +167,6 @@ def _tracking_store() -> str | None:
     """The tracking store MLflow resolves models from: the URI set (``MLFLOW_TRACKING_URI``,
     ``mlflow.set_tracking_uri``), else MLflow's default SQLite file when it exists (``None``
     when it does not: nothing is created by checking)."""
-    import mlflow
-    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-
     uri = mlflow.get_tracking_uri()
     if is_tracking_uri_set():
         return uri
@@ -231,8 +231,6 @@ def _image_column(model_input: Any) -> list[Any]:
 def decode_image(value: Any, *, row: int) -> np.ndarray:
     """``value`` (the base64 of an image file, or its raw bytes) as ``HxWx3 uint8``, read by
     ``pipeline.data.reader.read_image``. ``ImageInputError`` naming ``row`` otherwise."""
-    from pipeline.data.reader import read_image
-
     where = f"column {IMAGE_COLUMN}, row {row}"
     if isinstance(value, bytes | bytearray):
         data = bytes(value)
@@ -267,10 +265,6 @@ def _encode(path: Path) -> Any:
 def decode_png(value: str) -> np.ndarray:
     """A PNG answer value as an array, as stored: ``HxW`` (uint8 label map, uint16 millimetres)
     or ``HxWx3`` uint8 (normals, colours). For clients and tests."""
-    import io
-
-    from PIL import Image
-
     with Image.open(io.BytesIO(base64.b64decode(value))) as img:
         return np.asarray(img)
 

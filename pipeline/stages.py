@@ -8,22 +8,26 @@
 
 Each takes ``parent_run_id`` (except predict) so a pipeline run nests one MLflow run per stage.
 
-Imports inside functions: MLflow (``pipeline.tracking``), the exporters and the dataset checks are
-imported by the stage that needs them, so ``densepipe prepare`` and untracked training never load
-MLflow (``tests/test_import_cost.py`` pins what importing this module may load).
+Imports inside functions: each stage imports the engine, MLflow (``pipeline.tracking``), the
+exporters and the dataset checks it needs when it runs. ``densepipe`` imports this module on
+every call, so it loads no torch at import (``tests/test_import_cost.py``), and each DVC stage's
+deps in ``dvc.yaml`` stay exactly the code it runs: ``prepare`` does not rerun when the trainer
+changes (``tests/test_layering.py``, ``tests/test_dvc.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
-from pipeline.errors import ConfigError
+from pipeline.config import Config, check_metric, check_tasks, resolve_best_metric, unrecorded_reads
+from pipeline.data.card import DatasetCard
+from pipeline.errors import ConfigError, TrackingError
 from pipeline.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,6 @@ def dataset_ready(cfg: Config) -> bool:
         return fmt.ready(root, options=options)
     if not (root / "meta.json").exists():
         return False
-    from pipeline.data.card import DatasetCard
     from pipeline.data.synthetic.spec import GENERATOR_VERSION
 
     extra = DatasetCard.load(root / "meta.json").extra
@@ -131,16 +134,12 @@ def check_config(cfg: Config) -> None:
     (``pipeline.config.check_metric``; ``auto`` with no main metric to pick is refused only when
     early stopping needs it), ``data.source`` and ``data.options``. ``densepipe config`` runs it
     too."""
-    from pipeline.config import unrecorded_reads
-
     with unrecorded_reads():  # validation reads every section; the stages record what they use
         _check_config(cfg)
 
 
 def _check_config(cfg: Config) -> None:
-    from pipeline.config import check_metric, check_tasks, resolve_best_metric
     from pipeline.engine.loaders import dataset_format
-    from pipeline.errors import ConfigError
     from pipeline.nn.backbones import BACKBONES, known_backbone
     from pipeline.registry import default_registry
 
@@ -362,10 +361,7 @@ def register(cfg: Config, *, checkpoint: str | Path | None = None, model_uri: st
     ``model_uri``: the model ``train`` logged; otherwise the checkpoint's model (default
     ``default_checkpoint``) is logged first, in its training run. Returns ``{"name", "version",
     "model_uri": "models:/<name>/<version>", "run_id"}``."""
-    import json
-
     from pipeline.engine.checkpoint import load_checkpoint
-    from pipeline.errors import TrackingError
     from pipeline.metrics import headline_metrics
     from pipeline.tracking import make_tracker
     from pipeline.trained_model import default_checkpoint

@@ -83,6 +83,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from pipeline.config import validated_options
 from pipeline.data.card import DatasetCard
 from pipeline.data.label_kinds import LABEL_KINDS as _LABEL_KINDS
 from pipeline.nn.backbones import FeatureLevel
@@ -190,8 +191,6 @@ class Task(ABC, Generic[OptionsT]):
 
     def parse_options(self, raw: dict[str, Any] | None) -> BaseModel:
         """``model.heads.<name>`` validated; a bad key or value is one ``ConfigError`` line."""
-        from pipeline.config import validated_options
-
         return validated_options(self.Options, raw, key=f"model.heads.{self.name}",
                                  owner=f"options of {self.name}")
 

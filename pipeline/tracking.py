@@ -22,8 +22,24 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import base64
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
 from pipeline import model_store  # noqa: E402
 from pipeline.config import TrackingConfig  # noqa: E402
+from pipeline.errors import DensepipeError, TrackingError, TrackingUnreachableError
+
+# Imports inside functions: MLflow, once a tracker is made or a model read: untracked stages
+# import this module without loading it.
 
 MAX_PARAM_LEN = 6000
 ERROR_TAG = "densepipe.error"
@@ -36,8 +52,6 @@ MAX_TAG_LEN = 5000
 def error_line(error: BaseException) -> str:
     """The one line an operator reads: densepipe's own errors as they are, others with their type;
     at most ``MAX_TAG_LEN`` characters (what MLflow stores in a tag)."""
-    from pipeline.errors import DensepipeError
-
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (Ctrl-C or SIGTERM)"
     if not isinstance(error, Exception):  # SystemExit, Prefect's TerminationSignal (a cancelled run)
@@ -58,8 +72,6 @@ def resolve_uri(cfg: TrackingConfig) -> str:
 def _is_mlflow_json(body: bytes) -> bool:
     """Whether ``body`` is an MLflow REST answer: a JSON object with ``experiment`` or
     ``error_code``."""
-    import json
-
     try:
         data = json.loads(body)
     except ValueError:
@@ -105,8 +117,6 @@ class Tracker:
         A server is MLflow when ``GET /health`` answers 200 ``OK`` or, for a server without
         ``/health``, when its REST API answers ``experiments/get-by-name`` with MLflow's JSON
         (an experiment, or an ``error_code``) or asks for credentials (401/403)."""
-        from pipeline.errors import TrackingError
-
         if self.uri.startswith(("http://", "https://")):
             base = self.uri.rstrip("/")
             status, body = self._http_get(f"{base}/health", timeout_s)
@@ -130,12 +140,6 @@ class Tracker:
         """``(status, first 64 KiB of the body)`` of ``GET url`` with MLflow's credentials from
         the environment (``MLFLOW_TRACKING_TOKEN`` or ``_USERNAME``/``_PASSWORD``); an error
         status is an answer too. ``TrackingUnreachableError`` when nothing answers in time."""
-        import base64
-        import urllib.error
-        import urllib.request
-
-        from pipeline.errors import TrackingUnreachableError
-
         headers = {}
         if os.environ.get("MLFLOW_TRACKING_TOKEN"):
             headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
@@ -214,8 +218,6 @@ class Tracker:
             self.client.set_tag(self.run_id, ERROR_TAG, error_line(error))
             self.finish("FAILED" if isinstance(error, Exception) else "KILLED")
         except Exception as e:  # noqa: BLE001 - the store may be what failed
-            import logging
-
             logging.getLogger(__name__).warning("could not mark MLflow run %s failed: %s", self.run_id,
                                                 error_line(e))
 
@@ -259,9 +261,6 @@ class Tracker:
             self.client.set_tag(self.run_id, key, value)  # type: ignore[arg-type]
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import math
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -289,9 +288,6 @@ class Tracker:
         URI (``models:/m-...``). The weights file's sha256 is recorded in the tracking store, as
         the logged model's tag ``densepipe.weights_sha256``, and in the MLmodel flavor.
         ``metadata`` (JSON-able) lands in the model's MLmodel file."""
-        import tempfile
-
-        import torch
         from mlflow.models import Model
 
         with tempfile.TemporaryDirectory(prefix="densepipe-model-") as tmp:
@@ -390,13 +386,9 @@ def _with_model(model_uri: str, tracking_uri: str, *, load: bool, device: Any = 
     unpickled: the model must be of flavor ``densepipe``, its weights file must match the sha256
     the tracking store records for it (for ``models:/`` and ``runs:/`` URIs; the MLmodel's own
     for a local folder), and it is read with ``torch.load(weights_only=True)``."""
-    import tempfile
-
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
-
-    from pipeline.errors import TrackingError
 
     with tempfile.TemporaryDirectory(prefix="densepipe-model-") as tmp, store_uri(tracking_uri), \
             _no_progress_bars():
@@ -469,8 +461,6 @@ def _densepipe_flavor(model_uri: str, flavors: dict[str, Any]) -> dict[str, Any]
     """The MLmodel's ``densepipe`` flavor; ``TrackingError`` for a model without it (e.g. one an
     older densepipe logged as a pickled PyTorch model, which is never unpickled) or in a format
     this densepipe does not read."""
-    from pipeline.errors import TrackingError
-
     flavor = flavors.get(model_store.FLAVOR)
     if not isinstance(flavor, dict):
         raise TrackingError(
@@ -525,8 +515,6 @@ def _recorded_sha256(client: Any, model_uri: str) -> list[str] | None:
 
 def _metric_key(name: str) -> str:
     """MLflow keys allow ``/``; keep letters, digits and ``_-. /``."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
 
 

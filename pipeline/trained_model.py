@@ -12,6 +12,7 @@ import torch
 from pipeline.config import Config
 from pipeline.engine.trainer import load_trained_model
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.tracking import load_registered_model, resolve_uri  # lazy: MLflow
 
 
 def default_checkpoint(cfg: Config) -> Path:
@@ -36,8 +37,6 @@ def load_model_to_evaluate(cfg: Config, *, checkpoint: str | Path | None = None,
     if model_uri is not None:
         if checkpoint is not None:
             raise ConfigError(f"--model {model_uri} and --checkpoint {checkpoint}: give one of them")
-        from pipeline.tracking import load_registered_model, resolve_uri  # lazy: MLflow
-
         model, meta = load_registered_model(model_uri, tracking_uri=resolve_uri(cfg.tracking),
                                             device=device)
         run_id = meta.get("train_run_id") or meta.get("run_id")

@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.errors import DataError
 from pipeline.io import atomic_write_json
+import colorsys
 
 IGNORE_INDEX = 255
 
@@ -208,7 +209,5 @@ class DatasetCard:
 
 def _fallback_color(i: int) -> tuple[int, int, int]:
     """Deterministic, well-spread colour for class ``i`` (golden-ratio hue walk)."""
-    import colorsys
-
     r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)

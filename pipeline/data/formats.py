@@ -44,6 +44,12 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.data.label_kinds import BUILTIN_LABEL_KINDS
 from pipeline.data.label_kinds import LABEL_KINDS as _LABEL_KINDS
 from pipeline.errors import ConfigError, DataError, PluginError, error_line
+from pipeline.config import validated_options
+from PIL import Image
+from pipeline import hookspecs
+
+# Imports inside functions: pipeline.data.check imports this module, `densepipe formats` loads no
+# torch, and the check is no dep of the train stage.
 
 FORMATS_ENTRY_POINT_GROUP = "densepipe.formats"
 LABEL_KINDS = _LABEL_KINDS
@@ -99,8 +105,6 @@ class DatasetFormat(ABC):
 
     def parse_options(self, raw: dict[str, Any] | None) -> BaseModel:
         """``data.options`` validated; a bad key or value is one ``ConfigError`` line."""
-        from pipeline.config import validated_options
-
         return validated_options(self.Options, raw, key="data.options",
                                  owner=f"options of data.source {self.name}")
 
@@ -197,8 +201,6 @@ def image_ids_of(stems: Sequence[str]) -> list[int]:
 def image_hw(path: str | os.PathLike[str]) -> tuple[int, int]:
     """The upright (H, W) of an image file from its header (EXIF orientations 5-8 swap the
     sides), without decoding the pixels. ``DataError`` naming the file when it cannot be read."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -219,8 +221,6 @@ class FormatRegistry:
     recorded (``failed``: name -> one line) and named when its format is asked for."""
 
     def __init__(self, *, entry_points: bool = True, plugins: Iterable[Any] = ()) -> None:
-        from pipeline import hookspecs
-
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.formats: dict[str, DatasetFormat] = {}

@@ -58,6 +58,10 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import error_line
 from pipeline.hookspecs import LoadedPlugins, load_task_plugins
+from pipeline.data.card import IGNORE_INDEX
+
+# Imports inside functions: torch, and the reader (which imports this module), when a kind is
+# built or decoded: `import pipeline.data.formats` stays light.
 
 if TYPE_CHECKING:
     import numpy as np
@@ -181,8 +185,6 @@ def builtin_dense_kinds() -> dict[str, DenseLabelKind]:
     global _BUILTIN
     if _BUILTIN is None:
         import torch
-
-        from pipeline.data.card import IGNORE_INDEX
 
         kinds = (
             DenseLabelKind("semantic", dtype=torch.int64, unknown=IGNORE_INDEX,

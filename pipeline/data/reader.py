@@ -68,6 +68,10 @@ from pipeline.data.label_kinds import DenseLabelKind, dense_kind, dense_kinds, o
 from pipeline.data.panoptic_ids import rgb_to_ids
 from pipeline.data.split_dataset import SampleDataset
 from pipeline.errors import DataError
+from torchvision.io import ImageReadMode, decode_png
+from pycocotools import mask as mask_utils
+from pycocotools import mask as mask_utils
+import mmap
 
 DEPTH_ENCODINGS = ("mm", "kitti", "float")
 """How depth files store metres (``read_depth``): uint16 PNG millimetres (default), uint16 PNG
@@ -223,8 +227,6 @@ def read_png(path: str | os.PathLike[str], what: str = "label PNG") -> tuple[np.
             if depth == 16 and ctype in (2, 6):  # 16-bit RGB / RGBA
                 with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its codecs
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    from torchvision.io import ImageReadMode, decode_png
-
                     t = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                    ImageReadMode.UNCHANGED)
                 arr = t.permute(1, 2, 0).numpy().astype(np.uint16)  # HxWxC, contiguous copy
@@ -962,8 +964,6 @@ class CocoDataset(SampleDataset):
         """What ``load`` would reject in sample ``index``'s segmentations for an image of size
         ``hw`` (an RLE of another size, a malformed segmentation), as ``(json file, problem)``
         pairs; polygons and RLEs are converted, no mask is decoded."""
-        from pycocotools import mask as mask_utils
-
         out = []
         for a in self._records[index].anns or ():
             try:
@@ -1086,8 +1086,6 @@ class CocoDataset(SampleDataset):
 
     def _masks(self, rec: _ImageRecord, anns: list[dict[str, Any]],
                hw: tuple[int, int]) -> np.ndarray:
-        from pycocotools import mask as mask_utils
-
         H, W = hw
         if not anns:
             return np.zeros((0, H, W), bool)
@@ -1277,8 +1275,6 @@ def _has_label_file(folder: Path, suffixes: Sequence[str] = (".png",)) -> bool:
 
 def _mentions(path: Path, needle: bytes) -> bool:
     """Whether the file's bytes contain ``needle`` (memory-mapped: no parse, no full copy)."""
-    import mmap
-
     with path.open("rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return False

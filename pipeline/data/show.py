@@ -14,6 +14,8 @@ from pipeline import viz
 from pipeline.data.card import DatasetCard
 from pipeline.errors import DataError
 from pipeline.io import atomic_path
+from pipeline.data.transforms import resize_sample
+from pipeline.data.reader import open_dataset
 
 __all__ = ["draw_sample", "show_sample"]
 
@@ -43,8 +45,6 @@ def draw_sample(sample: dict[str, Any], card: DatasetCard, *, ncols: int | None 
     nearest) so that boxes, keypoints and text stay legible."""
     H0, W0 = (int(v) for v in sample["image"].shape[-2:])
     if min_size and max(H0, W0) < min_size:
-        from pipeline.data.transforms import resize_sample
-
         f = min(4, math.ceil(min_size / max(H0, W0)))
         sample = resize_sample(sample, (H0 * f, W0 * f))
     image = viz.as_hwc_uint8(sample["image"])
@@ -98,8 +98,6 @@ def show_sample(root: str | os.PathLike[str], split: str, index: int,
                 out: str | os.PathLike[str]) -> Path:
     """Draw sample ``index`` of ``split`` of the dataset at ``root`` into ``out`` (atomically);
     returns ``out``. Raises ``DataError`` for an index out of range."""
-    from pipeline.data.reader import open_dataset
-
     ds = open_dataset(root, split)
     if not 0 <= index < len(ds):
         raise DataError(root, f"sample index {index} out of range: split '{split}' has "

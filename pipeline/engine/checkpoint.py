@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch._weights_only_unpickler import _get_allowed_globals
 
 from pipeline.errors import CheckpointError, DensepipeError
 from pipeline.io import atomic_path, atomic_write_json, sha256_file
@@ -270,8 +271,6 @@ def _first_unsafe_global(path: Path, *, limit: int = 16 << 20) -> str | None:
     unpickler does not allow; None when there is none in the first ``limit`` bytes. Scans the
     opcodes (``pickletools``): nothing is imported or run."""
     try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
         allowed: set[str] = set(_get_allowed_globals())
     except Exception:  # noqa: BLE001 - private torch API: without it, name the first global
         allowed = set()

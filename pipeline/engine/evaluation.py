@@ -8,7 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.engine import distributed as dist
+from pipeline.io import atomic_dir
 from pipeline.model import MultiTaskModel
+
+# Imports inside functions: the plot files' writer, when evaluate writes them: the train stage
+# does not list it as a dep (dvc.yaml).
 
 
 @torch.no_grad()
@@ -53,8 +58,6 @@ def evaluate_model(
             for name, task in model.tasks.items():
                 drawings.append((name, task.visualize(image, predictions[name][i], card=model.card,
                                                       options=model.options[name])))
-    from pipeline.engine import distributed as dist
-
     if distributed:
         evaluators = dist.merge_evaluators(evaluators)
     metrics: dict[str, float] = {}
@@ -77,7 +80,6 @@ def evaluate_model(
 def write_plots(folder: Path, *, metrics: dict[str, float], evaluators: dict[str, Any]) -> Path:
     """Replace ``folder`` with the plot files of ``pipeline.metrics.plot_data`` (see its formats):
     ``per_class_iou.json`` and ``pr_<task>[_<type>].json``; returns ``folder``."""
-    from pipeline.io import atomic_dir
     from pipeline.metrics.plot_data import pr_curve_rows, pr_file_name, write_plot_files
 
     curves: dict[str, list[dict[str, float]]] = {}

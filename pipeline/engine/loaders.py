@@ -6,6 +6,7 @@ import functools
 import multiprocessing
 import multiprocessing.context
 import os
+import random
 import select
 import threading
 import time
@@ -18,7 +19,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import Config
 from pipeline.data import build_transforms, collate
-from pipeline.errors import ConfigError
+from pipeline.data.formats import default_formats
+from pipeline.data.reader import LABEL_KINDS
+from pipeline.errors import ConfigError, PluginError
+from pipeline.registry import default_registry
 
 
 class ResumableRandomSampler(Sampler[tuple[int, int]]):
@@ -176,8 +180,6 @@ def exit_when_gone(pid: int, *, poll_s: float = 0.5) -> threading.Thread:
 def _worker_init(worker_id: int, owner_pid: int | None = None) -> None:
     """Seed Python's ``random`` from torch's per-worker seed; exit with ``owner_pid`` (the process
     that created the loader) when given."""
-    import random
-
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     if owner_pid is not None:
@@ -193,9 +195,6 @@ def required_label_kinds(tasks: Iterable[str]) -> tuple[str, ...]:
     """The label kinds (``LABEL_KINDS``) the tasks named need: the union of ``Task.requires``
     over them and the tasks they enable (``depends_on``, resolved by the registry), in
     ``LABEL_KINDS`` order. Unknown task: the registry's ``ConfigError``."""
-    from pipeline.data.reader import LABEL_KINDS
-    from pipeline.registry import default_registry
-
     needed = {k for task in default_registry().resolve(tasks) for k in task.requires}
     return tuple(k for k in LABEL_KINDS if k in needed)
 
@@ -203,8 +202,6 @@ def required_label_kinds(tasks: Iterable[str]) -> tuple[str, ...]:
 def _label_kinds_or_all(tasks: Iterable[str]) -> tuple[str, ...] | None:
     """``required_label_kinds(tasks)``, or None (every kind) for tasks the default registry does
     not know (a trainer given its own registry)."""
-    from pipeline.errors import ConfigError, PluginError
-
     try:
         return required_label_kinds(tasks)
     except (ConfigError, PluginError):
@@ -214,8 +211,6 @@ def _label_kinds_or_all(tasks: Iterable[str]) -> tuple[str, ...] | None:
 def dataset_format(cfg: Config) -> tuple[Any, Any]:
     """``(format, options)``: the ``DatasetFormat`` named by ``data.source`` and its validated
     ``data.options`` (a ``ConfigError`` line for an unknown format or a bad option)."""
-    from pipeline.data.formats import default_formats
-
     fmt = default_formats().get(cfg.data.source)
     return fmt, fmt.parse_options(cfg.data.options)
 

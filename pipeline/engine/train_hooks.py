@@ -11,6 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console  # at import, not in training: rich.style draws from Python's RNG
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from pipeline.engine.checkpoint import save_checkpoint, weights_payload
 from pipeline.engine.evaluation import evaluate_model
@@ -93,14 +100,6 @@ class _Progress:
         self.total = total
         self.bar = None
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                                 console=self.console)

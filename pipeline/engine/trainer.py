@@ -47,7 +47,8 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.config import Config, resolve_best_metric
+from pipeline.config import Config, config_from_dict, resolve_best_metric
+from pipeline.data.card import DatasetCard
 from pipeline.engine import distributed
 from pipeline.engine.checkpoint import (
     RUN_RECORD,
@@ -238,9 +239,6 @@ def load_trained_model(cfg: Config | None, checkpoint: str | Path, card: Any = N
 
     ``cfg`` / ``card`` default to the config and dataset card stored in the checkpoint, which is
     read once."""
-    from pipeline.config import config_from_dict
-    from pipeline.data.card import DatasetCard
-
     ckpt = load_checkpoint(checkpoint)
     if cfg is None:
         cfg = config_from_dict(ckpt["config"], source=str(checkpoint))

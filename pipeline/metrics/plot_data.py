@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.io import atomic_write_json
+
 PER_CLASS_IOU_FILE = "per_class_iou.json"
 DIGITS = 6  # rounding of the values written: byte-stable files, far below any metric's noise
 
@@ -82,8 +84,6 @@ def write_plot_files(folder: str | Path, *, metrics: Mapping[str, float],
                      pr_curves: Mapping[str, list[dict[str, float]]]) -> list[Path]:
     """Write ``per_class_iou.json`` (when ``metrics`` has per-class IoU) and every non-empty curve
     of ``pr_curves`` (``{file name: rows}``) into ``folder``; returns the paths written."""
-    from pipeline.io import atomic_write_json
-
     folder = Path(folder)
     written: list[Path] = []
     plots: dict[str, list[dict[str, Any]]] = {PER_CLASS_IOU_FILE: per_class_iou_rows(metrics),

@@ -54,6 +54,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pipeline.errors import ConfigError
 from pipeline.named_registry import NamedRegistry
 
+# Imports inside functions: timm is the `timm` extra's; pipeline.nn.pretrained imports this
+# module.
+
 NORMS = ("bn", "frozen_bn", "gn")
 BODY_LEVELS = ("c2", "c3", "c4", "c5")  # the FPN's inputs, at strides 4, 8, 16, 32 (undilated)
 FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")  # backbone outputs at strides 4, 8, 16, 32, 64 (undilated)

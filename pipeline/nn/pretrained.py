@@ -32,10 +32,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.errors import ConfigError
+from pipeline.nn.backbones import load_state_into_backbone
+
+# Imports inside functions: timm and huggingface_hub come with the `timm` extra.
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,6 @@ def torchvision_weights(backbone: str, value: str) -> Any:
 
     ``value``: ``"imagenet"`` (the enum's ``DEFAULT``), ``"<Enum>.<MEMBER>"`` or ``"<MEMBER>"``.
     Raises ConfigError (one line listing what is allowed) for anything else."""
-    import torchvision
-
     try:
         enum = torchvision.models.get_model_weights(backbone)
     except (ValueError, KeyError):
@@ -126,8 +128,6 @@ def load_torchvision_pretrained(backbone: nn.Module, *, name: str, value: str, d
     """Load torchvision's ``value`` weights of ``name`` into ``backbone``'s body (strict about
     the body's keys, classifier dropped); returns the resolved source, e.g.
     ``"ResNet50_Weights.IMAGENET1K_V2 (resnet50-11ad3fa6.pth)"``."""
-    from pipeline.nn.backbones import load_state_into_backbone
-
     weights = torchvision_weights(name, value)
     canonical = f"{type(weights).__name__}.{weights.name}"
     key = f"model.pretrained {canonical}"

@@ -43,6 +43,7 @@ from torch import nn
 
 from pipeline.data.card import DatasetCard
 from pipeline.hookspecs import hookimpl
+from pipeline.io import atomic_write_png
 from pipeline.metrics.merge import add_sums, check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_dense_head
 from pipeline.nn.inference_size import paste_maps
@@ -57,7 +58,15 @@ from plugins.colorization.ab_bins import (
     soft_cross_entropy,
     soft_targets,
 )
-from plugins.colorization.color import lab_to_rgb, rgb_to_lab, srgb8_to_lab
+from plugins.colorization.color import (
+    CIE_EPSILON,
+    CIE_KAPPA,
+    SRGB_DECODE_KNEE,
+    SRGB_TO_XYZ,
+    lab_to_rgb,
+    rgb_to_lab,
+    srgb8_to_lab,
+)
 from plugins.colorization.metrics import ab_accuracy, ab_error_auc, psnr
 
 PSNR_CAP_DB = 100.0
@@ -220,8 +229,6 @@ def lightness(image: torch.Tensor) -> torch.Tensor:
     """CIE L* (D65, 0..100) of ``N x 3 x H x W`` sRGB levels 0..255 -> ``N x 1 x H x W`` float32:
     ``rgb_to_lab``'s L for inputs in range, written without ``copysign`` (which the ONNX
     translator lacks)."""
-    from plugins.colorization.color import CIE_EPSILON, CIE_KAPPA, SRGB_DECODE_KNEE, SRGB_TO_XYZ
-
     c = (image.float() / 255.0).clamp(0.0, 1.0)
     power = ((c.clamp_min(SRGB_DECODE_KNEE) + 0.055) / 1.055) ** 2.4
     linear = torch.where(c <= SRGB_DECODE_KNEE, c / 12.92, power)
@@ -371,8 +378,6 @@ class ColorizationTask(Task[ColorizationOptions]):
     def save_prediction(self, prediction: dict[str, torch.Tensor], path_stem: str, *,
                         card: DatasetCard, options: ColorizationOptions) -> list[str]:
         """``<stem>_colorization.png``: the predicted colours as 8-bit RGB."""
-        from pipeline.io import atomic_write_png
-
         return [str(atomic_write_png(f"{path_stem}_colorization.png", lab_to_image(prediction["lab"])))]
 
 

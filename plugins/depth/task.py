@@ -39,6 +39,7 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
+from pipeline.io import atomic_write_png
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_task_decoder_from_options
 from pipeline.nn.inference_size import paste_maps
@@ -46,6 +47,9 @@ from pipeline.nn.regression_losses import build_regression_loss, log_gradient_ma
 from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from plugins.depth.draw import depth_with_colorbar
 from plugins.depth.metrics import DepthMetricAccumulator
+
+# Imports inside functions: the synthetic world's depth encoding, when a prediction is saved: the
+# train and evaluate stages do not depend on the renderer (dvc.yaml).
 
 LOG_DEPTH_MAX = math.log(1e4)
 """Log-depth outputs are clamped to this (10 km) before exp, so a diverging head stays finite."""
@@ -225,7 +229,6 @@ class DepthTask(Task[DepthOptions]):
         """``<stem>_depth.png``: uint16 millimetres, the dataset's format (at least 1 mm, since 0
         means unknown; at most 65.535 m)."""
         from pipeline.data.synthetic.writer import encode_depth
-        from pipeline.io import atomic_write_png
 
         mm = np.maximum(encode_depth(np.asarray(prediction, dtype=np.float32)), 1)
         return [str(atomic_write_png(f"{path_stem}_depth.png", mm))]

@@ -19,7 +19,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.data.formats import DatasetFormat, NoFormatOptions, SplitDataset
+from pipeline.data.reader import CocoDataset, open_dataset, split_label_kinds
 from pipeline.hookspecs import hookimpl
+
+# Imports inside functions: the dataset check, when `prepare` checks a folder: the train and
+# evaluate stages do not depend on it (dvc.yaml).
 
 
 class FolderOptions(BaseModel):
@@ -49,14 +53,10 @@ class FolderFormat(DatasetFormat):
 
     def open(self, root: Path, split: str, *, label_kinds: Iterable[str] | None = None,
              options: BaseModel) -> SplitDataset:
-        from pipeline.data.reader import open_dataset
-
         return open_dataset(root, split, label_kinds=label_kinds, **_encodings(options))
 
     def split_label_kinds(self, root: Path, split: str, *,
                           options: BaseModel) -> tuple[str, ...] | None:
-        from pipeline.data.reader import split_label_kinds
-
         return split_label_kinds(root, split,
                                  depth_encoding=_encodings(options)["depth_encoding"])
 
@@ -84,8 +84,6 @@ class CocoFormat(FolderFormat):
 
     def open(self, root: Path, split: str, *, label_kinds: Iterable[str] | None = None,
              options: BaseModel) -> SplitDataset:
-        from pipeline.data.reader import CocoDataset
-
         return CocoDataset.from_coco2017(root, split, label_kinds=label_kinds)
 
     def ready(self, root: Path, *, options: BaseModel) -> bool:

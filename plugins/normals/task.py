@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.data.card import DatasetCard
 from pipeline.hookspecs import hookimpl
+from pipeline.io import atomic_write_png
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.inference_size import paste_maps
@@ -35,6 +36,9 @@ from pipeline.nn.regression_losses import build_regression_loss, channel_norm, u
 from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
 from pipeline.viz import normals_to_rgb
 from plugins.normals.metrics import NormalsMetricAccumulator
+
+# Imports inside functions: the synthetic world's normals encoding, when a prediction is saved:
+# the train and evaluate stages do not depend on the renderer (dvc.yaml).
 
 
 class NormalsOptions(DecoderOptions):
@@ -174,7 +178,6 @@ class NormalsTask(Task[NormalsOptions]):
                         options: NormalsOptions) -> list[str]:
         """``<stem>_normals.png``: uint8 RGB encoding (n + 1) / 2, the dataset's format."""
         from pipeline.data.synthetic.writer import encode_normals
-        from pipeline.io import atomic_write_png
 
         enc = encode_normals(np.asarray(prediction, dtype=np.float32).transpose(1, 2, 0))
         return [str(atomic_write_png(f"{path_stem}_normals.png", enc))]

@@ -9,6 +9,9 @@ from typing import Annotated
 
 import typer
 
+from pipeline.io import atomic_write_json
+from plugins.panoptic.files import evaluate_panoptic_files
+
 
 def panoptic_eval(
     gt_json: Annotated[Path, typer.Option("--gt-json", help="Ground-truth COCO panoptic JSON.")],
@@ -20,9 +23,6 @@ def panoptic_eval(
     workers: Annotated[int, typer.Option(help="Processes sharing the images.")] = 1,
 ) -> None:
     """PQ, SQ and RQ (percent) of COCO panoptic predictions, as panopticapi computes them."""
-    from pipeline.io import atomic_write_json
-    from plugins.panoptic.files import evaluate_panoptic_files
-
     result = evaluate_panoptic_files(gt_json, gt_dir, pred_json, pred_dir, workers=workers)
     sys.stdout.write(result.table())
     if json_out is not None:

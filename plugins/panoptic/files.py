@@ -13,8 +13,10 @@ images over processes (forkserver) and sums their counts.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +141,6 @@ def evaluate_panoptic_files(gt_json: str | os.PathLike[str], gt_dir: str | os.Pa
 
 def _evaluate_parallel(pairs: Sequence[Pair], gt_dir: str, pred_dir: str,
                        categories: PanopticCategories, workers: int) -> PQStats:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     chunks = [list(c) for c in np.array_split(np.arange(len(pairs)), workers * 4) if len(c)]

@@ -14,6 +14,12 @@ from typing import Annotated
 
 import typer
 
+from pipeline.errors import ConfigError
+from pipeline.io import atomic_write_json
+
+# Imports inside functions: `densepipe` imports this command module on every call; torch and
+# pycocotools load when the command runs.
+
 
 def coco_eval(
     gt: Annotated[Path, typer.Option("--gt", help="COCO ground-truth JSON.")],
@@ -28,8 +34,6 @@ def coco_eval(
              "area or keypoint extent).")] = False,
 ) -> None:
     """COCO AP/AR of a results file against a ground truth (pycocotools)."""
-    from pipeline.errors import ConfigError
-    from pipeline.io import atomic_write_json
     from plugins.rcnn.coco import evaluate_coco, format_coco_table
 
     kpt_sigmas = None

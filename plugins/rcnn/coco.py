@@ -25,6 +25,7 @@ pycocotools prints progress to stdout; it is captured, and ``summarize()``'s tab
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
@@ -42,6 +43,7 @@ import pycocotools.cocoeval
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline.data.card import COCO_PERSON_SIGMAS
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_write_json
 from plugins.rcnn.results import to_compressed_rle
@@ -52,8 +54,6 @@ def _pycocotools_prints(into: io.StringIO | None = None) -> Iterator[None]:
     """pycocotools' progress and summary prints go to ``into`` (or nowhere) for the block, also
     inside a Prefect run with ``log_prints``, whose patched ``print`` logs a call whatever
     ``sys.stdout`` is: a module-level ``print`` in pycocotools' modules shadows the builtin."""
-    import builtins
-
     target = into if into is not None else io.StringIO()
 
     def to_target(*args: Any, **kwargs: Any) -> None:
@@ -454,8 +454,6 @@ def _selected(ids: Sequence[Any] | None, known: dict[Any, Any], what: str, sourc
 
 def _oks_sigmas(gt: COCO, cats: list[Any], given: Sequence[float] | None, source: object) -> np.ndarray:
     """Per-keypoint OKS sigmas shared by the keypoint categories ``cats`` (one K for all)."""
-    from pipeline.data.card import COCO_PERSON_SIGMAS
-
     counts = {c: len(gt.cats[c]["keypoints"]) for c in cats}
     if len(set(counts.values())) > 1:
         raise DataError(source, f"keypoint categories have different numbers of keypoints {counts}; "

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.card import DatasetCard
+from pipeline.errors import ConfigError
+from pipeline.io import atomic_write_json
 from pipeline.metrics.merge import check_mergeable, check_same_options
 from plugins.rcnn.coco import CocoEvalResult, evaluate_coco, write_results_json
 from plugins.rcnn.results import detections_to_results, masks_to_rle
@@ -191,8 +193,6 @@ class CocoEvaluator:
         specs = [self.card.keypoints_for(self.card.classes[i].id) for i in self.class_indices]
         sigmas = {tuple(s.oks_sigmas) for s in specs if s is not None}
         if len(sigmas) != 1:
-            from pipeline.errors import ConfigError
-
             raise ConfigError(f"keypoint evaluation of {self.card.name}: the evaluated categories "
                               f"need one set of OKS sigmas, found {len(sigmas)}")
         return np.asarray(sigmas.pop(), dtype=np.float64)
@@ -200,8 +200,6 @@ class CocoEvaluator:
     def save(self, out_dir: str | Path, name: str) -> list[Path]:
         """Write ``<name>_coco_gt.json`` and ``<name>_coco_results.json`` (original coordinates;
         score them with ``densepipe coco-eval``); returns the paths."""
-        from pipeline.io import atomic_write_json
-
         out = Path(out_dir)
         gt_path, res_path = out / f"{name}_coco_gt.json", out / f"{name}_coco_results.json"
         atomic_write_json(gt_path, self.ground_truth())
@@ -212,8 +210,6 @@ class CocoEvaluator:
 def save_detections_json(prediction: dict[str, torch.Tensor], path: Path, card: DatasetCard) -> list[str]:
     """One image's detections (``boxes``, ``scores``, card class ``labels``, optional ``masks`` /
     ``keypoints``) as COCO results (image id 0, the card's category ids), written atomically."""
-    from pipeline.io import atomic_write_json
-
     results = detections_to_results(
         0, boxes=prediction["boxes"], scores=prediction["scores"],
         category_ids=[card.classes[c].id for c in prediction["labels"].tolist()],

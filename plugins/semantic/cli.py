@@ -7,6 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from pipeline.io import atomic_write_json
+
+# Imports inside functions: `densepipe` imports this command module on every call; torch loads
+# when the command runs.
 
 
 def semseg_eval(
@@ -17,9 +23,6 @@ def semseg_eval(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics here.")] = None,
 ) -> None:
     """Semantic segmentation metrics over two folders of label PNGs."""
-    from rich.console import Console
-
-    from pipeline.io import atomic_write_json
     from plugins.semantic.files import evaluate_label_folders, format_semseg_table
 
     metrics = evaluate_label_folders(gt_dir, pred_dir, num_classes=num_classes, ignore_index=ignore)

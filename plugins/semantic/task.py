@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError
 from pipeline.hookspecs import hookimpl
+from pipeline.io import atomic_write_png
 from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.dense_losses import build_dense_loss
@@ -169,8 +170,6 @@ class SemanticTask(Task[SemanticOptions]):
 
     def save_prediction(self, prediction: torch.Tensor, path_stem: str, *,
                         card: DatasetCard, options: SemanticOptions) -> list[str]:
-        from pipeline.io import atomic_write_png
-
         path = atomic_write_png(f"{path_stem}_semantic.png", np.asarray(prediction, dtype=np.uint8))
         return [str(path)]
 
@@ -179,8 +178,6 @@ class SemanticTask(Task[SemanticOptions]):
         """``semantic_pred/<name stem>.png``: label PNGs (class index, uint8; uint16 beyond 255
         classes) named like the dataset's ground-truth PNGs, for ``densepipe semseg-eval
         --pred-dir <out_dir>/semantic_pred``."""
-        from pipeline.io import atomic_write_png
-
         dtype = np.uint8 if card.num_classes <= 255 else np.uint16
         written = []
         for item in items:
