@@ -21,7 +21,7 @@ help:
 	@echo "make docs   - the manual into site/ (open site/index.html); docs-gen regenerates its generated pages"
 	@echo "make bench  - speed benchmarks (JSON in benchmarks/results/)"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:$(UI_PORT) over the default store (mlflow.db)"
-	@echo "make serve  - run the pipeline on a schedule (CRON=\"$(CRON)\" or INTERVAL=seconds) against"
+	@echo "make serve  - retraining on a schedule (CRON=\"$(CRON)\" or INTERVAL=seconds) against"
 	@echo "              PREFECT_API_URL, or a local Prefect server on 127.0.0.1:$(PREFECT_PORT) if unset"
 
 $(BIN)/python:

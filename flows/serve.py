@@ -33,6 +33,7 @@ from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
 from flows.pipeline import pipeline_flow
+from flows.retrain import retrain_flow
 from flows.server import check_api
 from pipeline.errors import ConfigError
 
@@ -86,19 +87,29 @@ def api_url_or_raise() -> str:
     return str(url).rstrip("/")
 
 
+FLOWS = {"retrain": retrain_flow, "pipeline": pipeline_flow}
+"""What ``densepipe serve --flow`` schedules: ``retrain`` (train only when the inputs changed,
+promote only a better model) or ``pipeline`` (prepare, train, evaluate, register every time)."""
+
+
 def serve_pipeline(*, cron: str | None, interval: float | None, name: str, timezone: str | None,
                    params: str, overrides: list[str], api_timeout_s: float = DEFAULT_API_TIMEOUT_S,
-                   limit: int = 1) -> None:
-    """Create or update deployment ``densepipe-pipeline/<name>`` and run its scheduled runs until stopped.
+                   limit: int = 1, flow: str = "retrain") -> None:
+    """Create or update deployment ``<flow's name>/<name>`` (``densepipe-retrain`` or
+    ``densepipe-pipeline``) and run its scheduled runs until stopped.
 
-    Each run is ``pipeline_flow(params=<absolute params path>, overrides=overrides)`` in a subprocess,
-    in this process's working directory; at most ``limit`` run at once (1: runs never overlap on the
-    same outputs). Ctrl-C or SIGTERM stops serving: runs in flight are cancelled, the schedule is
-    paused and this returns normally (serving again resumes the schedule); a second signal stops
-    without waiting for that. Raises ``ConfigError`` for a bad schedule or an unset PREFECT_API_URL,
-    and ``flows.server.PrefectServerError`` when the server does not answer within ``api_timeout_s``.
+    Each run is the flow (``FLOWS[flow]``) with ``params=<absolute params path>,
+    overrides=overrides`` in a subprocess, in this process's working directory; at most ``limit``
+    run at once (1: runs never overlap on the same outputs). Ctrl-C or SIGTERM stops serving: runs
+    in flight are cancelled, the schedule is paused and this returns normally (serving again resumes
+    the schedule); a second signal stops without waiting for that. Raises ``ConfigError`` for a bad
+    schedule or an unset PREFECT_API_URL, and ``flows.server.PrefectServerError`` when the server
+    does not answer within ``api_timeout_s``.
     """
     what = validate_schedule(cron=cron, interval=interval, timezone=timezone)
+    if flow not in FLOWS:
+        raise ConfigError(f"--flow {flow!r}: expected one of {', '.join(FLOWS)}")
+    served = FLOWS[flow]
     if not (api_timeout_s > 0):
         raise ConfigError(f"--api-timeout {api_timeout_s:g}: expected seconds > 0, e.g. 10")
     api_url = api_url_or_raise()
@@ -109,14 +120,14 @@ def serve_pipeline(*, cron: str | None, interval: float | None, name: str, timez
     parameters = {"params": str(Path(params).resolve()), "overrides": list(overrides)}
     ui_url = get_current_settings().ui_url or api_url.removesuffix("/api")
     given = " ".join([f"--params {parameters['params']}", *(f"--set {o}" for o in overrides)])
-    deployment = f"{pipeline_flow.name}/{name}"
+    deployment = f"{served.name}/{name}"
     print(f"serving deployment '{deployment}' {what} ({given}) in {Path.cwd()} "
           f"on {api_url}; UI {ui_url}/deployments; Ctrl-C or SIGTERM stops and pauses the schedule",
           flush=True)
     runner = _LoopSignalRunner(name=name, pause_on_shutdown=True, limit=limit)
     stopped_by = asyncio.run(_serve_until_signalled(
-        runner, pipeline_flow, name=name, schedule=schedule, parameters=parameters,
-        description=f"densepipe pipeline, {what}", tags=["densepipe"],
+        runner, served, name=name, schedule=schedule, parameters=parameters,
+        description=f"densepipe {flow}, {what}", tags=["densepipe"],
         entrypoint_type=EntrypointType.MODULE_PATH))
     why = f"on {stopped_by.name}" if stopped_by is not None else "(the runner ended)"
     print(f"stopped serving {why}: deployment '{deployment}' paused; run `densepipe serve` again "

@@ -33,8 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import stages
-from pipeline.config import load_config
-from pipeline.errors import DensepipeError
+from pipeline.config import check_registry_tracking, load_config
+from pipeline.errors import ConfigError, DensepipeError
 from pipeline.stages import check_config
 
 # Imports inside functions: every `densepipe` call and every DVC stage imports this module: it
@@ -268,6 +268,40 @@ def register(
     """Add the trained model to the MLflow model registry (tracking.registered_model)."""
     result = stages.register(_config(params, set_), checkpoint=checkpoint)
     out.print(f"registered {result['model_uri']} (load it with --model models:/{result['name']}/latest)")
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Option(
+        help="Registered version the alias moves to (a number).")] = None,
+    rollback: Annotated[bool, typer.Option(
+        "--rollback", help="Move the alias back to the version it pointed to before.")] = False,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+) -> None:
+    """Move the champion alias (promote.alias of tracking.registered_model) by hand.
+
+    --version N points it at version N; --rollback back at the version before the current one.
+    Recorded in MLflow as a run named promote; what serves models:/<name>@<alias> follows.
+    """
+    from pipeline import champion
+    from pipeline.tracking import make_tracker
+
+    cfg = _config(params, set_)
+    if (version is None) == (not rollback):
+        raise ConfigError("promote: give --version N or --rollback (one of them)")
+    if version is not None and not (version.isdigit() and int(version) > 0):
+        raise ConfigError(f"--version {version!r}: expected a registered version number, e.g. 3")
+    check_registry_tracking(cfg, "promote")
+    tracker = make_tracker(cfg.tracking)
+    assert tracker is not None
+    name, alias = cfg.tracking.registered_model, cfg.promote.alias
+    if rollback:
+        moved = champion.rollback(tracker, name, alias)
+    else:
+        moved = champion.move_alias(tracker, name, alias, str(int(version)),  # type: ignore[arg-type]
+                                    reason=f"by hand: densepipe promote --version {version}")
+    out.print(f"{name}@{alias}: version {moved['from'] or 'none'} -> {moved['to']} "
+              f"(MLflow run {moved['run_id']})", highlight=False)
 
 
 @app.command()

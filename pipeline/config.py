@@ -373,12 +373,35 @@ class TrackingConfig(Section):
     """Model-registry name the ``register`` stage adds a version to."""
 
 
+class PromoteConfig(Section):
+    """Scheduled retraining (``densepipe retrain``, the ``densepipe-retrain`` flow): when a newly
+    trained model (the challenger) replaces the one the ``alias`` points to (the champion)."""
+
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    """MLflow registered-model alias of the model in production (``models:/<name>@<alias>``);
+    promotion moves it, ``densepipe promote`` moves it by hand."""
+    primary_metric: str = "auto"
+    """Metric (``<task>/<name>``) the challenger must improve; ``auto``: ``train.best_metric``
+    as resolved (the first enabled task's main metric)."""
+    min_gain: float = 0.0
+    """Relative improvement of ``primary_metric`` the challenger needs, in the metric's direction:
+    0.01 = more than 1 % better than the champion; 0: any improvement; negative: it may be that
+    much worse (-0.01: promote fresh data unless more than 1 % worse)."""
+    tolerance: float = Field(0.02, ge=0.0)
+    """How much worse, relatively, the challenger may be on each other enabled task's main metric
+    (0 or more; 0.02 = 2 % worse at most; 0: no worse at all)."""
+    notify_url: str | None = None
+    """Webhook the outcome of each retraining run is POSTed to as JSON (``promoted``, ``kept``,
+    ``skipped`` or ``failed``, with the versions and the comparison); ``null``: none."""
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     @model_validator(mode="after")
     def _named_sections(self) -> Config:
@@ -585,6 +608,14 @@ def resolve_best_metric(value: str, named: Iterable[str], tasks: Iterable[_Metri
         if task.main_metric:
             return f"{task.name}/{task.main_metric}"
     return None
+
+
+def check_registry_tracking(cfg: Config, what: str) -> None:
+    """Refuse ``what`` (a command or flow that keeps its champion in the MLflow model registry:
+    retraining, serving it, promoting) when tracking is off. One ``ConfigError`` line."""
+    if not cfg.tracking.enabled:
+        raise ConfigError(f"{what}: tracking.enabled is false; the champion alias lives in the MLflow "
+                          f"model registry: set tracking.enabled: true (and tracking.uri)")
 
 
 def check_metric(key: str, metric: str, tasks: Iterable[_MetricTask]) -> None:

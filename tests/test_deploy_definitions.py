@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
-FLOW_NAME = "densepipe-pipeline"
+FLOW_NAME = "densepipe-retrain"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 INSTALL_SCRIPT = REPO_ROOT / "docker" / "install.sh"
 
@@ -112,7 +112,7 @@ def _deployments() -> list:
     return list(zip(raw["deployments"], config.deployments, strict=True))
 
 
-def test_every_prefect_yaml_deployment_runs_the_pipeline_flow() -> None:
+def test_every_prefect_yaml_deployment_runs_the_retrain_flow() -> None:
     from prefect.cli.deploy._models import DeploymentConfig
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import load_flow_from_entrypoint

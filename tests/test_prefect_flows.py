@@ -3,8 +3,11 @@ run, nested stage runs, registered model and markdown artifact; prepare's cache;
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -273,3 +276,117 @@ def test_a_failed_stage_leaves_its_error_on_the_runs_and_the_flow_state(prefect_
     for run in runs.values():
         assert run.info.status == "FAILED" and run.data.tags["densepipe.error"] == line
     assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
+
+
+@contextlib.contextmanager
+def _webhook() -> Iterator[tuple[str, list[dict]]]:
+    """A loopback HTTP listener recording the JSON body of every POST (answers 204)."""
+    import http.server
+    import threading
+
+    received: list[dict] = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _champion(client: mlflow.MlflowClient) -> str:
+    return str(client.get_model_version_by_alias("densepipe", "champion").version)
+
+
+@pytest.mark.slow
+def test_retrain_trains_skips_promotes_keeps_and_rolls_back(prefect_harness, tmp_path: Path,
+                                                            mlflow_uri: str, tiny_dataset: Path,
+                                                            monkeypatch) -> None:
+    """The retraining loop on a folder dataset: first run promotes, an unchanged one skips; new
+    data trains a challenger promoted or kept by the rule; `densepipe promote` rolls back."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from typer.testing import CliRunner
+
+    from flows.retrain import OUTCOME_TAG, REPORT_KEY, retrain_flow
+    from pipeline.cli import app
+    from pipeline.data.synthetic import write_synthetic_dataset
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "users-data"
+    shutil.copytree(tiny_dataset, data)
+    params = str(write_tiny_params(tmp_path, mlflow_uri=mlflow_uri))
+    base = [f"data.root={data}", "data.source=folder", "train.steps=2", "tracking.log_model=true"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    always = ["promote.min_gain=-100", "promote.tolerance=100"]  # any challenger wins
+    never = ["promote.min_gain=100"]  # no challenger wins
+
+    with _webhook() as (url, posted):
+        hook = [f"promote.notify_url={url}"]
+        first = retrain_flow(params=params, overrides=base + hook)
+        assert first["outcome"] == "promoted" and first["challenger"] == "1" and first["champion"] is None
+        assert _champion(client) == "1"
+
+        second = retrain_flow(params=params, overrides=base + hook + never)  # the rule is no input
+        assert second["outcome"] == "skipped" and second["champion"] == "1"
+        assert second["reason"].startswith("skipped: nothing changed since densepipe@champion (version 1)")
+        assert len(client.search_model_versions("name='densepipe'")) == 1  # nothing trained
+
+        shutil.rmtree(data)  # new data arrives: more training images
+        write_synthetic_dataset(data, num_train=10, num_val=4, image_size=64, seed=1, workers=1)
+        third = retrain_flow(params=params, overrides=base + hook + always)
+        assert (third["outcome"], third["challenger"], third["champion"]) == ("promoted", "2", "1")
+        assert _champion(client) == "2"
+        v1 = client.get_model_version("densepipe", "1").tags
+        v2 = client.get_model_version("densepipe", "2").tags
+        # the champion was trained on the old data and re-evaluated on the new
+        assert v1["densepipe.inputs.data"] != v2["densepipe.inputs.data"]
+        assert v1["densepipe.eval.data"] == v2["densepipe.eval.data"] == v2["densepipe.inputs.data"]
+        assert v2["densepipe.decision"] == "promoted" and v2["densepipe.compared_with"] == "1"
+
+        fourth = retrain_flow(params=params, overrides=base + hook + never, force=True)
+        assert (fourth["outcome"], fourth["challenger"], fourth["champion"]) == ("kept", "3", "2")
+        assert _champion(client) == "2"
+        v3 = client.get_model_version("densepipe", "3").tags
+        assert v3["densepipe.decision"] == "kept" and v3["densepipe.compared_with"] == "2"
+        assert "ok=" in v3["densepipe.compare.semantic/mIoU"]
+
+    assert [p["outcome"] for p in posted] == ["promoted", "skipped", "promoted", "kept"]
+    assert posted[3]["challenger"] == "3" and posted[3]["comparison"]["champion"] == "2"
+
+    runs = client.search_runs([client.get_experiment_by_name("densepipe").experiment_id])
+    retrains = sorted((r for r in runs if r.data.tags.get("densepipe.stage") == "retrain"),
+                      key=lambda r: r.info.start_time)
+    assert [r.data.tags[OUTCOME_TAG] for r in retrains] == ["promoted", "skipped", "promoted", "kept"]
+    assert {a.path for a in client.list_artifacts(retrains[2].info.run_id, "comparison")} == {
+        "comparison/comparison.md", "comparison/comparison.png", "comparison/comparison.json"}
+    with get_client(sync_client=True) as prefect:
+        reports = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[REPORT_KEY])))
+    assert any("**kept** `@champion` on v2; challenger v3 stays registered" in a.data for a in reports)
+
+    cli = CliRunner()
+    sets = [arg for o in base for arg in ("--set", o)]
+    rolled = cli.invoke(app, ["promote", "--rollback", "-p", params, *sets])
+    assert rolled.exit_code == 0, rolled.output
+    assert "densepipe@champion: version 2 -> 1" in rolled.output
+    assert _champion(client) == "1"
+    moved = cli.invoke(app, ["promote", "--version", "3", "-p", params, *sets])
+    assert moved.exit_code == 0 and _champion(client) == "3"
+    promotes = [r for r in client.search_runs([retrains[0].info.experiment_id])
+                if r.data.tags.get("densepipe.stage") == "promote"]
+    assert sorted((r.data.params["promote.from"], r.data.params["promote.to"]) for r in promotes) == [
+        ("1", "2"), ("1", "3"), ("2", "1"), ("none", "1")]
+    bad = cli.invoke(app, ["promote", "--version", "9", "-p", params, *sets])
+    assert bad.exit_code != 0 and _champion(client) == "3"

@@ -20,14 +20,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.server import PrefectServerError, check_api, free_port, local_prefect_server
 from tests.conftest import REPO_ROOT, descendants, http_server, still_alive, write_tiny_params
 
 BIN = Path(sys.executable).parent
 DENSEPIPE = BIN / "densepipe"
-FLOW_NAME = "densepipe-pipeline"
+RETRAIN_FLOW = "densepipe-retrain"
 # the scheduler looks at new deployments every 5 s and the runner polls every 10 s by default
 FAST_SERVER = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
                "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
@@ -105,7 +104,8 @@ def test_schedule_validation_agrees_with_prefect() -> None:
 
 def test_serve_without_prefect_api_url_points_to_make_serve(tmp_path: Path) -> None:
     params = _write_params(tmp_path)
-    proc, _ = _densepipe(["serve", "--interval", "60", "-p", str(params)], cwd=tmp_path,
+    proc, _ = _densepipe(["serve", "--flow", "pipeline", "--interval", "60", "-p", str(params)],
+                         cwd=tmp_path,
                          env=_cli_env(tmp_path, None))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: PREFECT_API_URL is not set"), proc.stderr
@@ -115,7 +115,8 @@ def test_serve_without_prefect_api_url_points_to_make_serve(tmp_path: Path) -> N
 def test_serve_with_nothing_at_prefect_api_url_names_it_and_stops(tmp_path: Path) -> None:
     params = _write_params(tmp_path)
     url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
-    proc, seconds = _densepipe(["serve", "--interval", "60", "-p", str(params), "--api-timeout", "3"],
+    proc, seconds = _densepipe(["serve", "--flow", "pipeline", "--interval", "60", "-p", str(params),
+                                "--api-timeout", "3"],
                                cwd=tmp_path, env=_cli_env(tmp_path, url), timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith(f"error: PREFECT_API_URL {url}: cannot reach {url}/health"), proc.stderr
@@ -147,7 +148,8 @@ def test_health_probe_gives_up_at_its_timeout(silent_port: int) -> None:
 def test_serve_at_a_silent_server_fails_within_the_stated_timeout(tmp_path: Path, silent_port: int) -> None:
     params = _write_params(tmp_path)
     url = f"http://127.0.0.1:{silent_port}/api"
-    proc, seconds = _densepipe(["serve", "--cron", "0 3 * * *", "-p", str(params), "--api-timeout", "2"],
+    proc, seconds = _densepipe(["serve", "--flow", "pipeline", "--cron", "0 3 * * *", "-p", str(params),
+                                "--api-timeout", "2"],
                                cwd=tmp_path, env=_cli_env(tmp_path, url), timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"no answer from {url}/health within 2 s" in proc.stderr, proc.stderr
@@ -193,12 +195,14 @@ def _interrupt(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, list
     return code, left
 
 
-def _wait_for_completed_run(api_url: str, deployment: str, serve: subprocess.Popen, log: Path):
-    """The first flow run of ``deployment`` reaching COMPLETED; fails with the states seen and the log."""
+def _wait_for_completed_runs(api_url: str, deployment: str, serve: subprocess.Popen, log: Path,
+                             count: int = 1):
+    """The first ``count`` flow runs of ``deployment`` reaching COMPLETED (oldest first); fails with
+    the states seen and the log."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    deadline = time.monotonic() + RUN_DEADLINE_S
+    deadline = time.monotonic() + RUN_DEADLINE_S * count
     seen: dict[str, str] = {}
     with SyncPrefectClient(api_url) as client:
         while time.monotonic() < deadline:
@@ -211,20 +215,26 @@ def _wait_for_completed_run(api_url: str, deployment: str, serve: subprocess.Pop
                 continue
             runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            done = []
             for run in runs:
                 seen[run.name] = run.state_name or "?"
                 if run.state is not None and run.state.is_completed():
-                    return dep, run
-                if run.state is not None and run.state.is_final():
+                    done.append(run)
+                elif run.state is not None and run.state.is_final():
                     pytest.fail(f"flow run {run.name} ended {run.state_name}: {run.state.message}\n"
                                 f"{log.read_text()[-4000:]}")
+            if len(done) >= count:
+                return dep, sorted(done, key=lambda r: r.start_time)[:count]
             time.sleep(1)
-    pytest.fail(f"no run of {deployment} completed within {RUN_DEADLINE_S:g} s; states seen: {seen}\n"
-                f"{log.read_text()[-4000:]}")
+    pytest.fail(f"{count} runs of {deployment} did not complete within {RUN_DEADLINE_S * count:g} s; "
+                f"states seen: {seen}\n{log.read_text()[-4000:]}")
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> None:
+def test_served_deployment_retrains_on_its_schedule_then_skips(tmp_path: Path) -> None:
+    """`densepipe serve` (the retrain flow) on a 10 s interval: the first scheduled run trains and
+    promotes a champion, the second finds nothing changed and skips."""
+    import mlflow
     from prefect.client.orchestration import SyncPrefectClient
 
     started = time.monotonic()
@@ -233,9 +243,10 @@ def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> 
     with local_prefect_server(port=port, home=tmp_path / "prefect-server", ui=False, env=FAST_SERVER) as url:
         server_up = time.monotonic() - started
         server_procs = [p for p in descendants(os.getpid()) if p.pid not in before]
-        params = _write_params(tmp_path)
+        mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        params = write_tiny_params(tmp_path, mlflow_uri=mlflow_uri)
         env = {**_cli_env(tmp_path, url), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-               "PREFECT_LOGGING_LEVEL": "INFO"}
+               "PREFECT_LOGGING_LEVEL": "INFO", "XDG_CACHE_HOME": str(tmp_path / "cache")}
         log = tmp_path / "serve.log"
         serve_started = time.monotonic()
         with open(log, "wb") as out:
@@ -244,7 +255,8 @@ def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> 
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=_default_sigint)
         try:
-            dep, run = _wait_for_completed_run(url, f"{FLOW_NAME}/test-schedule", serve, log)
+            dep, (run, again) = _wait_for_completed_runs(url, f"{RETRAIN_FLOW}/test-schedule", serve,
+                                                          log, count=2)
             first_run = time.monotonic() - serve_started
         finally:
             code, left = _interrupt(serve)
@@ -252,12 +264,17 @@ def test_served_deployment_runs_the_pipeline_on_its_schedule(tmp_path: Path) -> 
         assert code == 0, log.read_text()[-4000:]
 
         text = log.read_text()
-        assert f"serving deployment '{FLOW_NAME}/test-schedule' every 10 s" in text and url in text
-        assert run.auto_scheduled and run.parameters["params"] == str(params)
+        assert f"serving deployment '{RETRAIN_FLOW}/test-schedule' every 10 s" in text and url in text
+        assert run.auto_scheduled and again.auto_scheduled and run.parameters["params"] == str(params)
         assert dep.schedules[0].schedule.interval == timedelta(seconds=10)
-        metrics = yaml.safe_load((tmp_path / "runs" / "metrics.json").read_text())
-        assert 0.0 <= metrics["semantic/mIoU"] <= 1.0
-        assert (tmp_path / "data" / "meta.json").exists()
+        client = mlflow.MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+        retrains = sorted((r for r in client.search_runs([client.get_experiment_by_name("densepipe")
+                                                         .experiment_id])
+                           if r.data.tags.get("densepipe.stage") == "retrain"),
+                          key=lambda r: r.info.start_time)
+        assert [r.data.tags["densepipe.retrain.outcome"] for r in retrains] == ["promoted", "skipped"]
+        assert str(client.get_model_version_by_alias("densepipe", "champion").version) == "1"
+        assert "skipped: nothing changed since densepipe@champion (version 1)" in text
         with SyncPrefectClient(url) as client:  # Ctrl-C paused the schedule; serving again resumes it
             assert client.read_deployment(dep.id).paused
     assert not _port_open(port), "the prefect server still listens after the context exited"
@@ -276,7 +293,7 @@ def test_make_serve_wrapper_deploys_prefect_yaml_and_stops_on_ctrl_c(tmp_path: P
     prefect = BIN / "prefect"
     script = (f"set -e; {prefect} work-pool create densepipe --type process >/dev/null; "
               f"{prefect} --no-prompt deploy --name nightly; "
-              f"{prefect} deployment inspect {FLOW_NAME}/nightly -o json > {tmp_path / 'nightly.json'}; "
+              f"{prefect} deployment inspect {RETRAIN_FLOW}/nightly -o json > {tmp_path / 'nightly.json'}; "
               f"echo CHILD-READY $PREFECT_API_URL; exec sleep 600")
     port = free_port()
     env = {**_cli_env(tmp_path, None), "PWD": str(project)}
@@ -297,11 +314,11 @@ def test_make_serve_wrapper_deploys_prefect_yaml_and_stops_on_ctrl_c(tmp_path: P
         code, left = _interrupt(wrapper)
     text = log.read_text()
     assert f"CHILD-READY http://127.0.0.1:{port}/api" in text, text[-4000:]
-    assert f"Deployment '{FLOW_NAME}/nightly' successfully created" in text
+    assert f"Deployment '{RETRAIN_FLOW}/nightly' successfully created" in text
     deployment = json.loads((tmp_path / "nightly.json").read_text())
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
     assert deployment["work_pool_name"] == "densepipe"
-    assert deployment["entrypoint"] == "flows.pipeline.pipeline_flow"
+    assert deployment["entrypoint"] == "flows.retrain.retrain_flow"
     assert deployment["parameters"] == {"params": "params.yaml", "overrides": []}
     assert deployment["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}]

@@ -133,7 +133,8 @@ def test_sigterm_stops_serving_cancels_the_run_in_flight_and_pauses_the_schedule
         prefect_api: str, tmp_path: Path) -> None:
     params = write_tiny_params(tmp_path, mlflow_uri=None)
     log = tmp_path / "serve.log"
-    serve = _start(["serve", "--interval", "5", "--name", "sigterm", "-p", str(params), *ENDLESS_TRAINING],
+    serve = _start(["serve", "--flow", "pipeline", "--interval", "5", "--name", "sigterm", "-p", str(params),
+                    *ENDLESS_TRAINING],
                    cwd=tmp_path, env=_env(tmp_path, prefect_api), log=log)
     deployment = f"{FLOW_NAME}/sigterm"
 
@@ -162,7 +163,8 @@ def test_sigterm_stops_serving_cancels_the_run_in_flight_and_pauses_the_schedule
 def test_ctrl_c_stops_serving_the_same_way(prefect_api: str, tmp_path: Path) -> None:
     params = write_tiny_params(tmp_path, mlflow_uri=None)
     log = tmp_path / "serve.log"
-    serve = _start(["serve", "--cron", "0 3 * * *", "--name", "ctrl-c", "-p", str(params)],
+    serve = _start(["serve", "--flow", "pipeline", "--cron", "0 3 * * *", "--name", "ctrl-c", "-p",
+                    str(params)],
                    cwd=tmp_path, env=_env(tmp_path, prefect_api), log=log)
     deployment = f"{FLOW_NAME}/ctrl-c"
     try:
