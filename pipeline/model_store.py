@@ -50,6 +50,15 @@ IMAGE_COLUMN = "image"
 DEVICE_KEY = "device"
 """``model_config`` key (``mlflow.pyfunc.load_model(..., model_config=...)``, or the
 ``SERVING_MODEL_CONFIG`` JSON of ``mlflow models serve``): ``auto`` (default), ``cpu``, ``cuda``."""
+FOLLOW_KEY = "follow"
+"""``model_config`` key: a ``models:/<name>@<alias>`` URI whose version is served and followed
+(default ``None``: serve the weights MLflow passed, for good)."""
+REFRESH_KEY = "refresh_s"
+"""``model_config`` key: at most how often (seconds, >= 0; 0: every request) ``follow`` is checked."""
+DEFAULT_REFRESH_S = 30.0
+MODEL_CONFIG: dict[str, Any] = {DEVICE_KEY: "auto", FOLLOW_KEY: None, REFRESH_KEY: DEFAULT_REFRESH_S}
+"""Every ``model_config`` key ``pipeline.serving`` reads, with its default: what the ``python_function``
+flavor must declare (MLflow passes on to ``_load_pyfunc`` only keys the MLmodel declares)."""
 
 
 def model_payload(model: Any, *, config: dict[str, Any], step: int,
@@ -134,7 +143,7 @@ def pyfunc_signature(tasks: list[str]) -> Any:
 def add_pyfunc_flavor(mlflow_model: Any, folder: str | Path, *, tasks: list[str]) -> None:
     """Give ``mlflow_model`` (being saved into ``folder``, which already holds ``weights.pt``)
     the ``python_function`` flavor (``loader_module`` ``pipeline.serving``, ``data`` the weights file,
-    ``model_config`` ``{"device": "auto"}``, which callers may override), a ``python_env.yaml``
+    ``model_config`` ``MODEL_CONFIG``, whose keys callers may override), a ``python_env.yaml``
     (this Python; pip installs ``requirements.txt``) and the signature of
     ``pyfunc_signature(tasks)``. Writes no pickle and needs no network."""
     import mlflow.pyfunc
@@ -143,5 +152,5 @@ def add_pyfunc_flavor(mlflow_model: Any, folder: str | Path, *, tasks: list[str]
     _PythonEnv.current().to_yaml(str(Path(folder) / _PYTHON_ENV_FILE_NAME))
     mlflow.pyfunc.add_to_model(mlflow_model, loader_module=PYFUNC_LOADER_MODULE,
                                data=WEIGHTS_FILE, python_env=_PYTHON_ENV_FILE_NAME,
-                               model_config={DEVICE_KEY: "auto"})  # MLflow passes on only declared keys
+                               model_config=dict(MODEL_CONFIG))  # MLflow passes on only declared keys
     mlflow_model.signature = pyfunc_signature(tasks)

@@ -22,6 +22,13 @@ name of a file the task's ``save_prediction`` writes, without the ``<stem>_`` pr
 is the parsed JSON for a ``.json`` file and the base64 of the file's bytes for any other file
 (the same bytes ``densepipe predict`` writes; PNGs have the input's height and width). The
 stem used is ``image``, so a JSON that names its image file says ``image_<task>.png``.
+
+Following an alias (``model_config`` ``follow``: ``models:/<name>@<alias>``, ``refresh_s``): the
+model served is the registered version the alias names, checked at most every ``refresh_s``
+seconds as requests come in; when the alias moved, that version is loaded (verified, weights only,
+``pipeline.tracking.load_registered_model``) and swapped in, so moving ``champion`` changes what is
+served without redeploying. A version that fails to load is not served: the old one keeps
+answering, with one warning line, and the next check retries.
 """
 
 from __future__ import annotations
@@ -29,9 +36,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import math
 import os
 import re
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +64,15 @@ from PIL import Image
 from pipeline import model_store  # noqa: E402
 from pipeline.data.reader import read_image
 from pipeline.errors import CheckpointError, ConfigError, DataError, TrackingError  # noqa: E402
-from pipeline.model_store import DEVICE_KEY, IMAGE_COLUMN  # noqa: E402
+from pipeline.model_store import (  # noqa: E402
+    DEFAULT_REFRESH_S,
+    DEVICE_KEY,
+    FOLLOW_KEY,
+    IMAGE_COLUMN,
+    MODEL_CONFIG,
+    REFRESH_KEY,
+)
+from pipeline.tracking import error_line, load_registered_model
 
 STEM = "image"
 """The file stem ``save_prediction`` writes under; stripped (with ``_``) from the answer's keys."""
@@ -60,6 +80,10 @@ Answer = dict[str, dict[str, Any]]
 """One image's answer: ``{task: {file name: base64 string | parsed JSON}}``."""
 
 _DATA_URL = re.compile(r"^data:[^,;]*(;[^,;]*)*;base64,", re.IGNORECASE)
+_ALIAS_URI = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
+_clock: Callable[[], float] = time.monotonic
+"""Seconds, for ``refresh_s`` (tests replace it)."""
+logger = logging.getLogger(__name__)
 
 
 class ImageInputError(DataError, MlflowException):
@@ -77,18 +101,49 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Dense
     """MLflow's entry point: ``path`` is the model's ``weights.pt`` (or its folder). Verifies the
     file (``verified_weights``), reads it with ``torch.load(weights_only=True)``, rebuilds the
     model in eval mode on ``model_config["device"]`` (``serving_device``; default ``auto``).
+    With ``model_config["follow"]`` (``follow_uri``) the version the alias names now is served
+    instead of ``path`` and followed every ``refresh_s`` seconds (``DensepipePyfunc.following``).
 
-    Raises (one line naming the file, store or value): ``ConfigError`` for a bad device;
-    ``CheckpointError`` for an MLmodel without densepipe's flavor, a missing weights file,
-    weights whose sha256 differs from the MLmodel's, or a file torch refuses to read as weights;
-    ``TrackingError`` when the tracking store's checksum differs or the store does not know the
-    model."""
-    device = serving_device((model_config or {}).get(DEVICE_KEY, "auto"))
+    Raises (one line naming the file, store or value): ``ConfigError`` for a bad device,
+    ``follow`` or ``refresh_s``; ``CheckpointError`` for an MLmodel without densepipe's flavor, a
+    missing weights file, weights whose sha256 differs from the MLmodel's, or a file torch refuses
+    to read as weights; ``TrackingError`` when the tracking store's checksum differs or the store
+    does not know the model (or, with ``follow``, the alias or its version)."""
+    config = model_config or {}
+    device = serving_device(config.get(DEVICE_KEY, "auto"))
+    follow = follow_uri(config.get(FOLLOW_KEY))
+    refresh_s = refresh_seconds(config.get(REFRESH_KEY, DEFAULT_REFRESH_S))
+    if follow is not None:
+        return DensepipePyfunc.following(follow, refresh_s=refresh_s, device=device)
     weights = verified_weights(path)
     source = str(weights)
     payload = model_store.read_weights(weights, source=source)
     model = model_store.build_from_payload(payload, source=source, device=device)
     return DensepipePyfunc(model)
+
+
+def follow_uri(value: Any) -> str | None:
+    """``model_config["follow"]``: ``None`` (or empty) not to follow, else a
+    ``models:/<name>@<alias>`` URI (returned stripped). ``ConfigError`` otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str) or not _ALIAS_URI.match(value.strip()):
+        raise ConfigError(f"model_config {FOLLOW_KEY}: {value!r} is not a registered model alias; "
+                          "expected models:/<name>@<alias>, e.g. models:/densepipe@champion")
+    return value.strip()
+
+
+def refresh_seconds(value: Any) -> float:
+    """``model_config["refresh_s"]``: a finite number of seconds >= 0 (a numeric string too).
+    ``ConfigError`` otherwise."""
+    try:
+        seconds = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"model_config {REFRESH_KEY}: {value!r} is not a number of seconds >= 0; "
+                          f"expected e.g. {DEFAULT_REFRESH_S:g} (0: check the alias on every request)")
+    return seconds
 
 
 def serving_device(value: Any) -> torch.device:
@@ -182,37 +237,154 @@ def _first_line(error: BaseException) -> str:
 
 # -- predicting -----------------------------------------------------------------------------------
 class DensepipePyfunc:
-    """The object ``_load_pyfunc`` returns; MLflow wraps it in a ``PyFuncModel``."""
+    """The object ``_load_pyfunc`` returns; MLflow wraps it in a ``PyFuncModel``
+    (``PyFuncModel.unwrap_python_model()`` returns it). Safe to call from several threads."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        """The ``MultiTaskModel``, in eval mode."""
+    def __init__(self, model: Any, *, follow: str | None = None, refresh_s: float = DEFAULT_REFRESH_S,
+                 served_version: str | None = None, tracking_uri: str | None = None,
+                 device: torch.device | None = None) -> None:
+        """``model`` (a ``MultiTaskModel`` in eval mode) answers; with ``follow`` it is version
+        ``served_version`` of that alias in ``tracking_uri``, replaced on ``device`` when the
+        alias moves (``following`` builds one)."""
+        self.follow = follow
+        """The ``models:/<name>@<alias>`` URI followed, or ``None``."""
+        self.refresh_s = refresh_s
+        self._model = model
+        self._version = served_version
+        self._tracking_uri = tracking_uri
+        self._device = device
+        self._lock = threading.Lock()  # guards the (model, version) pair
+        self._checking = threading.Lock()  # one alias check at a time; others answer meanwhile
+        self._checked_at = _clock()
+
+    @classmethod
+    def following(cls, follow: str, *, refresh_s: float, device: torch.device) -> DensepipePyfunc:
+        """The version the alias ``follow`` names now, loaded from the tracking store MLflow
+        resolves (``_tracking_store``) and followed from then on. ``TrackingError`` (one line
+        naming ``follow``) without a store, for an alias the store does not know, or a version
+        that does not load (``load_registered_model``'s errors)."""
+        uri = _tracking_store()
+        if uri is None:
+            raise TrackingError(f"model_config {FOLLOW_KEY}: {follow} needs the tracking store that "
+                                "holds the registry; set MLFLOW_TRACKING_URI (e.g. "
+                                "sqlite:////abs/path/mlflow.db)")
+        version = _alias_version(follow, uri)
+        model = _load_version(follow, version, uri, device)
+        logger.info("serving version %s of %s (%s)", version, follow, uri)
+        return cls(model, follow=follow, refresh_s=refresh_s, served_version=version,
+                   tracking_uri=uri, device=device)
+
+    @property
+    def model(self) -> Any:
+        """The ``MultiTaskModel`` answering now, in eval mode."""
+        with self._lock:
+            return self._model
+
+    @property
+    def served_version(self) -> str | None:
+        """The registered version answering now (``follow``); ``None`` when not following."""
+        with self._lock:
+            return self._version
+
+    @property
+    def python_model(self) -> DensepipePyfunc:
+        """This object: what ``PyFuncModel.unwrap_python_model()`` returns."""
+        return self
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Answer]:
         """One answer per row of ``model_input`` (a DataFrame with column ``image``: base64 image
         files), in row order: ``{task: {file name: base64 string | parsed JSON}}`` (module
         docstring). Every row is decoded before the model runs; ``ImageInputError`` (one line
-        naming the row) for the first that is not an image. ``params`` are not used."""
+        naming the row) for the first that is not an image. With ``follow``, the alias is checked
+        first when ``refresh_s`` has passed (``refresh``); the whole request is answered by one
+        model. ``params`` are not used."""
         images = [decode_image(value, row=i) for i, value in enumerate(_image_column(model_input))]
-        return [self.predict_image(rgb) for rgb in images]
+        self.refresh()
+        model = self.model
+        return [_answer(model, rgb) for rgb in images]
 
     def predict_image(self, rgb: np.ndarray) -> Answer:
         """The answer for one ``HxWx3 uint8`` image (as ``predict``), computed as ``densepipe
         predict`` computes its files (``pipeline.stages.predict``)."""
-        rgb = np.require(rgb, requirements=["C", "W"])
-        batch = {"image": torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous(),
-                 "image_ids": [0], "has": {}}
-        with torch.inference_mode():
-            predictions = self.model.predict(batch)
-        answer: Answer = {}
-        with tempfile.TemporaryDirectory(prefix="densepipe-serve-") as tmp:
-            folder = Path(tmp)
-            for name, task in self.model.tasks.items():
-                files = task.save_prediction(predictions[name][0], str(folder / STEM), card=self.model.card,
-                                             options=self.model.options[name])
-                answer[name] = {Path(f).relative_to(folder).as_posix().removeprefix(f"{STEM}_"):
-                                _encode(Path(f)) for f in files}
-        return answer
+        return _answer(self.model, rgb)
+
+    def refresh(self) -> None:
+        """With ``follow``, when ``refresh_s`` seconds passed since the last check (and no other
+        thread is checking): look up the alias and, when it names another version, load that
+        one and swap it in (requests already running finish on the old model). Never raises: a
+        failed lookup or load logs one warning line naming ``follow`` and the error, the old
+        model keeps serving and the next check retries."""
+        if self.follow is None or not self._checking.acquire(blocking=False):
+            return
+        try:
+            now = _clock()
+            if now - self._checked_at < self.refresh_s:
+                return
+            self._checked_at = now
+            served, version = self.served_version, None
+            try:
+                version = _alias_version(self.follow, self._tracking_uri)
+                if version == served:
+                    return
+                model = _load_version(self.follow, version, self._tracking_uri, self._device)
+            except Exception as e:  # noqa: BLE001 - whatever fails, the served model keeps serving
+                what = error_line(e) if version is None else (
+                    f"model_config {FOLLOW_KEY} {self.follow}: cannot serve version {version} "
+                    f"({error_line(e)})")
+                logger.warning("%s; still serving version %s, retrying in %g s", what, served, self.refresh_s)
+                return
+            with self._lock:
+                self._model, self._version = model, version
+            logger.info("serving version %s of %s (was version %s)", version, self.follow, served)
+        finally:
+            self._checking.release()
+
+
+def _alias_version(follow: str, tracking_uri: str | None) -> str:
+    """The version (a string) the alias ``follow`` names in the registry of ``tracking_uri``.
+    ``TrackingError`` (one line) when the store does not answer or knows no such alias."""
+    name, alias = _name_and_alias(follow)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        raise TrackingError(f"model_config {FOLLOW_KEY}: {follow}: cannot resolve the alias in "
+                            f"{tracking_uri} ({_first_line(e)})") from None
+
+
+def _load_version(follow: str, version: str, tracking_uri: str | None, device: torch.device | None) -> Any:
+    """Version ``version`` of the model ``follow`` names, verified and read as weights only
+    (``pipeline.tracking.load_registered_model``), on ``device``."""
+    name, _ = _name_and_alias(follow)
+    model, _ = load_registered_model(f"models:/{name}/{version}", tracking_uri=str(tracking_uri),
+                                     device=device)
+    return model
+
+
+def _name_and_alias(follow: str) -> tuple[str, str]:
+    """``(name, alias)`` of a ``models:/<name>@<alias>`` URI (``ConfigError`` otherwise)."""
+    match = _ALIAS_URI.match(follow_uri(follow) or "")
+    if match is None:
+        raise ConfigError(f"model_config {FOLLOW_KEY}: {follow!r} is not set")
+    return match.group(1), match.group(2)
+
+
+def _answer(model: Any, rgb: np.ndarray) -> Answer:
+    """``model``'s answer for one ``HxWx3 uint8`` image (``DensepipePyfunc.predict_image``)."""
+    rgb = np.require(rgb, requirements=["C", "W"])
+    batch = {"image": torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous(),
+             "image_ids": [0], "has": {}}
+    with torch.inference_mode():
+        predictions = model.predict(batch)
+    answer: Answer = {}
+    with tempfile.TemporaryDirectory(prefix="densepipe-serve-") as tmp:
+        folder = Path(tmp)
+        for name, task in model.tasks.items():
+            files = task.save_prediction(predictions[name][0], str(folder / STEM), card=model.card,
+                                         options=model.options[name])
+            answer[name] = {Path(f).relative_to(folder).as_posix().removeprefix(f"{STEM}_"):
+                            _encode(Path(f)) for f in files}
+    return answer
 
 
 def _image_column(model_input: Any) -> list[Any]:
@@ -269,5 +441,5 @@ def decode_png(value: str) -> np.ndarray:
         return np.asarray(img)
 
 
-__all__ = ["DensepipePyfunc", "ImageInputError", "_load_pyfunc", "decode_image",
-           "decode_png", "verified_weights"]
+__all__ = ["MODEL_CONFIG", "DensepipePyfunc", "ImageInputError", "_load_pyfunc", "decode_image",
+           "decode_png", "follow_uri", "refresh_seconds", "verified_weights"]
