@@ -97,6 +97,16 @@ def machine_text(data: dict[str, Any]) -> str:
     return "; ".join(parts) or "not recorded"
 
 
+def shell_line(command: str) -> str:
+    """A results file's command as a line a shell runs: a trailing ``(note)`` becomes a comment."""
+    text = command.strip()
+    if text.endswith(")") and " (" in text:
+        head, _, note = text.rpartition(" (")
+        if head.count("(") == head.count(")"):
+            return f"{head}  # {note[:-1]}"
+    return text
+
+
 def section(path: Path, data: dict[str, Any]) -> list[str]:
     out = [f"## {path.stem}", ""]
     out.append(f"`benchmarks/results/{path.name}`: benchmark `{data.get('benchmark', path.stem)}`, "
@@ -104,7 +114,7 @@ def section(path: Path, data: dict[str, Any]) -> list[str]:
     out.append("")
     for key in COMMAND:
         if isinstance(data.get(key), str):
-            out += ["```bash", data[key], "```", ""]
+            out += ["```bash", shell_line(data[key]), "```", ""]
     for key in PROSE:
         if isinstance(data.get(key), str):
             out += [f"**{key}:** " + " ".join(data[key].split()), ""]
