@@ -73,6 +73,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     batches = [next(it) for _ in range(args.warmup + args.steps)]
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, dataset.card).to(device).use_channels_last(cfg.train.channels_last)  # type: ignore[attr-defined]
+    model.backbone.activation_checkpointing = cfg.train.activation_checkpointing  # as the trainer
     model.train()
     optimizer = build_optimizer(cfg, model)
     scaler = precision.scaler() if precision.needs_scaler else None

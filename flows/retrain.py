@@ -37,7 +37,13 @@ from flows.notify import notify_outcome
 from flows.report import publish_report
 from flows.tasks import evaluate_task, register_task, run_prepare, train_task
 from pipeline import champion as ch
-from pipeline.config import Config, check_registry_tracking, load_config, resolve_best_metric
+from pipeline.config import (
+    Config,
+    check_registry_tracking,
+    load_config,
+    resolve_best_metric,
+    split_source,
+)
 from pipeline.errors import ConfigError
 from pipeline.fingerprint import changed, inputs_fingerprint
 from pipeline.metrics import headline_metrics
@@ -141,11 +147,14 @@ def _compare(cfg: Config, metrics: dict[str, float], champ: ch.Champion | None,
     tasks = default_registry().resolve(cfg.model.tasks)
     primary = cfg.promote.primary_metric
     if primary == "auto":
-        primary = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, tasks) or ""
+        primary = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, tasks,
+                                      cfg.data.sources) or ""
     if not primary:
         raise ConfigError("promote.primary_metric auto: no enabled task has a main metric; name one "
                           "(<task>/<metric>)")
     guards = [f"{t.name}/{t.main_metric}" for t in tasks if t.main_metric]
+    if cfg.data.sources:  # each source's main metrics that the challenger reports
+        guards = [k for k in headline_metrics(metrics) if split_source(k)[0] in guards]
     goals = {m: metric_goal(m, tasks) for m in [primary, *guards]}
     return ch.compare(headline_metrics(metrics), champ, challenger_version=version, primary=primary,
                       guards=guards, goals=goals, min_gain=cfg.promote.min_gain,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -115,7 +115,40 @@ class SyntheticConfig(Section):
     ``prepare`` depends on it."""
 
 
+class SourceConfig(Section):
+    """One dataset of several trained into one model (``data.sources``; UberNet, Kokkinos 2017)."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    """Short name (letters, digits, ``_``, ``-``): the suffix of its metrics
+    (``semantic/mIoU@<name>``) and of its evaluation folder."""
+    source: str = "folder"
+    """Its dataset format, as ``data.source`` (``densepipe formats`` lists them)."""
+    root: str
+    """Its folder, as ``data.root``."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Its format's options, as ``data.options``."""
+    weight: float = Field(1.0, gt=0)
+    """Sampling weight (above 0): each training batch comes from one source, drawn with
+    probability weight / sum of the weights."""
+    tasks: list[str] | None = None
+    """Tasks trained from it (their labels are read; others are not, so those tasks take no loss
+    from its batches); ``null``: every enabled task whose labels it has."""
+    train_split: str | None = None
+    """Its training split; ``null``: ``data.train_split``."""
+    val_split: str | None = None
+    """Its evaluation split; ``null``: ``data.val_split``."""
+
+
 class DataConfig(Section):
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> DataConfig:
+        names = [s.__dict__["name"] for s in self.__dict__["sources"]]  # no recorded read (dvc params)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data.sources: name {twice[0]!r} is used twice; names must be unique")
+        return self
+
+
     root: str = "data/synthetic"
     """Dataset folder (a path; relative to the working folder). ``source: synthetic``: ``prepare``
     renders the synthetic dataset here (only into a new or empty folder, or over its own
@@ -128,6 +161,13 @@ class DataConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
     """Options of the format named by ``source`` (validated by its ``Options`` model)."""
     synthetic: SyntheticConfig = SyntheticConfig()
+    sources: list[SourceConfig] = Field(default_factory=list)
+    """Several datasets trained into one model (UberNet); empty (default): the one dataset of
+    ``source``, ``root`` and ``options``. The first source's dataset card (classes, keypoints) is
+    the model's; every source labelling a class-based task (semantic, instance, panoptic,
+    keypoints) must name the same classes. Batches come from one source at a time (``weight``),
+    each task takes loss where a batch has its labels, and evaluation reports every metric per
+    source (``<task>/<metric>@<name>``). docs/own-data.md."""
     train_split: str = "train"
     """Name of the split trained on, as the format names its splits (detectron2's
     ``DATASETS.TRAIN``)."""
@@ -300,6 +340,12 @@ class TrainConfig(Section):
     """Allow TF32 matmuls and convolutions on GPUs that have them (Ampere and later)."""
     compile: bool = False
     """``torch.compile`` the backbone (first steps are slower while it compiles)."""
+    activation_checkpointing: bool = False
+    """Recompute the backbone body's activations in the backward pass instead of keeping them
+    (``torch.utils.checkpoint``, one segment per stage): less memory for a slower step, as
+    UberNet trains many tasks in little memory (benchmarks/results/train_512_checkpointing.json).
+    BatchNorm running statistics are updated twice per step (the recomputation); with
+    ``backbone_norm: frozen_bn`` or ``gn`` there are none."""
     deterministic: bool = False
     """``torch.use_deterministic_algorithms``, no cuDNN benchmarking: bit-exact reruns."""
     sync_bn: bool = False
@@ -356,6 +402,21 @@ class EvaluateConfig(Section):
     """Images per evaluation batch (at least 1); also the default of ``predict --batch-size``."""
     num_visualizations: int = Field(8, ge=0)
     """Validation images drawn with their predictions into the drawings grid (0 or more; 0: none)."""
+    scales: list[float] = Field(default_factory=lambda: [1.0])
+    """Multi-scale inference: the test size (``data.test_size``) times each factor (> 0), one
+    model run each; dense tasks average their outputs at the original size, detections are
+    merged by NMS (``pipeline.nn.tta``). ``[1.0]``: one scale. Cost: one model run per view. Read
+    when the model is built from this config (``evaluate`` of a checkpoint, the periodic evaluation
+    in training); a model built from its stored config (``predict``, serving) uses that one's."""
+    flip: bool = False
+    """Also predict each scale's image mirrored left-right and combine it (doubles the views)."""
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if not value or any(not s > 0 for s in value):
+            raise ValueError("expected one or more factors > 0 of the test size, e.g. [0.75, 1.0, 1.25]")
+        return value
 
 
 class TrackingConfig(Section):
@@ -595,10 +656,22 @@ class _MetricTask(Protocol):
     metrics: tuple[str, ...]
 
 
-def resolve_best_metric(value: str, named: Iterable[str], tasks: Iterable[_MetricTask]) -> str | None:
+METRIC_SOURCE_SEPARATOR = "@"
+"""Between a metric and its source when several are trained (``semantic/mIoU@nyuv2``)."""
+
+
+def split_source(metric: str) -> tuple[str, str | None]:
+    """``("semantic/mIoU", "nyuv2")`` for ``semantic/mIoU@nyuv2``; ``(metric, None)`` without."""
+    base, sep, source = metric.rpartition(METRIC_SOURCE_SEPARATOR)
+    return (base, source) if sep and base else (metric, None)
+
+
+def resolve_best_metric(value: str, named: Iterable[str], tasks: Iterable[_MetricTask],
+                        sources: Sequence[SourceConfig] = ()) -> str | None:
     """``value`` itself, or for ``auto`` the ``<task>/<main_metric>`` of the first of ``tasks``
     (the enabled ones) that has a main metric, taking the tasks ``named`` in ``model.tasks`` in
-    their order first; ``None`` when no enabled task has one."""
+    their order first; ``None`` when no enabled task has one. With ``sources`` (``data.sources``),
+    ``auto`` names the first source that trains that task: ``<task>/<main_metric>@<source>``."""
     if value != AUTO_METRIC:
         return value
     tasks = list(tasks)
@@ -606,24 +679,30 @@ def resolve_best_metric(value: str, named: Iterable[str], tasks: Iterable[_Metri
     ranked = sorted(tasks, key=lambda t: order.get(t.name, len(order)))  # stable: rest in order
     for task in ranked:
         if task.main_metric:
-            return f"{task.name}/{task.main_metric}"
+            metric = f"{task.name}/{task.main_metric}"
+            for src in sources:
+                if src.tasks is None or task.name in src.tasks:
+                    return f"{metric}{METRIC_SOURCE_SEPARATOR}{src.name}"
+            if not sources:
+                return metric
     return None
 
 
-def check_registry_tracking(cfg: Config, what: str) -> None:
-    """Refuse ``what`` (a command or flow that keeps its champion in the MLflow model registry:
-    retraining, serving it, promoting) when tracking is off. One ``ConfigError`` line."""
-    if not cfg.tracking.enabled:
-        raise ConfigError(f"{what}: tracking.enabled is false; the champion alias lives in the MLflow "
-                          f"model registry: set tracking.enabled: true (and tracking.uri)")
-
-
-def check_metric(key: str, metric: str, tasks: Iterable[_MetricTask]) -> None:
+def check_metric(key: str, metric: str, tasks: Iterable[_MetricTask],
+                 sources: Sequence[SourceConfig] = ()) -> None:
     """Refuse ``metric`` (the value of config key ``key``) unless its task prefix is one of
     ``tasks`` (the enabled ones) and, where that task declares ``metrics``, its name matches one
-    of them (``fnmatch`` patterns such as ``IoU/*``). One ``ConfigError`` line."""
+    of them (``fnmatch`` patterns such as ``IoU/*``); with ``sources`` it must name one of them
+    (``<task>/<metric>@<source>``), without, none. One ``ConfigError`` line."""
     tasks = list(tasks)
-    task_name, _, name = metric.partition("/")
+    base, source = split_source(metric)
+    names = [s.name for s in sources]
+    if sources and source not in names:
+        raise ConfigError(f"{key} {metric!r}: data.sources has several datasets; name one: "
+                          f"{base}@<{' | '.join(names)}>")
+    if not sources and source is not None:
+        raise ConfigError(f"{key} {metric!r}: @{source} names a source, but data.sources is empty")
+    task_name, _, name = base.partition("/")
     task = next((t for t in tasks if t.name == task_name), None)
     if task is not None and name and (
             not task.metrics or any(fnmatchcase(name, p) for p in task.metrics)):
@@ -632,3 +711,11 @@ def check_metric(key: str, metric: str, tasks: Iterable[_MetricTask]) -> None:
     declared = f"{task.name} reports: {', '.join(task.metrics)}; " if task is not None and name else ""
     raise ConfigError(f"{key} {metric!r}: no enabled task reports it; {declared}"
                       f"enabled tasks' main metrics: {mains}")
+
+
+def check_registry_tracking(cfg: Config, what: str) -> None:
+    """Refuse ``what`` (a command or flow that keeps its champion in the MLflow model registry:
+    retraining, serving it, promoting) when tracking is off. One ``ConfigError`` line."""
+    if not cfg.tracking.enabled:
+        raise ConfigError(f"{what}: tracking.enabled is false; the champion alias lives in the MLflow "
+                          f"model registry: set tracking.enabled: true (and tracking.uri)")

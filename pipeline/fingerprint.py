@@ -266,7 +266,10 @@ def _read_cache(path: Path) -> dict[str, list[Any]]:
 def trained_params(cfg: Config) -> dict[str, Any]:
     """``cfg.model_dump(mode="json")`` without ``IGNORED_KEYS``: the config that
     ``params_fingerprint`` hashes."""
-    return _without_ignored(cfg.model_dump(mode="json"))
+    tree = _without_ignored(cfg.model_dump(mode="json"))
+    for source in tree.get("data", {}).get("sources", []):
+        source.pop("root", None)  # as data.root: the data fingerprint covers its content
+    return tree
 
 
 def _without_ignored(tree: dict[str, Any]) -> dict[str, Any]:
@@ -347,10 +350,15 @@ def code_fingerprint(roots: Sequence[Path] | None = None) -> str:
 # -- together ---------------------------------------------------------------------------------
 def inputs_fingerprint(cfg: Config, *, cache_dir: Path | None = None) -> dict[str, str]:
     """``{"data": "<kind>:<value>", "params": <hex>, "code": <hex>}`` for ``cfg`` (its
-    ``data.root`` relative to the working folder). Raises ``DataError`` when the data is
-    missing."""
-    return {"data": str(data_fingerprint(Path(cfg.data.root), cache_dir=cache_dir)),
-            "params": params_fingerprint(cfg), "code": code_fingerprint()}
+    ``data.root`` relative to the working folder; with ``data.sources``, ``sources:<hex>`` over
+    every source's name and data fingerprint). Raises ``DataError`` when the data is missing."""
+    if cfg.data.sources:
+        parts = [[src.name, str(data_fingerprint(Path(src.root), cache_dir=cache_dir))]
+                 for src in cfg.data.sources]
+        data = "sources:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    else:
+        data = str(data_fingerprint(Path(cfg.data.root), cache_dir=cache_dir))
+    return {"data": data, "params": params_fingerprint(cfg), "code": code_fingerprint()}
 
 
 def changed(old: Mapping[str, str] | None, new: Mapping[str, str]) -> list[str]:

@@ -13,7 +13,8 @@ from pipeline.config import Config, check_tasks
 from pipeline.data.card import DatasetCard
 from pipeline.errors import ConfigError, PluginError
 from pipeline.nn.backbones import build_backbone
-from pipeline.nn.inference_size import InferenceResize, output_size
+from pipeline.nn.inference_size import InferenceResize, original_size, output_size
+from pipeline.nn.tta import TestViews, predict_views
 from pipeline.registry import TaskRegistry, default_registry
 from pipeline.task import Batch, Task
 
@@ -70,6 +71,10 @@ class MultiTaskModel(nn.Module):
         self.inference_resize: InferenceResize | None = None
         """The test-size rule ``predict`` applies (``pipeline.nn.inference_size``); None: images are
         predicted as given. ``build_model`` sets it from ``data.test_size``."""
+        self.test_views = TestViews()
+        """The views ``predict`` combines (``pipeline.nn.tta``); the default, the plain view alone,
+        is the single prediction. ``build_model`` sets it from ``evaluate.scales`` and
+        ``evaluate.flip``."""
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -138,9 +143,16 @@ class MultiTaskModel(nn.Module):
 
         Without ``outputs``, the batch is first prepared by the test-size rule
         (``inference_resize.prepare``: resized, padded; ``pipeline.nn.inference_size``) and run through the
-        model; each task's ``postprocess`` pastes its predictions back at ``output_size``. With
-        ``outputs`` (computed by the caller on ``batch`` as it is), predictions are at the input
+        model; each task's ``postprocess`` pastes its predictions back at ``output_size``. When
+        ``test_views`` holds more than the plain view, the model runs once per view and each task's
+        predictions are combined over them (``pipeline.nn.tta.predict_views``). With ``outputs``
+        (computed by the caller on ``batch`` as it is), predictions are single-view at the input
         resolution. A task whose map-shaped prediction has another size is one ``PluginError``."""
+        if outputs is None and not self.test_views.is_plain:
+            predictions = predict_views(self, batch, self.test_views)
+            for name, preds in predictions.items():
+                _check_prediction_size(name, preds, original_size(batch))
+            return predictions
         if outputs is None:
             if self.inference_resize is not None:
                 batch = self.inference_resize.prepare(batch)
@@ -229,4 +241,10 @@ def build_model(cfg: Config, card: DatasetCard, registry: TaskRegistry | None = 
     # pooled level such as p6 needs no more: it is a stride-2 pooling of p5)
     stride = min(32, max(f.stride for f in backbone.feature_spec.values()))
     model.inference_resize = inference_resize_rule(cfg, stride)
+    model.test_views = configured_views(cfg)
     return model
+
+
+def configured_views(cfg: Config) -> TestViews:
+    """The views of ``cfg`` (``evaluate.scales`` x ``evaluate.flip``) that ``predict`` combines."""
+    return TestViews(scales=tuple(cfg.evaluate.scales), flip=cfg.evaluate.flip)

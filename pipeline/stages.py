@@ -46,7 +46,12 @@ def _wanted_synthetic(cfg: Config) -> dict[str, Any]:
 def dataset_ready(cfg: Config) -> bool:
     """True when ``data.root`` already holds what ``prepare`` would make: for the synthetic
     source, a render with the same seed, sizes and generator version; for another format, what
-    the format calls ready (``DatasetFormat.ready``: densepipe's layout, its card)."""
+    the format calls ready (``DatasetFormat.ready``: densepipe's layout, its card). With
+    ``data.sources``: every source."""
+    if cfg.data.sources:
+        from pipeline.data.sources import views as source_views
+
+        return all(dataset_ready(view.cfg) for view in source_views(cfg))
     root = Path(cfg.data.root)
     if cfg.data.source != "synthetic":
         from pipeline.engine.loaders import dataset_format
@@ -65,21 +70,29 @@ def dataset_ready(cfg: Config) -> bool:
 
 
 def prepare(cfg: Config, *, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Make ``data.root`` ready. Synthetic: render it unless an identical render is there (only
-    into a new or empty folder or over its own earlier render: ``synthetic.ownership``). A user's
-    folder (``data.source: folder``) is only read: ``pipeline.data.check.check_dataset`` checks
-    every referenced file and reports all problems in one ``DataError``.
+    """Make ``data.root`` ready (every source's, with ``data.sources``). Synthetic: render it
+    unless an identical render is there (only into a new or empty folder or over its own earlier
+    render: ``synthetic.ownership``). A user's folder (``data.source: folder``) is only read:
+    ``pipeline.data.check.check_dataset`` checks every referenced file and reports all problems in
+    one ``DataError``.
 
     With ``parent_run_id`` (a pipeline run), the stage is a nested MLflow run with the data params."""
     with _stage_run(cfg, "prepare", parent_run_id=parent_run_id) as tracker:
         if tracker is not None:
             tracker.log_params({k: v for k, v in cfg.flat().items() if k.startswith("data.")})
-        summary = _prepare_data(cfg)
+        summary = _prepare_sources(cfg) if cfg.data.sources else _prepare_data(cfg)
         if tracker is not None:
             tracker.log_metrics({k: float(v) for k, v in summary.items()
                                  if isinstance(v, int | float) and not isinstance(v, bool)}, 0)
             summary["run_id"] = tracker.run_id
     return summary
+
+
+def _prepare_sources(cfg: Config) -> dict[str, Any]:
+    """``_prepare_data`` of every ``data.sources`` entry: ``{"sources": {name: summary}}``."""
+    from pipeline.data.sources import views as source_views
+
+    return {"sources": {view.name: _prepare_data(view.cfg) for view in source_views(cfg)}}
 
 
 def _prepare_data(cfg: Config) -> dict[str, Any]:
@@ -139,25 +152,32 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_config(cfg: Config) -> None:
+    from pipeline.data.sources import views as source_views
     from pipeline.engine.loaders import dataset_format
     from pipeline.nn.backbones import BACKBONES, known_backbone
     from pipeline.registry import default_registry
 
-    dataset_format(cfg)  # data.source and data.options
+    for view in source_views(cfg):
+        dataset_format(view.cfg)  # data.source and data.options (each source's)
     registry = default_registry()
     check_tasks(cfg, registry.names)
     enabled = registry.resolve(cfg.model.tasks)
+    for i, src in enumerate(cfg.data.sources):
+        unknown = [t for t in src.tasks or [] if t not in {e.name for e in enabled}]
+        if unknown:
+            raise ConfigError(f"data.sources[{i}] ({src.name}).tasks: {unknown[0]!r} is not an "
+                              f"enabled task; enabled: {', '.join(e.name for e in enabled)}")
     for task in enabled:
         task.parse_options(cfg.model.heads.get(task.name))
     if not known_backbone(cfg.model.backbone):
         raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r}; "
                           f"allowed: {', '.join(sorted(BACKBONES))} or timm:<model name>")
-    best = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, enabled)
+    best = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, enabled, cfg.data.sources)
     if best is not None and cfg.train.best_metric != "auto":
-        check_metric("train.best_metric", best, enabled)
+        check_metric("train.best_metric", best, enabled, cfg.data.sources)
     stop = cfg.train.early_stopping
     if stop.metric is not None:
-        check_metric("train.early_stopping.metric", stop.metric, enabled)
+        check_metric("train.early_stopping.metric", stop.metric, enabled, cfg.data.sources)
     elif stop.patience > 0 and best is None:
         raise ConfigError(f"train.early_stopping.patience={stop.patience}: no metric to watch: "
                           f"train.best_metric is auto and no enabled task "
@@ -190,14 +210,24 @@ def check_labels(cfg: Config, label_kinds: Iterable[str], *, split: str,
 
 
 def _check_train_labels(cfg: Config) -> None:
-    """``check_labels`` for the train split, from which label files exist (no JSON parsed);
-    nothing when ``data.root`` is not a dataset yet (training then says so)."""
-    from pipeline.engine.loaders import dataset_format
+    """``check_labels`` for the train split (every source's, with ``data.sources``: a task needs
+    labels in one of them), from which label files exist (no JSON parsed); nothing when no
+    dataset is there yet (training then says so)."""
+    from pipeline.data.sources import views as source_views
+    from pipeline.engine.loaders import dataset_format, required_label_kinds
 
-    fmt, options = dataset_format(cfg)
-    kinds = fmt.split_label_kinds(Path(cfg.data.root), cfg.data.train_split, options=options)
-    if kinds is not None:
-        check_labels(cfg, kinds, split=cfg.data.train_split)
+    have: set[str] = set()
+    known = False
+    for view in source_views(cfg):
+        fmt, options = dataset_format(view.cfg)
+        kinds = fmt.split_label_kinds(Path(view.cfg.data.root), view.cfg.data.train_split,
+                                      options=options)
+        if kinds is None:
+            continue
+        known = True
+        have |= set(kinds) if view.tasks is None else set(kinds) & set(required_label_kinds(view.tasks))
+    if known:
+        check_labels(cfg, have, split=cfg.data.train_split)
 
 
 # -- train --------------------------------------------------------------------------------------
@@ -302,8 +332,10 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: st
     MLflow: a run named ``evaluate`` nested under ``parent_run_id`` (a pipeline run) or else under
     the run that trained the model; the metrics are also logged on that parent so the runs table
     compares them. Returns the flat ``{"task/metric": float}`` dict (ratios in [0, 1])."""
+    from pipeline.data.sources import labelled_metrics, with_source
+    from pipeline.data.sources import views as source_views
     from pipeline.engine.evaluation import evaluate_model
-    from pipeline.engine.loaders import eval_dataset, eval_loader
+    from pipeline.engine.loaders import eval_datasets, eval_loader, loaded_kinds
     from pipeline.engine.trainer import resolve_device
     from pipeline.tracking import make_tracker
     from pipeline.trained_model import load_model_to_evaluate
@@ -311,27 +343,37 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: st
 
     check_config(cfg)
     device = resolve_device(cfg.train.device)
-    dataset = eval_dataset(cfg)
-    kinds = dataset.label_kinds  # type: ignore[attr-defined]
+    views = {v.name: v for v in source_views(cfg)}
+    datasets = eval_datasets(cfg)
+    # a task needs labels in the split (of one of the sources, with data.sources)
+    kinds = {k for ds in datasets.values() for k in loaded_kinds(ds)}
+    where = views[next(iter(views))].cfg if len(views) == 1 else cfg
     if model_uri is None:  # a checkpoint's model is built with model.tasks: refuse before loading
-        check_labels(cfg, kinds, split=cfg.data.val_split)
+        check_labels(where, kinds, split=where.data.val_split)
+    first = next(iter(datasets.values()))
     model, step, train_run_id, source = load_model_to_evaluate(
-        cfg, checkpoint=checkpoint, model_uri=model_uri, card=dataset.card, device=device)  # type: ignore[attr-defined]
+        cfg, checkpoint=checkpoint, model_uri=model_uri, card=first.card, device=device)  # type: ignore[attr-defined]
     if model_uri is not None:  # a registered model's own tasks
-        check_labels(cfg, kinds, split=cfg.data.val_split, tasks=list(model.tasks))
-    loader = eval_loader(cfg, dataset, batch_size=cfg.evaluate.batch_size)
-    out_dir = Path(cfg.evaluate.out_dir)
+        check_labels(where, kinds, split=where.data.val_split, tasks=list(model.tasks))
+    metrics: dict[str, float] = {}
     artifacts: list[Path] = []
-    metrics, drawings = evaluate_model(model, loader, device=device,
-                                       num_visualizations=cfg.evaluate.num_visualizations,
-                                       artifacts_dir=out_dir, saved=artifacts)
+    grids: list[Path] = []
+    for name, dataset in datasets.items():
+        loader = eval_loader(cfg, dataset, batch_size=cfg.evaluate.batch_size)
+        out_dir = Path(cfg.evaluate.out_dir) / name if name else Path(cfg.evaluate.out_dir)
+        found, drawings = evaluate_model(model, loader, device=device,
+                                         num_visualizations=cfg.evaluate.num_visualizations,
+                                         artifacts_dir=out_dir, saved=artifacts)
+        if name:  # one of data.sources: only the tasks it has labels for
+            found = labelled_metrics(found, model.tasks, loaded_kinds(dataset))
+        metrics.update(with_source(found, name))
+        if drawings:
+            grids.append(out_dir / "vis_grid.png")
+            with atomic_path(grids[-1]) as tmp:
+                panel_grid(drawings, ncols=1 + len(model.tasks)).save(tmp, format="PNG")
     metrics = dict(sorted(metrics.items()))
     metrics_path = Path(cfg.evaluate.metrics_file)
     atomic_write_json(metrics_path, metrics)
-    grid_path = out_dir / "vis_grid.png"
-    if drawings:
-        with atomic_path(grid_path) as tmp:
-            panel_grid(drawings, ncols=1 + len(model.tasks)).save(tmp, format="PNG")
     parent = parent_run_id or train_run_id
     tracker = make_tracker(cfg.tracking, parent_run_id=parent)
     if tracker is not None:
@@ -345,7 +387,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: st
                                 "data.root": cfg.data.root})
             tracker.log_metrics(metrics, step)
             tracker.log_artifact(metrics_path)
-            for path in [grid_path, *artifacts]:
+            for path in [*grids, *artifacts]:
                 if path.exists():
                     tracker.log_artifact(path)
     return metrics

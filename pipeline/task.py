@@ -69,6 +69,29 @@ images); otherwise none of these keys exist. ``postprocess`` must return predict
 ``output_size`` (the input's size when absent): crop and resize dense maps with
 ``pipeline.nn.inference_size.paste_maps(maps, batch)`` and scale boxes / keypoints by
 ``box_scale(batch)``; both are no-ops for a batch that was not resized.
+
+Multi-scale and flip inference (``evaluate.scales``, ``evaluate.flip``; ``pipeline.nn.tta``).
+With more than the plain view (scale 1.0, unflipped), ``predict`` runs the model once per view
+(the test size times each scale, each also mirrored left-right when ``flip``) and combines the
+views per task by the optional methods the task implements (``view_combination``):
+
+- dense maps, ``average``: ``aligned(output, *, batch, options)`` gives the view's
+  ``N x C x H x W`` float maps at the original size, before any decision (semantic: logits;
+  depth: metres; normals: unnormalised vectors; colorization: a*b*); ``unflip(aligned, *,
+  options)`` maps a mirrored view's back (default: mirror; normals also negate x); the mean
+  over the views goes to ``decide(mean, *, batch, predictions, options)``, which returns what
+  ``postprocess`` returns (argmax, renormalise, ...). ``postprocess`` must equal
+  ``decide(aligned(output))``: subclass ``DenseTask`` to get exactly that.
+- detections, ``merge``: ``merge_views(per_view, flipped, *, batch, options)`` gets every view's
+  ``postprocess`` predictions (at the original size, still mirrored for a flipped view) and
+  returns one list (``pipeline.nn.tta.merge_detections``: un-flip, class-wise NMS, top k).
+- ``single``: a task that implements neither, or that has ``depends_on``, is predicted by
+  ``postprocess`` once, from the plain view's output (run in addition when 1.0 is not among the
+  scales), with its dependencies' combined predictions (panoptic fuses the averaged semantic map
+  and the merged instances). So a plugin that knows nothing of this keeps working, single-view.
+
+In every combined call ``batch`` is the plain view's batch (``output_size``, ``original_image``
+as above); ``aligned`` and a merged task's ``postprocess`` get their own view's batch.
 """
 
 from __future__ import annotations
@@ -76,7 +99,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -86,6 +109,7 @@ from torch import nn
 from pipeline.config import validated_options
 from pipeline.data.card import DatasetCard
 from pipeline.data.label_kinds import LABEL_KINDS as _LABEL_KINDS
+from pipeline.errors import PluginError
 from pipeline.nn.backbones import FeatureLevel
 
 Batch = dict[str, Any]
@@ -222,6 +246,50 @@ class Task(ABC, Generic[OptionsT]):
         """One prediction per image at the input resolution. ``predictions`` holds those of the
         tasks in ``depends_on``."""
 
+    # -- multi-scale and flip inference (optional; module doc, pipeline.nn.tta) -------------------
+    def aligned(self, output: Any, *, batch: Batch, options: OptionsT) -> torch.Tensor:
+        """Dense tasks, with ``decide``: the head ``output`` for ``batch`` (one view) as float
+        ``N x C x H x W`` maps at the original image size (``output_size``; ``paste_maps``), in
+        the units that are averaged over the views, before any decision. Not implemented: the
+        task is not averaged over views."""
+        raise NotImplementedError(f"{self.name}: aligned is not implemented")
+
+    def unflip(self, aligned: torch.Tensor, *, options: OptionsT) -> torch.Tensor:
+        """``aligned`` maps of a view whose image was mirrored left-right, in the unmirrored
+        image's frame. Default: mirrored back (``flip(-1)``); override when the values change
+        with a flip too (normals: negate x; a left/right class pair: swap the channels)."""
+        return aligned.flip(-1)
+
+    def decide(self, aligned: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
+               options: OptionsT) -> list[Any]:
+        """Dense tasks, with ``aligned``: the per-image predictions (what ``postprocess``
+        returns) from ``aligned`` maps, one view's or their mean over the views. ``batch``: the
+        plain view's; ``predictions``: those of ``depends_on``, combined."""
+        raise NotImplementedError(f"{self.name}: decide is not implemented")
+
+    def merge_views(self, per_view: list[list[Any]], flipped: list[bool], *, batch: Batch,
+                    options: OptionsT) -> list[Any]:
+        """Structured tasks (detections): one prediction per image from every view's.
+        ``per_view[v]``: view ``v``'s ``postprocess`` predictions, at the original image size, in
+        the mirrored frame where ``flipped[v]``; ``batch``: the plain view's. Un-flip, combine
+        (e.g. ``pipeline.nn.tta.merge_detections``). Not implemented: single-view (module doc);
+        not called for a task with ``depends_on``."""
+        raise NotImplementedError(f"{self.name}: merge_views is not implemented")
+
+    def view_combination(self) -> Literal["average", "merge", "single"]:
+        """How ``predict`` combines several test views for this task (module doc): ``average``
+        when ``aligned`` is implemented, else ``merge`` when ``merge_views`` is and the task has
+        no ``depends_on``, else ``single``."""
+        cls = type(self)
+        if cls.aligned is not Task.aligned:
+            if cls.decide is Task.decide:
+                raise PluginError(f"task {self.name}: implements aligned but not decide; a task "
+                                  "averaged over views needs both (pipeline.task)")
+            return "average"
+        if cls.merge_views is not Task.merge_views and not self.depends_on:
+            return "merge"
+        return "single"
+
     @abstractmethod
     def evaluator(self, *, card: DatasetCard, options: OptionsT) -> Evaluator:
         """A fresh evaluator for this task."""
@@ -280,3 +348,23 @@ class Task(ABC, Generic[OptionsT]):
             "input_view": self.input_view,
             "main_metric": self.main_metric,
         }
+
+
+class DenseTask(Task[OptionsT]):
+    """A task whose prediction is decided from dense maps: implement ``aligned`` and ``decide``
+    (and ``unflip`` when a flip changes the values); ``postprocess`` is
+    ``decide(aligned(output))``, so one view and the mean of several go through the same
+    decision (module doc: multi-scale and flip inference)."""
+
+    @abstractmethod
+    def aligned(self, output: Any, *, batch: Batch, options: OptionsT) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decide(self, aligned: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
+               options: OptionsT) -> list[Any]: ...
+
+    def postprocess(self, output: Any, *, batch: Batch, predictions: dict[str, list[Any]],
+                    options: OptionsT) -> list[Any]:
+        """``decide(aligned(output))``: per-image predictions at the original image size."""
+        return self.decide(self.aligned(output, batch=batch, options=options), batch=batch,
+                           predictions=predictions, options=options)

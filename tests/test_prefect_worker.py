@@ -20,7 +20,7 @@ from flows.server import free_port, local_prefect_server
 from tests.conftest import REPO_ROOT, write_tiny_params
 
 BIN = Path(sys.executable).parent
-FLOW_NAME = "densepipe-pipeline"
+FLOW_NAME = "densepipe-retrain"
 FAST_SERVER = {"PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
 
 
@@ -28,6 +28,7 @@ def _env(tmp_path: Path, api_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(tmp_path / "prefect-client"), "PREFECT_API_URL": api_url,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "XDG_CACHE_HOME": str(tmp_path / "cache"),  # the data fingerprints' cache
                 "PWD": str(tmp_path / "project")})  # prefect.yaml pulls into {{ $PWD }}: the shell's folder
     return env
 
@@ -78,7 +79,7 @@ def test_worker_runs_the_prefect_yaml_deployment_to_completed(tmp_path: Path) ->
             runs = [r for r in client.read_flow_runs() if r.deployment_id == deployment.id
                     and not r.state_name == "Scheduled"]
     log = worker
-    assert deployment.entrypoint == "flows.pipeline.pipeline_flow"
+    assert deployment.entrypoint == "flows.retrain.retrain_flow"
     assert [r.state_name for r in runs] == ["Completed"], log[-4000:]
     (run,) = runs
     assert "Traceback" not in log, log[-4000:]
@@ -87,15 +88,17 @@ def test_worker_runs_the_prefect_yaml_deployment_to_completed(tmp_path: Path) ->
     (experiment,) = [e for e in client.search_experiments() if e.name == "densepipe"]
     all_runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in all_runs if r.data.tags.get("prefect.flow_run_id") == str(run.id)]
-    assert parent.info.run_name == f"pipeline-{run.name}" and parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"retrain-{run.name}" and parent.info.status == "FINISHED"
+    assert parent.data.tags["densepipe.retrain.outcome"] == "promoted"  # the first model
     children = {r.data.tags["densepipe.stage"]: r for r in all_runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"prepare", "train", "evaluate", "register"}
+    assert set(children) == {"prepare", "train", "evaluate", "register", "promote"}
     assert {r.info.status for r in children.values()} == {"FINISHED"}
     assert 0.0 <= parent.data.metrics["semantic/mIoU"] <= 1.0
     assert children["evaluate"].data.metrics["semantic/mIoU"] == parent.data.metrics["semantic/mIoU"]
     (version,) = client.search_model_versions("name='densepipe'")
     assert version.run_id == children["train"].info.run_id
+    assert str(client.get_model_version_by_alias("densepipe", "champion").version) == str(version.version)
     print(f"timing: server, deploy and one worker run Completed in {time.monotonic() - started:.1f} s")
 
 

@@ -11,6 +11,7 @@ import torch
 from pipeline.engine import distributed as dist
 from pipeline.io import atomic_dir
 from pipeline.model import MultiTaskModel
+from pipeline.nn.tta import TestViews
 
 # Imports inside functions: the plot files' writer, when evaluate writes them: the train stage
 # does not list it as a dep (dvc.yaml).
@@ -20,7 +21,7 @@ from pipeline.model import MultiTaskModel
 def evaluate_model(
     model: MultiTaskModel, loader: Any, *, device: torch.device, num_visualizations: int = 0,
     artifacts_dir: str | Path | None = None, saved: list[Path] | None = None,
-    distributed: bool = False,
+    distributed: bool = False, test_views: TestViews | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Run all evaluators; returns ``({"<task>/<metric>": float}, drawings)``.
 
@@ -36,7 +37,26 @@ def evaluate_model(
     to ``saved``.
 
     ``distributed``: each rank ran its shard of the data; the evaluators are merged on rank 0
-    (``Evaluator.merge``), which computes the metrics and sends them to every rank."""
+    (``Evaluator.merge``), which computes the metrics and sends them to every rank.
+
+    Predictions come from ``model.predict``, so the model's test-size rule and its test views
+    (``evaluate.scales`` x ``evaluate.flip``, set by ``build_model``; ``pipeline.nn.tta``) apply;
+    ``test_views`` replaces the latter for this pass (None: the model's)."""
+    saved_views = model.test_views
+    if test_views is not None:
+        model.test_views = test_views
+    try:
+        metrics, drawings = _evaluate(model, loader, num_visualizations=num_visualizations,
+                                      artifacts_dir=artifacts_dir, saved=saved, distributed=distributed)
+    finally:
+        model.test_views = saved_views
+    return (dist.broadcast_object(metrics) if distributed else metrics), drawings
+
+
+def _evaluate(model: MultiTaskModel, loader: Any, *, num_visualizations: int,
+              artifacts_dir: str | Path | None, saved: list[Path] | None, distributed: bool
+              ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
+    """``evaluate_model``'s pass (same arguments), without the final broadcast."""
     was_training = model.training
     model.eval()
     evaluators = {name: task.evaluator(card=model.card, options=model.options[name])
@@ -74,7 +94,7 @@ def evaluate_model(
             if saved is not None:
                 saved.append(folder)
     model.train(was_training)
-    return (dist.broadcast_object(metrics) if distributed else metrics), drawings
+    return metrics, drawings
 
 
 def write_plots(folder: Path, *, metrics: dict[str, float], evaluators: dict[str, Any]) -> Path:

@@ -21,6 +21,7 @@ from pipeline.config import Config
 from pipeline.data import build_transforms, collate
 from pipeline.data.formats import default_formats
 from pipeline.data.reader import LABEL_KINDS
+from pipeline.data.sources import views
 from pipeline.errors import ConfigError, PluginError
 from pipeline.registry import default_registry
 
@@ -60,6 +61,109 @@ class ResumableRandomSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader)
         return 2**62
+
+
+class SourceMixSampler(Sampler[tuple[int, int]]):
+    """Endless ``(index, position)`` pairs over several datasets concatenated (``MixedSources``),
+    one source per global batch (UberNet): step ``s`` draws source ``k`` with probability
+    ``weights[k] / sum(weights)`` from a generator seeded by ``(seed, s)``, then takes that
+    source's next ``global_batch`` samples of its own endless random order (as
+    ``ResumableRandomSampler``), rank ``r`` the ``r``-th slice. Depends only on the step, so a
+    resumed run, or one on any number of processes, sees the batches of an uninterrupted one."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], *, seed: int,
+                 global_batch: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} not divisible by {world_size} ranks")
+        self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        self.streams = [ResumableRandomSampler(n, seed=seed + 7919 * k, global_batch=global_batch)
+                        for k, n in enumerate(sizes)]
+        self.weights = torch.tensor(list(weights), dtype=torch.float64)
+        self.seed, self.start_step = seed, start_step
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+
+    def source_of_step(self, step: int) -> int:
+        """The source step ``step`` draws its batch from."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return int(torch.multinomial(self.weights, 1, generator=g))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        share = self.global_batch // self.world_size
+        drawn = [0] * len(self.streams)  # batches each source gave before start_step
+        for step in range(self.start_step):
+            drawn[self.source_of_step(step)] += 1
+        step = self.start_step
+        while True:
+            k = self.source_of_step(step)
+            first = drawn[k] * self.global_batch + self.rank * share
+            for offset in range(first, first + share):
+                # the position seeds the augmentation: unique over the whole run
+                yield (self.offsets[k] + self.streams[k]._index(offset),
+                       step * self.global_batch + offset - first + self.rank * share)
+            drawn[k] += 1
+            step += 1
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+class MixedSources(Dataset):
+    """Several training datasets concatenated (``data.sources``): index ``offsets[k] + i`` is
+    sample ``i`` of source ``k``. ``card`` is the first source's (the model's)."""
+
+    def __init__(self, datasets: Sequence[Dataset], names: Sequence[str], weights: Sequence[float]) -> None:
+        self.datasets, self.names, self.weights = list(datasets), list(names), list(weights)
+        self.sizes = [len(d) for d in self.datasets]  # type: ignore[arg-type]
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
+        self.card = self.datasets[0].card  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __getitem__(self, index: int) -> dict:
+        for k in range(len(self.datasets) - 1, -1, -1):
+            if index >= self.offsets[k]:
+                return self.datasets[k][index - self.offsets[k]]
+        raise IndexError(index)
+
+    @property
+    def label_kinds(self) -> tuple[str, ...]:
+        """The kinds any source's samples carry (``loaded_kinds``)."""
+        kinds = {k for d in self.datasets for k in loaded_kinds(d)}
+        return tuple(k for k in LABEL_KINDS if k in kinds)
+
+
+def loaded_kinds(dataset: Dataset) -> tuple[str, ...]:
+    """The label kinds ``dataset``'s samples carry: those asked for that its split has
+    (``loaded_kinds`` of densepipe's reader; a format without it: every kind of its split)."""
+    return tuple(getattr(dataset, "loaded_kinds", None) or dataset.label_kinds)  # type: ignore[attr-defined]
+
+
+CLASS_BASED_KINDS = ("semantic", "instances", "panoptic", "keypoints")
+"""Label kinds whose values are the card's classes (or keypoints): sources sharing them must
+share the card's taxonomy."""
+
+
+def check_same_taxonomy(datasets: Sequence[Dataset], names: Sequence[str]) -> None:
+    """Refuse a source whose class-based labels (``CLASS_BASED_KINDS``) use other classes or
+    keypoints than the first source's card (the model's). One ``ConfigError`` line naming both
+    sources and the first difference."""
+    first = datasets[0].card  # type: ignore[attr-defined]
+    for ds, name in zip(datasets[1:], names[1:], strict=True):
+        kinds = set(loaded_kinds(ds)) & set(CLASS_BASED_KINDS)
+        if not kinds:
+            continue
+        card = ds.card  # type: ignore[attr-defined]
+        for what, of in (("classes", lambda c: list(c.class_names)),
+                         ("thing classes", lambda c: list(c.thing_indices)),
+                         ("keypoints", lambda c: [list(k.names) for k in c.keypoints])):
+            mine, model = of(card), of(first)
+            if mine != model:
+                raise ConfigError(
+                    f"data.sources {name!r}: its {', '.join(sorted(kinds))} labels use other "
+                    f"{what} than {names[0]!r} (the model's): {mine[:6]} vs {model[:6]}; train "
+                    f"only tasks without classes from it (its tasks: [depth, normals, ...]) or "
+                    f"relabel it into {names[0]!r}'s classes")
 
 
 class PositionSeeded(Dataset):
@@ -224,12 +328,22 @@ def open_split(cfg: Config, split: str, *, label_kinds: Iterable[str] | None = N
 def train_dataset(cfg: Config, *, tasks: Iterable[str] | None = None) -> Dataset:
     """The training split with train transforms, decoding only the labels ``tasks`` (default
     ``model.tasks``, the tasks training builds) need (``required_label_kinds``). Tasks the default
-    registry does not know (a trainer given its own registry) decode every kind, as before."""
-    kinds = _label_kinds_or_all(cfg.model.tasks if tasks is None else tasks)
-    ds = open_split(cfg, cfg.data.train_split, label_kinds=kinds)
-    ds.transforms = build_transforms(train=cfg.data.augment, image_size=cfg.data.image_size,
-                                     card=ds.card, scale=cfg.data.scale_range)
-    return ds
+    registry does not know (a trainer given its own registry) decode every kind, as before.
+    With ``data.sources``: a ``MixedSources`` of each source's split, each decoding the labels of
+    its own ``tasks`` (default all), checked to share one taxonomy (``check_same_taxonomy``)."""
+    wanted = list(cfg.model.tasks if tasks is None else tasks)
+    parts = []
+    for view in views(cfg):
+        kinds = _label_kinds_or_all(wanted if view.tasks is None else view.tasks)
+        ds = open_split(view.cfg, view.cfg.data.train_split, label_kinds=kinds)
+        ds.transforms = build_transforms(train=cfg.data.augment, image_size=cfg.data.image_size,
+                                         card=ds.card, scale=cfg.data.scale_range)
+        parts.append((view, ds))
+    if len(parts) == 1 and not cfg.data.sources:
+        return parts[0][1]
+    datasets, names = [d for _, d in parts], [v.name for v, _ in parts]
+    check_same_taxonomy(datasets, names)
+    return MixedSources(datasets, names, [v.weight for v, _ in parts])
 
 
 def eval_dataset(cfg: Config, split: str | None = None, *,
@@ -243,12 +357,29 @@ def eval_dataset(cfg: Config, split: str | None = None, *,
     return ds
 
 
+def eval_datasets(cfg: Config, *, tasks: Iterable[str] | None = None) -> dict[str, Dataset]:
+    """``{source name: eval_dataset}`` of every source's evaluation split (``data.sources``), or
+    ``{"": eval_dataset(cfg)}`` for the single dataset. ``tasks``: as ``eval_dataset``; a source
+    with its own ``tasks`` decodes only those tasks' labels."""
+    out = {}
+    for view in views(cfg):
+        out[view.name] = eval_dataset(view.cfg, tasks=view.tasks if view.tasks is not None else tasks)
+    return out
+
+
 def train_loader(cfg: Config, dataset: Dataset, *, start_step: int, rank: int = 0,
                  world_size: int = 1) -> DataLoader:
-    """Endless loader of this rank's share of each global batch (``train.batch_size``)."""
-    sampler = ResumableRandomSampler(len(dataset), seed=cfg.train.seed,  # type: ignore[arg-type]
-                                     global_batch=cfg.train.batch_size, start_step=start_step,
-                                     rank=rank, world_size=world_size)
+    """Endless loader of this rank's share of each global batch (``train.batch_size``); for
+    ``MixedSources``, each global batch from one source (``SourceMixSampler``)."""
+    sampler: Sampler[tuple[int, int]]
+    if isinstance(dataset, MixedSources):
+        sampler = SourceMixSampler(dataset.sizes, dataset.weights, seed=cfg.train.seed,
+                                   global_batch=cfg.train.batch_size, start_step=start_step,
+                                   rank=rank, world_size=world_size)
+    else:
+        sampler = ResumableRandomSampler(len(dataset), seed=cfg.train.seed,  # type: ignore[arg-type]
+                                         global_batch=cfg.train.batch_size, start_step=start_step,
+                                         rank=rank, world_size=world_size)
     return DataLoader(PositionSeeded(dataset, seed=cfg.train.seed),
                       batch_size=cfg.train.batch_size // world_size, sampler=sampler,
                       num_workers=cfg.data.num_workers, collate_fn=collate, drop_last=True,

@@ -19,10 +19,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from pipeline.data.sources import labelled_metrics, with_source
 from pipeline.engine.checkpoint import save_checkpoint, weights_payload
 from pipeline.engine.evaluation import evaluate_model
 from pipeline.engine.hooks import HookRunner, build_hooks
-from pipeline.engine.loaders import eval_dataset, eval_loader
+from pipeline.engine.loaders import eval_datasets, eval_loader, loaded_kinds
 from pipeline.engine.train_loop import HookBase, log
 from pipeline.io import atomic_write_text
 
@@ -192,18 +193,26 @@ class PeriodicEvaluation(HookBase):
     the metrics become ``trainer.state.metrics``."""
 
     def __init__(self) -> None:
-        self.loader: Any = None
+        self.loaders: dict[str, Any] | None = None
+        self.kinds: dict[str, tuple[str, ...]] = {}
 
     def after_step(self) -> None:
         t, every = self.trainer, self.trainer.cfg.train.eval_every
         if not ((every and t.step % every == 0) or t.step == t.max_steps):
             return
-        if self.loader is None:
-            self.loader = eval_loader(t.cfg, eval_dataset(t.cfg, tasks=list(t.model.tasks)),
-                                      batch_size=t.cfg.evaluate.batch_size, rank=t.env.rank,
-                                      world_size=t.env.world_size)
+        if self.loaders is None:  # one per source (data.sources), or the one dataset ("")
+            datasets = eval_datasets(t.cfg, tasks=list(t.model.tasks))
+            self.kinds = {name: loaded_kinds(ds) for name, ds in datasets.items()}
+            self.loaders = {name: eval_loader(t.cfg, ds, batch_size=t.cfg.evaluate.batch_size,
+                                              rank=t.env.rank, world_size=t.env.world_size)
+                            for name, ds in datasets.items()}
         t.call("before_evaluation")
-        metrics, _ = evaluate_model(t.model, self.loader, device=t.device, distributed=t.env.enabled)
+        metrics: dict[str, float] = {}
+        for name, loader in self.loaders.items():
+            found, _ = evaluate_model(t.model, loader, device=t.device, distributed=t.env.enabled)
+            if name:  # one of data.sources: only the tasks it has labels for
+                found = labelled_metrics(found, t.model.tasks, self.kinds[name])
+            metrics.update(with_source(found, name))
         t.state.metrics = metrics
         t.call("after_evaluation", metrics)
 

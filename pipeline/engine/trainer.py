@@ -180,6 +180,7 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, hooks: list[tuple[str,
                               "version); on CPU use model.backbone_norm: gn")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device).use_channels_last(cfg.train.channels_last)
+    model.backbone.activation_checkpointing = cfg.train.activation_checkpointing
     weighting = _build_weighting(cfg, model).to(device)
     optimizer = build_optimizer(cfg, model, extra=list(weighting.parameters()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -193,7 +194,8 @@ def _train(cfg: Config, *, registry: TaskRegistry | None, hooks: list[tuple[str,
         atomic_write_text(out_dir / "config.yaml",
                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True))
     # auto: the first enabled task's main metric; None (no task has one): best.pt = the last
-    best_metric = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, model.tasks.values())
+    best_metric = resolve_best_metric(cfg.train.best_metric, cfg.model.tasks, model.tasks.values(),
+                                      cfg.data.sources)
     if best_metric is None:
         log.info("train.best_metric auto: no enabled task has a main_metric; best.pt is the last "
                  "checkpoint")

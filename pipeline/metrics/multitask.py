@@ -17,15 +17,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline.config import split_source
 from pipeline.task import Task
 
 Goal = Literal["max", "min"]
 
 
 def metric_goal(metric: str, tasks: Iterable[Task]) -> Goal:
-    """``"min"`` for a ``"<task>/<name>"`` metric its task lists in ``lower_is_better``, else
-    ``"max"`` (also for metrics of tasks not in ``tasks``)."""
-    task_name, _, name = metric.partition("/")
+    """``"min"`` for a ``"<task>/<name>"`` metric (or ``<task>/<name>@<source>``) its task lists
+    in ``lower_is_better``, else ``"max"`` (also for metrics of tasks not in ``tasks``)."""
+    task_name, _, name = split_source(metric)[0].partition("/")
     for task in tasks:
         if task.name == task_name:
             return "min" if name in task.lower_is_better else "max"

@@ -46,6 +46,7 @@ from typing import Protocol
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -192,14 +193,37 @@ class Backbone(nn.Module):
         """Channels of every FPN level (``fpn_channels``)."""
         return self.feature_spec["p2"].channels
 
+    activation_checkpointing: bool = False
+    """Recompute the body's activations in the backward pass
+    (``train.activation_checkpointing``): one ``torch.utils.checkpoint`` segment per returned
+    level of an ``IntermediateLayerGetter`` body (the stem goes with ``c2``), the whole body for
+    another; only while training with gradients. Weights and outputs unchanged."""
+
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """Bx3xHxW normalized image -> ``{"p2": ..., "p6": ..., "c1": ..., "c5": ...}`` (see
         the module docstring)."""
-        feats = self.body(x)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            feats = self._checkpointed_body(x)
+        else:
+            feats = self.body(x)
         pyramid = self.fpn(OrderedDict((k, feats[k]) for k in BODY_LEVELS))
         # FPN keeps the body's names and appends "pool" for the max-pooled level.
         out = OrderedDict(zip(FPN_LEVELS, pyramid.values(), strict=True))
         out.update((k, feats[k]) for k in self.body_levels)
+        return out
+
+
+    def _checkpointed_body(self, x: Tensor) -> dict[str, Tensor]:
+        if not isinstance(self.body, IntermediateLayerGetter):
+            return checkpoint(self.body, x, use_reentrant=False)
+        out: dict[str, Tensor] = {}
+        segment: list[nn.Module] = []  # the modules up to the next returned level: one segment
+        for name, module in self.body.items():
+            segment.append(module)
+            if name in self.body.return_layers:
+                x = checkpoint(nn.Sequential(*segment), x, use_reentrant=False)
+                out[self.body.return_layers[name]] = x
+                segment = []
         return out
 
 

@@ -81,6 +81,12 @@ def output_size(batch: dict[str, Any]) -> tuple[int, int] | None:
     return None if size is None else (int(size[0]), int(size[1]))
 
 
+def original_size(batch: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) of the original images: ``output_size`` when the batch was prepared, else the size
+    of its ``image``."""
+    return output_size(batch) or (int(batch["image"].shape[-2]), int(batch["image"].shape[-1]))
+
+
 def paste_maps(maps: torch.Tensor, batch: dict[str, Any], *, mode: str = "bilinear") -> torch.Tensor:
     """``N x C x h x w`` maps predicted for ``batch["image"]`` (any resolution proportional to it,
     usually the input's) at the original image size: the padding is cropped off, then the rest is

@@ -47,7 +47,7 @@ from pipeline.io import atomic_write_png
 from pipeline.metrics.merge import add_sums, check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_dense_head
 from pipeline.nn.inference_size import paste_maps
-from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
+from pipeline.task import Batch, DenseTask, ExportOutput, FeatureSpec, Task
 from pipeline.viz import panel_grid
 from plugins.colorization.ab_bins import (
     RebalancingPrior,
@@ -307,7 +307,7 @@ def _captioned_panels(panels: list[tuple[str, np.ndarray]]) -> np.ndarray:
     return np.asarray(panel_grid(panels, ncols=len(panels)))
 
 
-class ColorizationTask(Task[ColorizationOptions]):
+class ColorizationTask(DenseTask[ColorizationOptions]):
     name = "colorization"
     requires = ()
     input_view = "gray"
@@ -337,17 +337,21 @@ class ColorizationTask(Task[ColorizationOptions]):
             targets = colour_targets(batch, (raw.shape[-2], raw.shape[-1]), output["centres"])
         return {term: colorization_loss(output, targets, options=options)}
 
-    def postprocess(self, output: dict[str, Any], *, batch: Batch,
-                    predictions: dict[str, list[Any]],
-                    options: ColorizationOptions) -> list[dict[str, torch.Tensor]]:
-        """Per image ``{"lab": 3xHxW}`` at the original image size: its own L* and the
-        predicted a*b* (upsampled bilinearly, the padding cropped off)."""
+    def aligned(self, output: dict[str, Any], *, batch: Batch,
+                options: ColorizationOptions) -> torch.Tensor:
+        """``N x 2 x H x W`` predicted a*b* (ab units) at the original image size (upsampled
+        bilinearly, the padding cropped off); views average a*b*."""
         images = batch["image"].to(output["raw"].device)
         size = (int(images.shape[-2]), int(images.shape[-1]))
         ab = F.interpolate(predicted_ab(output, options), size=size, mode="bilinear", align_corners=False)
-        ab = paste_maps(ab, batch)
-        original = batch.get("original_image", batch["image"]).to(ab.device)
-        lab = torch.cat([image_lab(original)[:, :1], ab], dim=1).cpu()
+        return paste_maps(ab, batch)
+
+    def decide(self, aligned: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
+               options: ColorizationOptions) -> list[dict[str, torch.Tensor]]:
+        """Per image ``{"lab": 3xHxW}`` at the original image size: the image's own L* and the
+        a*b* of ``aligned``."""
+        original = batch.get("original_image", batch["image"]).to(aligned.device)
+        lab = torch.cat([image_lab(original)[:, :1], aligned], dim=1).cpu()
         return [{"lab": lab[i]} for i in range(lab.shape[0])]
 
     def evaluator(self, *, card: DatasetCard, options: ColorizationOptions) -> ColorizationEvaluator:

@@ -44,7 +44,7 @@ from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, DenseHead, build_task_decoder_from_options
 from pipeline.nn.inference_size import paste_maps
 from pipeline.nn.regression_losses import build_regression_loss, log_gradient_matching
-from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
+from pipeline.task import Batch, DenseTask, ExportOutput, FeatureSpec, Task
 from plugins.depth.draw import depth_with_colorbar
 from plugins.depth.metrics import DepthMetricAccumulator
 
@@ -162,7 +162,7 @@ class DepthEvaluator:
         return metrics
 
 
-class DepthTask(Task[DepthOptions]):
+class DepthTask(DenseTask[DepthOptions]):
     name = "depth"
     requires = ("depth",)
     input_view = "rgb"
@@ -203,11 +203,15 @@ class DepthTask(Task[DepthOptions]):
             terms["log_gradient"] = options.gradient_weight * log_gradient_matching(depth, target, valid)
         return terms
 
-    def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: DepthOptions) -> list[torch.Tensor]:
-        """Per image: ``HxW`` float32 depth in metres (> 0) at the original image size
-        (bilinear in metres), on the CPU."""
-        return list(paste_maps(to_depth(output.detach(), options.output), batch)[:, 0].cpu())
+    def aligned(self, output: torch.Tensor, *, batch: Batch, options: DepthOptions) -> torch.Tensor:
+        """``N x 1 x H x W`` depth in metres (> 0) at the original image size (bilinear in
+        metres); views average metres."""
+        return paste_maps(to_depth(output.detach(), options.output), batch)
+
+    def decide(self, aligned: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
+               options: DepthOptions) -> list[torch.Tensor]:
+        """Per image: ``HxW`` float32 depth in metres (> 0) at the original image size, on the CPU."""
+        return list(aligned[:, 0].cpu())
 
     export_outputs = (ExportOutput("depth", "metres", "N x 1 x H x W depth along the optical axis, > 0"),)
 

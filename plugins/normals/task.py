@@ -33,7 +33,7 @@ from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.inference_size import paste_maps
 from pipeline.nn.regression_losses import build_regression_loss, channel_norm, unit_channels
-from pipeline.task import Batch, ExportOutput, FeatureSpec, Task
+from pipeline.task import Batch, DenseTask, ExportOutput, FeatureSpec, Task
 from pipeline.viz import normals_to_rgb
 from plugins.normals.metrics import NormalsMetricAccumulator
 
@@ -111,7 +111,7 @@ class NormalsEvaluator:
         return metrics
 
 
-class NormalsTask(Task[NormalsOptions]):
+class NormalsTask(DenseTask[NormalsOptions]):
     name = "normals"
     requires = ("normals",)
     input_view = "rgb"
@@ -152,11 +152,21 @@ class NormalsTask(Task[NormalsOptions]):
         pred = unit_channels(output.float())
         return {options.loss: build_regression_loss(options.loss)(pred, unit, valid)}
 
-    def postprocess(self, output: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
-                    options: NormalsOptions) -> list[torch.Tensor]:
-        """Per image: ``3xHxW`` float32 unit vectors (camera frame) at the original image size
-        (interpolated, then renormalised), on the CPU."""
-        return list(unit_channels(paste_maps(output.detach().float(), batch)).cpu())
+    def aligned(self, output: torch.Tensor, *, batch: Batch, options: NormalsOptions) -> torch.Tensor:
+        """``N x 3 x H x W`` float32 vectors (camera frame, not yet unit length: views average
+        them, each weighted by its length) at the original image size (interpolated)."""
+        return paste_maps(output.detach().float(), batch)
+
+    def unflip(self, aligned: torch.Tensor, *, options: NormalsOptions) -> torch.Tensor:
+        """Mirrored back, the x component negated (x points right: a flip reverses it)."""
+        out = aligned.flip(-1)
+        out[:, 0] = -out[:, 0]
+        return out
+
+    def decide(self, aligned: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
+               options: NormalsOptions) -> list[torch.Tensor]:
+        """Per image: ``3xHxW`` float32 unit vectors (``aligned`` renormalised), on the CPU."""
+        return list(unit_channels(aligned).cpu())
 
     export_outputs = (ExportOutput("normals", "unit vectors", "N x 3 x H x W surface normals in the "
                                    "camera frame (OpenCV: x right, y down, z forward)"),)

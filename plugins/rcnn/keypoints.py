@@ -14,9 +14,11 @@ inference), so RPN, box head and box losses are computed once. Alone (or with
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pipeline.data.card import DatasetCard
@@ -44,6 +46,13 @@ class KeypointOptions(DetectorOptions):
     """Channels of the keypoint head's 3x3 convs (preset: cpu 4 x 64, gpu 8 x 512)."""
     share_detector: bool = True
     """Reuse the ``instance`` task's RPN and box head when that task is enabled."""
+
+
+class ResolvedKeypointOptions(KeypointOptions):
+    """The options with the preset filled in and what merging flipped views needs from the card."""
+
+    flip_permutations: dict[int, tuple[int, ...]] = Field(default_factory=dict)
+    """Card class index -> ``KeypointSpec.flip_permutation`` of its keypointed category."""
 
 
 def keypointed_classes(card: DatasetCard) -> tuple[list[int], int]:
@@ -113,7 +122,7 @@ class KeypointHead(nn.Module):
         return out
 
 
-class KeypointsTask(RCNNTask[KeypointOptions]):
+class KeypointsTask(RCNNTask[ResolvedKeypointOptions]):
     name = "keypoints"
     main_metric = "AP"
     metrics = KEYPOINT_STAT_NAMES
@@ -126,10 +135,14 @@ class KeypointsTask(RCNNTask[KeypointOptions]):
     def coco_classes(self, card: DatasetCard) -> list[int]:
         return keypointed_classes(card)[0]
 
-    def resolve_options(self, options: KeypointOptions, *,
-                        card: DatasetCard) -> KeypointOptions:
+    def resolve_options(self, options: KeypointOptions, *,  # the parse model, a base of OptionsT
+                        card: DatasetCard) -> ResolvedKeypointOptions:
         keypointed_classes(card)
-        return options.with_preset()  # type: ignore[return-value]
+        flips = {card.index_of_category(s.category_id): tuple(s.flip_permutation()) for s in card.keypoints}
+        return ResolvedKeypointOptions(**options.with_preset().model_dump(), flip_permutations=flips)
+
+    def keypoint_flip(self, options: ResolvedKeypointOptions) -> Mapping[int, Sequence[int]]:
+        return options.flip_permutations
 
     def build_head(self, *, feature_spec: FeatureSpec, card: DatasetCard, options: KeypointOptions,
                    shared_with: tuple[str, ...] = ()) -> nn.Module:

@@ -9,7 +9,7 @@ skeletons, and ``densepipe predict`` writes the detections as COCO results JSON:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from pipeline.data.card import DatasetCard
+from pipeline.nn.inference_size import original_size
+from pipeline.nn.tta import merge_detections
 from pipeline.task import Batch, PredictedImage, Task
 from pipeline.viz import draw_instances
 from plugins.rcnn.coco import write_results_json
@@ -88,6 +90,21 @@ class RCNNTask(Task[DetectorOptionsT]):
     def postprocess(self, output: RCNNOutput, *, batch: Batch, predictions: dict[str, list[Any]],
                     options: DetectorOptionsT) -> list[dict[str, torch.Tensor]]:
         return output.predictions()
+
+    def keypoint_flip(self, options: DetectorOptionsT) -> Mapping[int, Sequence[int]] | None:
+        """Card class index -> keypoint flip permutation, for mirroring predicted keypoints back
+        (``pipeline.nn.tta.hflip_keypoints``); None: the task predicts no keypoints."""
+        return None
+
+    def merge_views(self, per_view: list[list[dict[str, torch.Tensor]]], flipped: list[bool], *,
+                    batch: Batch, options: DetectorOptionsT) -> list[dict[str, torch.Tensor]]:
+        """The views' detections mirrored back (boxes, masks; keypoints renumbered left/right by
+        ``keypoint_flip``), concatenated, class-wise NMS at the detector's ``nms_thresh``, the
+        best ``detections_per_image`` kept (``pipeline.nn.tta.merge_detections``)."""
+        return merge_detections(per_view, flipped, width=original_size(batch)[1],
+                                nms_threshold=options.nms_thresh,
+                                max_detections=options.detections_per_image,
+                                flip_permutations=self.keypoint_flip(options))
 
     def visualize(self, image: np.ndarray, prediction: dict[str, torch.Tensor], *,
                   card: DatasetCard, options: DetectorOptionsT) -> np.ndarray:

@@ -29,9 +29,10 @@ from pipeline.metrics.merge import check_mergeable
 from pipeline.nn.dense_head import DecoderOptions, build_dense_head
 from pipeline.nn.dense_losses import build_dense_loss
 from pipeline.nn.inference_size import paste_maps
-from pipeline.task import Batch, ExportOutput, FeatureSpec, PredictedImage, Task
+from pipeline.task import Batch, DenseTask, ExportOutput, FeatureSpec, PredictedImage, Task
 from pipeline.viz import colorize_labels, overlay, with_legend
 from plugins.semantic.confusion import ConfusionMatrix
+from plugins.semantic.crf import CRFOptions, dense_crf_batch
 
 
 class SemanticOptions(DecoderOptions):
@@ -42,6 +43,12 @@ class SemanticOptions(DecoderOptions):
     ``combined`` (a weighted sum, e.g. ``loss_options: {weights: {cross_entropy: 1, soft_dice: 1}}``)."""
     loss_options: dict[str, Any] = Field(default_factory=dict)
     """The loss's own options (``gamma`` for focal, ``weights``/``options`` for combined, ...)."""
+    crf: CRFOptions | None = None
+    """Dense CRF (DeepLab v1/v2; ``plugins.semantic.crf``, Krahenbuhl and Koltun's mean field with
+    Gaussian appearance and smoothness kernels) on the logits at the original image size, before
+    the argmax, guided by the original image; ``null``: off (measured on the synthetic world and
+    real photos in benchmarks/results/crf.json: no reliable gain for its cost). Not part of an
+    ONNX export, which returns the raw logits."""
     class_weights: list[float] | Literal["median_frequency"] | None = None
     """Cross-entropy weight per class: a list (one per class), or ``median_frequency``
     (Eigen and Fergus: median class frequency / class frequency, from the dataset card's
@@ -95,7 +102,7 @@ class SemanticEvaluator:
         return self.matrix.compute(class_names=self.card.class_names)
 
 
-class SemanticTask(Task[SemanticOptions]):
+class SemanticTask(DenseTask[SemanticOptions]):
     name = "semantic"
     main_metric = "mIoU"
     metrics = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "IoU/*")  # IoU/<class name>
@@ -143,11 +150,20 @@ class SemanticTask(Task[SemanticOptions]):
             weight = torch.tensor(options.class_weights, dtype=output.dtype, device=output.device)
         return {term: F.cross_entropy(output, target, ignore_index=255, weight=weight)}
 
-    def postprocess(self, output: torch.Tensor, *, batch: Batch,
-                    predictions: dict[str, list[Any]], options: SemanticOptions) -> list[torch.Tensor]:
-        """Per image: ``HxW`` int64 class indices at the original image size (the logits are
-        pasted back bilinearly before the argmax, as MMSegmentation does)."""
-        return list(paste_maps(output, batch).argmax(dim=1).to(torch.int64).cpu())
+    def aligned(self, output: torch.Tensor, *, batch: Batch, options: SemanticOptions) -> torch.Tensor:
+        """``N x C x H x W`` class logits pasted back (bilinearly) at the original image size, as
+        MMSegmentation does before the argmax; views average these logits (HRNet's way)."""
+        return paste_maps(output, batch)
+
+    def decide(self, aligned: torch.Tensor, *, batch: Batch, predictions: dict[str, list[Any]],
+               options: SemanticOptions) -> list[torch.Tensor]:
+        """Per image: ``HxW`` int64 class indices, the argmax of ``aligned`` (``N x C x H x W``
+        logits, or their mean over views; ``softmax`` over dim 1 gives class probabilities),
+        after the dense CRF when ``options.crf`` is set."""
+        if options.crf is not None:
+            image = batch.get("original_image", batch["image"])  # N x 3 x H x W at that size
+            aligned = dense_crf_batch(aligned, image, options.crf)  # probabilities
+        return list(aligned.argmax(dim=1).to(torch.int64).cpu())
 
     export_outputs = (ExportOutput(
         "semantic_logits", "logits", "N x C x H x W class scores at the input resolution; argmax "
