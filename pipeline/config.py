@@ -137,6 +137,11 @@ class SourceConfig(Section):
     """Its training split; ``null``: ``data.train_split``."""
     val_split: str | None = None
     """Its evaluation split; ``null``: ``data.val_split``."""
+    class_map: dict[str, str | None] | str | None = None
+    """Its semantic classes mapped onto the model's (the first source's card): ``{its class name:
+    model class name, or null to ignore}`` inline, or the path of a YAML/JSON file holding that
+    mapping; classes it does not name are ignored (255). ``null``: its classes must be the
+    model's."""
 
 
 class DataConfig(Section):

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import load_config
 from pipeline.engine.loaders import SourceMixSampler, loaded_kinds
@@ -151,3 +152,34 @@ def test_auto_best_metric_names_the_first_source_training_it(tmp_path: Path) -> 
     tasks = default_registry().resolve(cfg.model.tasks)
     assert resolve_best_metric("auto", cfg.model.tasks, tasks, cfg.data.sources) == "semantic/mIoU@seg"
     assert resolve_best_metric("auto", cfg.model.tasks, tasks) == "semantic/mIoU"
+
+
+def test_a_class_map_puts_a_sources_semantic_labels_into_the_models_classes(
+        tiny_dataset: Path, tmp_path: Path) -> None:
+    from pipeline.engine.loaders import train_dataset
+
+    other = _only(tiny_dataset, tmp_path / "other", {"semantic"})
+    meta = json.loads((other / "meta.json").read_text())
+    names = [c["name"] for c in meta["classes"]]
+    for c in meta["classes"]:
+        c["name"] = "their " + c["name"]  # the same pixels, another dataset's class names
+    (other / "meta.json").write_text(json.dumps(meta))
+    mapping = {f"their {n}": n for n in names[1:]}  # their first class: not mapped, ignored
+    (tmp_path / "map.yaml").write_text(json.dumps(mapping))
+    over = [*tiny_overrides(tiny_dataset, tmp_path / "runs", None), "data.augment=false"]
+
+    def dataset(class_map: str) -> object:
+        sources = (f"[{{name: main, root: '{tiny_dataset}'}}, "
+                   f"{{name: other, root: '{other}', class_map: {class_map}}}]")
+        return train_dataset(load_config(None, [*over, f"data.sources={sources}"]))
+
+    ds = dataset(f"'{tmp_path / 'map.yaml'}'")
+    mine, theirs = ds[0]["semantic"], ds[ds.offsets[1]]["semantic"]  # the same image
+    assert mine.shape == theirs.shape
+    assert torch.equal(theirs[mine != 0], mine[mine != 0])  # mapped back onto the model's classes
+    assert set(theirs[mine == 0].unique().tolist()) <= {255}  # the unmapped class: ignored
+    with pytest.raises(ConfigError, match=r"data.sources 'other' class_map: 'nope' is not one of "
+                                          r"its classes"):
+        dataset("{nope: x}")
+    with pytest.raises(ConfigError, match=r"-> 'road', which is not one of the model's classes"):
+        dataset(f"{{'their {names[1]}': road}}")

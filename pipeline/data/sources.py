@@ -27,6 +27,8 @@ class SourceView:
     cfg: Config
     weight: float = 1.0
     tasks: tuple[str, ...] | None = None
+    class_map: dict[str, str | None] | str | None = None
+    """Its semantic classes onto the model's (``SourceConfig.class_map``)."""
 
 
 def views(cfg: Config) -> list[SourceView]:
@@ -41,7 +43,7 @@ def views(cfg: Config) -> list[SourceView]:
             "train_split": src.train_split or cfg.data.train_split,
             "val_split": src.val_split or cfg.data.val_split, "sources": []})
         out.append(SourceView(src.name, cfg.model_copy(update={"data": data}), src.weight,
-                              None if src.tasks is None else tuple(src.tasks)))
+                              None if src.tasks is None else tuple(src.tasks), src.class_map))
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import Config
@@ -144,13 +145,68 @@ CLASS_BASED_KINDS = ("semantic", "instances", "panoptic", "keypoints")
 share the card's taxonomy."""
 
 
+class ClassMapped(Dataset):
+    """A source whose semantic labels are mapped onto the model's classes through ``lut``
+    (source class index -> model class index or 255; ``semantic_lut``), after its transforms."""
+
+    def __init__(self, dataset: Dataset, lut: torch.Tensor) -> None:
+        self.dataset, self.lut = dataset, lut
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        if isinstance(sample.get("semantic"), torch.Tensor):
+            sample["semantic"] = self.lut[sample["semantic"].long()]
+        return sample
+
+    def __getattr__(self, name: str) -> Any:  # card, label_kinds, image_hw ... of the source
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def semantic_lut(source: Any, model: Any, class_map: dict[str, str | None] | str, *,
+                 name: str) -> torch.Tensor:
+    """The 256-entry table mapping source ``name``'s semantic class indices (its card
+    ``source``) onto the model card's (``model``) by ``class_map`` (``{source class: model class
+    or None}``, or a YAML/JSON file of it); unnamed classes and 255 map to 255. ``ConfigError``
+    naming the source and the class for a name neither card has."""
+    where = f"data.sources {name!r} class_map"
+    if isinstance(class_map, str):
+        path = Path(class_map)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{where}: cannot read {path} ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: {path} holds no mapping of class names")
+        where, class_map = f"{where} ({path})", loaded
+    theirs = {n: i for i, n in enumerate(source.class_names)}
+    ours = {n: i for i, n in enumerate(model.class_names)}
+    lut = torch.full((256,), 255, dtype=torch.int64)
+    for src, dst in class_map.items():
+        if str(src) not in theirs:
+            raise ConfigError(f"{where}: {src!r} is not one of its classes: "
+                              f"{', '.join(list(theirs)[:12])}")
+        if dst is not None and str(dst) not in ours:
+            raise ConfigError(f"{where}: {src!r} -> {dst!r}, which is not one of the model's "
+                              f"classes: {', '.join(list(ours)[:12])}")
+        lut[theirs[str(src)]] = 255 if dst is None else ours[str(dst)]
+    return lut
+
+
 def check_same_taxonomy(datasets: Sequence[Dataset], names: Sequence[str]) -> None:
     """Refuse a source whose class-based labels (``CLASS_BASED_KINDS``) use other classes or
-    keypoints than the first source's card (the model's). One ``ConfigError`` line naming both
-    sources and the first difference."""
+    keypoints than the first source's card (the model's); a ``ClassMapped`` source's semantic
+    labels are the model's already. One ``ConfigError`` line naming both sources and the first
+    difference."""
     first = datasets[0].card  # type: ignore[attr-defined]
     for ds, name in zip(datasets[1:], names[1:], strict=True):
         kinds = set(loaded_kinds(ds)) & set(CLASS_BASED_KINDS)
+        if isinstance(ds, ClassMapped):
+            kinds.discard("semantic")
         if not kinds:
             continue
         card = ds.card  # type: ignore[attr-defined]
@@ -341,7 +397,7 @@ def train_dataset(cfg: Config, *, tasks: Iterable[str] | None = None) -> Dataset
         parts.append((view, ds))
     if len(parts) == 1 and not cfg.data.sources:
         return parts[0][1]
-    datasets, names = [d for _, d in parts], [v.name for v, _ in parts]
+    datasets, names = _mapped([d for _, d in parts], [v for v, _ in parts]), [v.name for v, _ in parts]
     check_same_taxonomy(datasets, names)
     return MixedSources(datasets, names, [v.weight for v, _ in parts])
 
@@ -361,10 +417,17 @@ def eval_datasets(cfg: Config, *, tasks: Iterable[str] | None = None) -> dict[st
     """``{source name: eval_dataset}`` of every source's evaluation split (``data.sources``), or
     ``{"": eval_dataset(cfg)}`` for the single dataset. ``tasks``: as ``eval_dataset``; a source
     with its own ``tasks`` decodes only those tasks' labels."""
-    out = {}
-    for view in views(cfg):
-        out[view.name] = eval_dataset(view.cfg, tasks=view.tasks if view.tasks is not None else tasks)
-    return out
+    found = [(v, eval_dataset(v.cfg, tasks=v.tasks if v.tasks is not None else tasks))
+             for v in views(cfg)]
+    return dict(zip([v.name for v, _ in found],
+                    _mapped([d for _, d in found], [v for v, _ in found]), strict=True))
+
+
+def _mapped(datasets: list[Dataset], source_views: list[Any]) -> list[Dataset]:
+    """Each source with a ``class_map`` wrapped in ``ClassMapped`` onto the first one's card."""
+    model_card = datasets[0].card  # type: ignore[attr-defined]
+    return [ClassMapped(d, semantic_lut(d.card, model_card, v.class_map, name=v.name))  # type: ignore[attr-defined]
+            if v.class_map is not None else d for d, v in zip(datasets, source_views, strict=True)]
 
 
 def train_loader(cfg: Config, dataset: Dataset, *, start_step: int, rank: int = 0,
