@@ -25,14 +25,21 @@ LIGHT: dict[str, tuple[str, ...]] = {**dict.fromkeys(COMMAND_MODULES, HEAVY),
 inside functions where moving them would break this)."""
 
 
-def _imported(module: str) -> set[str]:
-    code = (f"import sys, json, {module}; "
+def _imported(*modules: str) -> set[str]:
+    """The ``HEAVY`` libraries a fresh interpreter has loaded after importing ``modules``."""
+    code = (f"import sys, json, {', '.join(modules)}; "
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(json.loads(out.stdout))
 
 
-@pytest.mark.parametrize("module", sorted(LIGHT))
-def test_light_modules_import_nothing_heavy(module: str) -> None:
-    """The command modules load none of ``HEAVY``; the stages neither MLflow, Prefect nor DVC."""
+@pytest.mark.parametrize("module", COMMAND_MODULES)
+def test_command_modules_import_nothing_heavy(module: str) -> None:
+    """Each command module loads none of ``HEAVY`` (one interpreter each: they are light)."""
     assert _imported(module) & set(LIGHT[module]) == set()
+
+
+def test_untracked_stage_modules_import_neither_mlflow_nor_prefect_nor_dvc() -> None:
+    """Together (one interpreter: each loads torch, and none may load these, so neither may
+    their union)."""
+    assert _imported(*UNTRACKED_MODULES) & {"mlflow", "prefect", "dvc"} == set()
