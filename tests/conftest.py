@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,27 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+@pytest.fixture
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """``run_main(*args, cwd=...)``: ``densepipe ARGS`` through ``pipeline.cli.main()`` in this
+    process (the code the ``densepipe`` script runs, without an interpreter start per call),
+    as a ``CompletedProcess`` with its exit code, stdout and stderr."""
+    from pipeline.cli import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["densepipe", *args])
+        code: int = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["densepipe", *args], code, out.out, out.err)
+
+    return run
 
 
 @contextmanager

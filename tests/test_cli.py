@@ -20,18 +20,19 @@ def densepipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_bad_override_and_unknown_task(tmp_path: Path) -> None:
+def test_bad_override_and_unknown_task(tmp_path: Path, run_main) -> None:
     params = ["--params", str(REPO_ROOT / "params.yaml")]
+    # the installed script once, the rest through main() in this process (the same code)
     line = one_error_line(densepipe("config", *params, "--set", "train.lrr=1", cwd=tmp_path))
     assert "unknown key 'lrr' in train; allowed:" in line
-    line = one_error_line(densepipe("train", *params, "--set", "model.tasks=[semantic,sky]",
-                                     "--set", f"data.root={tmp_path}", cwd=tmp_path))
+    line = one_error_line(run_main("train", *params, "--set", "model.tasks=[semantic,sky]",
+                                   "--set", f"data.root={tmp_path}", cwd=tmp_path))
     assert "unknown task 'sky'" in line and "semantic" in line
-    line = one_error_line(densepipe("train", *params, "--set", "model.backbone=vgg", cwd=tmp_path))
+    line = one_error_line(run_main("train", *params, "--set", "model.backbone=vgg", cwd=tmp_path))
     assert "unknown backbone 'vgg'; allowed: mobilenet_v3_large, resnet18" in line
-    line = one_error_line(densepipe("config", *params, "--set", "train.steps=abc", cwd=tmp_path))
+    line = one_error_line(run_main("config", *params, "--set", "train.steps=abc", cwd=tmp_path))
     assert line.startswith("error: --set train.steps=abc: train.steps: ")  # not params.yaml
-    line = one_error_line(densepipe("train", *params, "--set", f"data.root={tmp_path}", cwd=tmp_path))
+    line = one_error_line(run_main("train", *params, "--set", f"data.root={tmp_path}", cwd=tmp_path))
     assert str(tmp_path) in line and "layout" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: no runs/, no mlflow.db
 

@@ -140,20 +140,20 @@ def test_builtin_tasks_declare_what_their_evaluators_report() -> None:
 
 # -- densepipe config ----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_config_command_validates_task_options_and_names(tmp_path: Path) -> None:
+def test_config_command_validates_task_options_and_names(tmp_path: Path, run_main) -> None:
     params = ["--params", str(PARAMS)]
-    line = one_error_line(densepipe("config", *params, "--set", "model.heads.semantic.bogus=1",
-                                    cwd=tmp_path))
+    line = one_error_line(run_main("config", *params, "--set", "model.heads.semantic.bogus=1",
+                                   cwd=tmp_path))
     assert line.startswith("error: model.heads.semantic.bogus: ")
     assert "options of semantic: " in line
-    line = one_error_line(densepipe("config", *params, "--set", "model.heads.nosuchtask.x=1",
-                                    cwd=tmp_path))
+    line = one_error_line(run_main("config", *params, "--set", "model.heads.nosuchtask.x=1",
+                                   cwd=tmp_path))
     assert "unknown task 'nosuchtask'; allowed: " + ", ".join(default_registry().names) in line
-    line = one_error_line(densepipe("config", *params, "--set", "train.best_metric=edges/F1",
-                                    cwd=tmp_path))
+    line = one_error_line(run_main("config", *params, "--set", "train.best_metric=edges/F1",
+                                   cwd=tmp_path))
     assert line == f"error: train.best_metric 'edges/F1': no enabled task reports it; enabled " \
                    f"tasks' main metrics: {DEMO_MAINS}"
-    ok = densepipe("config", *params, cwd=tmp_path)
+    ok = densepipe("config", *params, cwd=tmp_path)  # the installed script
     assert ok.returncode == 0, ok.stderr
     assert "best_metric: auto" in ok.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []
