@@ -75,3 +75,21 @@ def test_params_yaml_differs_from_the_code_only_where_it_says_so() -> None:
         if "#" not in lines.get(key, ""):
             problems.append(f"{key}: a demo choice of head options without a comment saying why")
     assert problems == [], "\n".join(problems)
+
+
+def test_every_param_dvc_yaml_names_is_in_params_yaml() -> None:
+    """DVC refuses a stage whose params.yaml lacks a param it lists ("Parameters ... are missing
+    from 'params.yaml'"), so every key (or section) a stage lists is written in params.yaml."""
+    spec = yaml.safe_load((PARAMS.parent / "dvc.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
+    missing = []
+    for name, stage in spec["stages"].items():
+        for entry in stage.get("params", []):
+            key = entry if isinstance(entry, str) else next(iter(entry))
+            node = params
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(f"{name}: {key}")
+                    break
+                node = node[part]
+    assert not missing, f"dvc.yaml params not in params.yaml: {missing}"
