@@ -148,18 +148,16 @@ def compare(challenger: Mapping[str, float], champion: Champion | None, *, chall
 
 def _row(metric: str, role: Literal["primary", "guard"], goal: Goal, champion: float | None,
          challenger: float | None, *, min_gain: float, tolerance: float) -> MetricRow:
-    row = MetricRow(metric, role, goal, champion, challenger, True)
-    change = row.change
     if challenger is None or not math.isfinite(challenger):
         return MetricRow(metric, role, goal, champion, challenger, False, "is not reported by the challenger")
-    if champion is None or change is None:
+    if champion is None:
         return MetricRow(metric, role, goal, champion, challenger, True, "(the champion has no value)")
+    change = MetricRow(metric, role, goal, champion, challenger, True).change or 0.0
     if role == "primary":
-        ok = change > min_gain
-        why = (f"{_pct(change)} vs the champion (needs more than {_pct(min_gain)})")
+        ok, why = change > min_gain, f"{_pct(change)} vs the champion (needs more than {_pct(min_gain)})"
     else:
-        ok = change >= -tolerance
-        why = f"{_pct(change)} vs the champion (at most {tolerance:.1%} worse allowed)"
+        ok, why = change >= -tolerance, (f"{_pct(change)} vs the champion (at most {tolerance:.1%} "
+                                         f"worse allowed)")
     return MetricRow(metric, role, goal, champion, challenger, ok, why)
 
 

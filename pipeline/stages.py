@@ -343,11 +343,11 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, *, model_uri: st
 
     check_config(cfg)
     device = resolve_device(cfg.train.device)
-    views = {v.name: v for v in source_views(cfg)}
     datasets = eval_datasets(cfg)
     # a task needs labels in the split (of one of the sources, with data.sources)
     kinds = {k for ds in datasets.values() for k in loaded_kinds(ds)}
-    where = views[next(iter(views))].cfg if len(views) == 1 else cfg
+    every = source_views(cfg)
+    where = every[0].cfg if len(every) == 1 else cfg  # the one dataset's root in messages
     if model_uri is None:  # a checkpoint's model is built with model.tasks: refuse before loading
         check_labels(where, kinds, split=where.data.val_split)
     first = next(iter(datasets.values()))

@@ -395,7 +395,7 @@ def train_dataset(cfg: Config, *, tasks: Iterable[str] | None = None) -> Dataset
         ds.transforms = build_transforms(train=cfg.data.augment, image_size=cfg.data.image_size,
                                          card=ds.card, scale=cfg.data.scale_range)
         parts.append((view, ds))
-    if len(parts) == 1 and not cfg.data.sources:
+    if not cfg.data.sources:
         return parts[0][1]
     datasets, names = _mapped([d for _, d in parts], [v for v, _ in parts]), [v.name for v, _ in parts]
     check_same_taxonomy(datasets, names)
