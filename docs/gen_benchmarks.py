@@ -24,6 +24,7 @@ OUT = REPO / "docs" / "benchmarks.md"
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import flatten  # noqa: E402  (nested dicts to dotted keys)
+from pipeline.io import atomic_write_text  # noqa: E402
 
 PROSE = ("what", "how", "note", "settings", "statistic", "data", "images")
 """Top-level string fields rendered as paragraphs rather than table cells."""
@@ -269,7 +270,7 @@ def render() -> str:
 
 def main(argv: list[str]) -> int:
     target = Path(argv[1]) if len(argv) > 1 else OUT
-    target.write_text(render())
+    atomic_write_text(target, render())  # a failed render leaves the page as it was
     print(f"wrote {target}")
     return 0
 

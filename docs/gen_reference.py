@@ -27,6 +27,7 @@ from pydantic import BaseModel  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
 from pipeline import config as config_module  # noqa: E402
+from pipeline.io import atomic_write_text  # noqa: E402
 
 HEADER = """\
 # Configuration reference
@@ -167,7 +168,7 @@ def render() -> str:
 
 def main(argv: list[str]) -> int:
     target = Path(argv[1]) if len(argv) > 1 else OUT
-    target.write_text(render())
+    atomic_write_text(target, render())  # a failed render leaves the page as it was
     print(f"wrote {target}")
     return 0
 
