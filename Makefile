@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_LOGGING_LEVEL = WARNING
 export NO_MKDOCS_2_WARNING = 1
 
-.PHONY: demo test test-fast install install-test lint docs docs-gen bench ui serve clean-demo help
+.PHONY: demo test test-fast install install-test lint docs docs-gen bench bench-peers bench-gpu ui serve clean-demo help
 
 help:
 	@echo "make demo   - install, then run the whole pipeline on the synthetic dataset (Prefect + MLflow)"
@@ -20,6 +20,8 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make docs   - the manual into site/ (open site/index.html); docs-gen regenerates its generated pages"
 	@echo "make bench  - speed benchmarks (JSON in benchmarks/results/)"
+	@echo "make bench-peers - densepipe vs smp and torchvision side by side (CPU, about 75 min)"
+	@echo "make bench-gpu   - the all-task model and the peers at 512 px in bf16 on one GPU"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:$(UI_PORT) over the default store (mlflow.db)"
 	@echo "make serve  - retraining on a schedule (CRON=\"$(CRON)\" or INTERVAL=seconds) against"
 	@echo "              PREFECT_API_URL, or a local Prefect server on 127.0.0.1:$(PREFECT_PORT) if unset"
@@ -71,6 +73,17 @@ bench: install-test
 	$(BIN)/python benchmarks/read_speed.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/panoptic_speed.py
+	$(BIN)/python docs/gen_benchmarks.py
+
+# Side by side with the peers users would pick instead (smp, torchvision): about 75 min on 2 CPU
+# cores; bench-gpu: the all-task model and each peer at 512 px, bf16, on one GPU (under 8 min).
+bench-peers: install-test
+	$(BIN)/python benchmarks/peers.py
+	$(BIN)/python docs/gen_benchmarks.py
+
+bench-gpu: install-test
+	$(BIN)/python -m pytest -q -m cuda tests/test_gpu_bench.py
+	$(BIN)/python benchmarks/gpu_peers.py
 	$(BIN)/python docs/gen_benchmarks.py
 
 UI_PORT ?= 5000

@@ -94,10 +94,10 @@ LOSS_NAMES = {"loss_objectness": "instance/rpn_objectness", "loss_rpn_box_reg": 
 Step = Callable[[dict[str, Any]], dict[str, float]]
 
 
-def make_config(root: Path, keypoints: bool) -> Config:
+def make_config(root: Path, keypoints: bool, *, size: int = SIZE) -> Config:
     tasks = ["semantic", "instance", "keypoints"] if keypoints else ["semantic", "instance"]
     return config_from_dict({
-        "data": {"root": str(root), "image_size": SIZE, "augment": True, "num_workers": 0},
+        "data": {"root": str(root), "image_size": size, "augment": True, "num_workers": 0},
         "model": {"backbone": BACKBONE, "fpn_channels": FPN_CHANNELS, "tasks": tasks,
                   "heads": {"semantic": dict(SEMANTIC)}},
         "train": {"batch_size": BATCH, "lr": LR, "optimizer": "sgd", "momentum": MOMENTUM,
@@ -105,9 +105,9 @@ def make_config(root: Path, keypoints: bool) -> Config:
     }, source="instance_speed")
 
 
-def load_batches(root: Path, n: int) -> tuple[list[dict[str, Any]], DatasetCard]:
+def load_batches(root: Path, n: int, *, size: int = SIZE) -> tuple[list[dict[str, Any]], DatasetCard]:
     """``n`` batches from the project's training loader (seed 0: the same in every process)."""
-    cfg = make_config(root, keypoints=True)
+    cfg = make_config(root, keypoints=True, size=size)
     ds = train_dataset(cfg)
     it = iter(train_loader(cfg, ds, start_step=0))
     return [next(it) for _ in range(n)], ds.card  # type: ignore[attr-defined]
@@ -117,9 +117,10 @@ def load_batches(root: Path, n: int) -> tuple[list[dict[str, Any]], DatasetCard]
 # the plugin path
 
 
-def build_plugin(root: Path, card: DatasetCard, keypoints: bool) -> tuple[nn.Module, Step]:
+def build_plugin(root: Path, card: DatasetCard, keypoints: bool, *,
+                 size: int = SIZE) -> tuple[nn.Module, Step]:
     torch.manual_seed(0)
-    model = build_model(make_config(root, keypoints), card).train()
+    model = build_model(make_config(root, keypoints, size=size), card).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     def step(batch: dict[str, Any]) -> dict[str, float]:
@@ -149,7 +150,7 @@ class FeatureBackbone(nn.Module):
 
 
 class Reference(nn.Module):
-    def __init__(self, card: DatasetCard, keypoints: bool) -> None:
+    def __init__(self, card: DatasetCard, keypoints: bool, *, size: int = SIZE) -> None:
         super().__init__()
         from torchvision.models.detection import MaskRCNN
         from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -164,7 +165,7 @@ class Reference(nn.Module):
         ch, levels, ratio = backbone.out_channels, list(o.in_features), o.roi_sampling_ratio
         num_classes = len(card.thing_indices) + 1
         self.detector = MaskRCNN(
-            backbone, num_classes=None, min_size=SIZE, max_size=SIZE,
+            backbone, num_classes=None, min_size=size, max_size=size,
             image_mean=list(PIXEL_MEAN), image_std=list(PIXEL_STD),
             rpn_anchor_generator=AnchorGenerator(sizes=tuple((s,) for s in o.anchor_sizes),
                                                  aspect_ratios=(o.aspect_ratios,) * len(o.anchor_sizes)),
@@ -228,9 +229,9 @@ class Reference(nn.Module):
         return losses
 
 
-def build_reference(card: DatasetCard, keypoints: bool) -> tuple[Reference, Step]:
+def build_reference(card: DatasetCard, keypoints: bool, *, size: int = SIZE) -> tuple[Reference, Step]:
     torch.manual_seed(0)
-    model = Reference(card, keypoints).train()
+    model = Reference(card, keypoints, size=size).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     def step(batch: dict[str, Any]) -> dict[str, float]:
@@ -290,11 +291,13 @@ def first_step_losses(model: nn.Module, batch: dict[str, Any], seed: int = 123) 
         return {k: float(v) for k, v in model.losses(model(batch), batch).items()}
 
 
-def build_all(root: Path, card: DatasetCard, names: list[str]) -> dict[str, tuple[nn.Module, Step]]:
+def build_all(root: Path, card: DatasetCard, names: list[str], *,
+              size: int = SIZE) -> dict[str, tuple[nn.Module, Step]]:
     built: dict[str, tuple[nn.Module, Step]] = {}
     for name in names:
         kind, kp = VARIANTS[name]
-        built[name] = build_plugin(root, card, kp) if kind == "plugin" else build_reference(card, kp)
+        built[name] = (build_plugin(root, card, kp, size=size) if kind == "plugin"
+                       else build_reference(card, kp, size=size))
     for a, b in PAIRS:  # each reference starts from its plugin partner's weights
         if a in built and b in built:
             copy_weights(built[a][0], built[b][0])

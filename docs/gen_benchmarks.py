@@ -228,6 +228,55 @@ def predict_summary(data: dict[str, Any]) -> list[str]:
                  rows)
 
 
+def conditions_text(part: dict[str, Any]) -> str:
+    """A part's machine, threads and load when it ended."""
+    load = part.get("load_average_1min")
+    return f"{part.get('device', 'not recorded')}, {part.get('threads', '?')} threads, load {number(load)}"
+
+
+def peers_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """Every ratio of ``peers.json`` (densepipe over the peer; the multi-task cost ratio is
+    multi-task time over the single-task models' sum) with its target and run conditions, then
+    ``gpu_peers.json``'s, or a line saying GPU numbers are unmeasured."""
+    data = dict(files).get(RESULTS / "peers.json") or {}
+    targets = data.get("targets", {})
+    rows: list[list[Any]] = []
+    semantic = data.get("semantic") or {}
+    for key, run in (semantic.get("runs") or {}).items():
+        for what, ratio, target in (("mIoU at equal time", "miou_ratio", "semantic_miou_ratio_at_least"),
+                                    ("images/s", "speed_ratio", "semantic_speed_ratio_at_least")):
+            metric = "mIoU" if ratio == "miou_ratio" else "images_per_s"
+            rows.append([f"semantic vs smp FPN: {what}", key, run["densepipe"][metric], run["smp"][metric],
+                         run[ratio], f">= {number(targets.get(target))}", conditions_text(semantic)])
+    instance = data.get("instance") or {}
+    for key, run in (instance.get("runs") or {}).items():
+        rates = run["images_per_s"]
+        rows.append(["instance vs torchvision Mask R-CNN: images/s", key, rates.get("plugin_sem_inst"),
+                     rates.get("torchvision_sem_inst"), run["speed_ratio"],
+                     f">= {number(targets.get('instance_speed_ratio_at_least'))}", conditions_text(instance)])
+        for metric, ratio in (run.get("ap_ratio") or {}).items():
+            target = f">= {number(targets.get('instance_ap_ratio_at_least'))}"
+            rows.append([f"instance vs torchvision Mask R-CNN: {metric} at {run['steps']} steps", key,
+                         run["ap"]["densepipe"][metric], run["ap"]["torchvision"][metric], ratio,
+                         target, conditions_text(instance)])
+    multitask = data.get("multitask") or {}
+    if multitask:
+        rows.append(["4 dense tasks, one model vs four: training time", f"{multitask['steps']} steps",
+                     "", "", multitask["cost_ratio"],
+                     f"<= {number(targets.get('multitask_cost_ratio_at_most'))}", conditions_text(multitask)])
+    out = table(["comparison", "run", "densepipe", "peer", "ratio", "target", "conditions"], rows)
+    gpu = dict(files).get(RESULTS / "gpu_peers.json")
+    if gpu:
+        out += ["", f"GPU ({gpu['device']}, {gpu['precision']}, {gpu['size']} px, batch {gpu['batch']}):", "",
+                *table(["model", "images/s", "peak memory MiB", "MFU"],
+                       [[r["model"], r["images_per_s"], r["peak_memory_mib"], r["mfu"]]
+                        for r in gpu.get("results", [])])]
+    else:
+        out += ["", "GPU numbers: unmeasured (`make bench-gpu` has not run on a GPU yet; "
+                "`benchmarks/results/gpu_peers.json` is written when it does)."]
+    return out
+
+
 SUMMARIES = {"decoder_compare": decoder_summary, "predict_speed": predict_summary}
 """Results files that also get a compact table (``## <stem> summary``) that pages link to."""
 
@@ -244,6 +293,15 @@ def render() -> str:
         "by the benchmark scripts in `benchmarks/` (`make bench` runs the speed benchmarks). Each "
         "file records the machine it ran on: compare numbers measured on the same machine only. "
         "What the demo settings mean and how they were chosen: [demo results](results.md).",
+        "",
+        "## Against the peers",
+        "",
+        "`benchmarks/peers.py` (`make bench-peers`): densepipe side by side with what users would "
+        "pick instead, in one run on one machine, as ratios (densepipe / peer; for the multi-task "
+        "row, the one model's training time over the four single-task models' sum). Why a ratio "
+        "misses its target: [results](results.md#against-the-peers).",
+        "",
+        *peers_table(files),
         "",
         "## Demo runs",
         "",

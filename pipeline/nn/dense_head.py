@@ -30,6 +30,13 @@ class DecoderOptions(BaseModel):
     decoder_options: dict[str, Any] = Field(default_factory=dict)
     """The decoder's own options (e.g. ``{rates: [6, 12, 18]}`` for aspp); for ``panoptic_fpn``
     they override ``conv_dims`` / ``in_features`` / ``norm``."""
+    output_init: Literal["small", "xavier"] = "small"
+    """Initial weights of the decoder's output layers (its 1x1 ``predictor`` / ``classifier`` /
+    ``score`` convolutions): ``small`` keeps the decoder's own near-zero normal (std 0.001 for
+    ``panoptic_fpn``, 0.01 for the others), so a regression head starts at its bias (a task's
+    prior); ``xavier`` is Glorot uniform (smp's segmentation heads): class logits start with unit
+    scale and learn faster from random initialisation (semantic's default,
+    benchmarks/results/peers.json). Biases stay 0."""
 
 
 def build_task_decoder_from_options(task: str, options: DecoderOptions, *,
@@ -40,8 +47,29 @@ def build_task_decoder_from_options(task: str, options: DecoderOptions, *,
     defaults: dict[str, Any] = {"norm": options.norm}
     if options.decoder == "panoptic_fpn":
         defaults.update(in_features=options.in_features, conv_dims=options.conv_dims)
-    return build_task_decoder(task, options.decoder, options.decoder_options,
-                              feature_spec=feature_spec, num_outputs=num_outputs, defaults=defaults)
+    decoder = build_task_decoder(task, options.decoder, options.decoder_options,
+                                 feature_spec=feature_spec, num_outputs=num_outputs, defaults=defaults)
+    if options.output_init == "xavier":
+        for conv in output_layers(decoder, num_outputs):
+            nn.init.xavier_uniform_(conv.weight)
+    return decoder
+
+
+OUTPUT_LAYER_NAMES = ("predictor", "classifier", "score")
+"""Attribute names under which the built-in decoders keep their output convolutions."""
+
+
+def output_layers(decoder: nn.Module, num_outputs: int) -> list[nn.Conv2d]:
+    """The decoder's 1x1 output convolutions: ``Conv2d`` modules with ``num_outputs`` output
+    channels found under an attribute named in ``OUTPUT_LAYER_NAMES`` (a plugin decoder following
+    that naming gets ``output_init`` too)."""
+    found = []
+    for name, module in decoder.named_modules():
+        if (isinstance(module, nn.Conv2d) and module.out_channels == num_outputs
+                and module.kernel_size == (1, 1)
+                and any(part in OUTPUT_LAYER_NAMES for part in name.split("."))):
+            found.append(module)
+    return found
 
 
 class DenseHead(nn.Module):

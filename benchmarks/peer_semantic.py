@@ -1,0 +1,261 @@
+"""densepipe's semantic-only model against segmentation_models_pytorch's FPN, side by side.
+
+Both models train on the same batches (the project's own loader over one rendered synthetic
+split, same augmentation, same order), with the same optimizer (``pipeline.engine.trainer
+.build_optimizer``: AdamW, ``train.lr``, ``train.weight_decay`` off norms and biases), the same
+linear warm-up then constant rate, and the same gradient clipping, for the same wall-clock budget
+in interleaved time slices (slice ``i`` trains model A then model B, the order reversed on odd
+slices, so a noisy neighbour slows both alike). densepipe's model is stepped by its own
+``train_step``; smp's by the loop an smp user writes (ImageNet-normalised float input, cross-
+entropy with the ignore index). Both are scored by the same code (``plugins.semantic.confusion``)
+on the val split: densepipe through ``MultiTaskModel.predict``, smp by the argmax of its logits.
+
+Used by ``benchmarks/peers.py``; smp comes from the ``bench`` extra (``pip install -e '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config, load_config
+from pipeline.engine.loaders import eval_dataset, eval_loader, train_dataset, train_loader
+from pipeline.engine.schedule import lr_factor
+from pipeline.engine.step import train_step
+from pipeline.engine.trainer import build_optimizer
+from pipeline.model import PIXEL_MEAN, PIXEL_STD, build_model
+from plugins.semantic.confusion import ConfusionMatrix
+
+SMP_VERSION_PIN = "0.6.0"
+
+
+def semantic_config(data_root: Path, *, size: int, seed: int, batch: int, overrides: list[str]) -> Config:
+    """The library's defaults for a semantic-only model (what a user gets with
+    ``model.tasks=[semantic]``), on the rendered synthetic data at ``data_root``."""
+    return load_config(None, [
+        f"data.root={data_root}", f"data.image_size={size}", f"data.synthetic.image_size={size}",
+        "model.tasks=[semantic]", f"train.seed={seed}", f"train.batch_size={batch}",
+        "train.schedule=constant", "train.device=cpu", *overrides])
+
+
+@dataclass
+class Trainee:
+    """One model under the budget: its step, its predictor and its running totals."""
+
+    name: str
+    step: Callable[[dict[str, Any]], float]
+    predict: Callable[[dict[str, Any]], torch.Tensor]
+    batches: Iterator[dict[str, Any]]
+    seconds: float = 0.0
+    steps: int = 0
+    images: int = 0
+    images_timed_offset: int = 0
+    """Images of the untimed warm-up steps (not in ``images_per_s``)."""
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        """Training images per second over the timed slices."""
+        return (self.images - self.images_timed_offset) / max(self.seconds, 1e-9)
+
+    def train_for(self, seconds: float) -> None:
+        """Steps until ``seconds`` of this slice have passed (the step that crosses it counts)."""
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            batch = next(self.batches)
+            self.losses.append(self.step(batch))
+            self.steps += 1
+            self.images += int(batch["image"].shape[0])
+        self.seconds += time.perf_counter() - start
+
+
+def identity_residuals_off(model: nn.Module) -> None:
+    """Undo ``zero_init_residual``: each residual block's last norm back to weight 1 (torchvision's
+    and smp's default initialisation), for the ablation of that choice."""
+    for m in model.modules():
+        for name in ("bn2", "bn3"):
+            norm = getattr(m, name, None)
+            if isinstance(norm, nn.BatchNorm2d) and hasattr(m, "conv1"):
+                nn.init.ones_(norm.weight)
+
+
+def predictor_msra(model: nn.Module) -> None:
+    """The semantic predictor initialised as detectron2's ``SemSegFPNHead`` does
+    (``c2_msra_fill``: Kaiming normal, fan out)."""
+    nn.init.kaiming_normal_(model.heads["semantic"].decoder.predictor.weight, mode="fan_out",
+                            nonlinearity="relu")
+
+
+def head_kaiming_fan_in(model: nn.Module) -> None:
+    """The head's 3x3 convolutions initialised as smp's decoder (Kaiming uniform, fan in)."""
+    for m in model.heads["semantic"].modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
+
+
+def fpn_kaiming_relu(model: nn.Module) -> None:
+    """The FPN's convolutions initialised as smp's decoder (Kaiming uniform with the ReLU gain)
+    instead of torchvision's ``kaiming_uniform_(a=1)`` (unit gain)."""
+    for m in model.backbone.fpn.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
+
+
+ABLATIONS: dict[str, Callable[[nn.Module], None]] = {
+    "fpn_kaiming_relu": fpn_kaiming_relu,
+    "no_zero_init_residual": identity_residuals_off, "predictor_msra": predictor_msra,
+    "head_kaiming_fan_in": head_kaiming_fan_in}
+
+
+def densepipe_trainee(cfg: Config, card: Any, *, name: str = "densepipe",
+                      mutate: Callable[[nn.Module], None] | None = None) -> tuple[Trainee, nn.Module]:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, card)
+    if mutate is not None:
+        mutate(model)
+    model.use_channels_last(cfg.train.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = _scheduler(optimizer, cfg)
+    model.train()
+
+    def step(batch: dict[str, Any]) -> float:
+        model.train()
+        row = train_step(model, batch, optimizer, scheduler, clip_grad_norm=cfg.train.clip_grad_norm)
+        return row["loss"]
+
+    def predict(batch: dict[str, Any]) -> torch.Tensor:
+        model.eval()
+        return torch.stack(model.predict(batch)["semantic"])
+
+    return Trainee(name, step, predict, _batches(cfg)), model
+
+
+def smp_trainee(cfg: Config, card: Any, *, encoder: str) -> tuple[Trainee, nn.Module]:
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(cfg.train.seed)
+    model = smp.FPN(encoder_name=encoder, encoder_weights=None, classes=card.num_classes)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = _scheduler(optimizer, cfg)
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+
+    def inputs(batch: dict[str, Any]) -> torch.Tensor:
+        x = (batch["image"].float() - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+
+    def step(batch: dict[str, Any]) -> float:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs(batch)), batch["semantic"], ignore_index=card.ignore_index)
+        loss.backward()
+        if cfg.train.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(batch: dict[str, Any]) -> torch.Tensor:
+        model.eval()
+        return model(inputs(batch)).argmax(1)
+
+    return Trainee("smp", step, predict, _batches(cfg)), model
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.warmup_steps`` of linear warm-up, then the constant rate (the step count of a
+    time budget is not known in advance, so no decay)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
+        kind="constant", total_steps=1 << 30, warmup_steps=cfg.train.warmup_steps))
+
+
+def _batches(cfg: Config) -> Iterator[dict[str, Any]]:
+    """The training batches in the loader's seeded order (each trainee its own iterator)."""
+    return iter(train_loader(cfg, train_dataset(cfg, tasks=["semantic"]), start_step=0))
+
+
+def miou(trainee: Trainee, cfg: Config, card: Any) -> float:
+    """Mean IoU over the val split (classes present in it), by ``ConfusionMatrix``."""
+    matrix = ConfusionMatrix(card.num_classes, ignore_index=card.ignore_index)
+    dataset = eval_dataset(cfg, tasks=["semantic"])
+    for batch in eval_loader(cfg, dataset, batch_size=cfg.evaluate.batch_size):
+        matrix.update(trainee.predict(batch), batch["semantic"])
+    return float(matrix.compute()["mIoU"])
+
+
+WARMUP_STEPS = 3
+"""Untimed first steps of each trainee (its loader's workers starting, first-call allocations):
+they train on the same first batches, so both still see the same data."""
+
+
+def interleave(trainees: list[Trainee], *, budget_s: float, slice_s: float) -> None:
+    """Each trainee gets ``budget_s`` seconds in slices of ``slice_s``, alternating the order,
+    after ``WARMUP_STEPS`` untimed steps each."""
+    for t in trainees:
+        for _ in range(WARMUP_STEPS):
+            batch = next(t.batches)
+            t.losses.append(t.step(batch))
+            t.steps += 1
+            t.images += int(batch["image"].shape[0])
+        t.images_timed_offset = t.images
+    slices = max(1, round(budget_s / slice_s))
+    for i in range(slices):
+        for t in trainees if i % 2 == 0 else trainees[::-1]:
+            t.train_for(budget_s / slices)
+
+
+def run(data_root: Path, card: Any, *, size: int, seed: int, batch: int, budget_s: float,
+        slice_s: float, encoder: str, overrides: list[str]) -> dict[str, Any]:
+    """One seed: both models for ``budget_s`` seconds each; their steps, img/s and val mIoU."""
+    cfg = semantic_config(data_root, size=size, seed=seed, batch=batch,
+                          overrides=[f"model.backbone={encoder}", *overrides])
+    ours, ours_model = densepipe_trainee(cfg, card)
+    peer, peer_model = smp_trainee(cfg, card, encoder=encoder)
+    interleave([ours, peer], budget_s=budget_s, slice_s=slice_s)
+    out: dict[str, Any] = {"seed": seed}
+    for t, m in ((ours, ours_model), (peer, peer_model)):
+        out[t.name] = {"steps": t.steps, "images": t.images, "train_seconds": round(t.seconds, 2),
+                       "images_per_s": round(t.images_per_s, 3), "mIoU": round(miou(t, cfg, card), 4),
+                       "parameters": sum(p.numel() for p in m.parameters()),
+                       "last_loss_mean_of_20": round(sum(t.losses[-20:]) / len(t.losses[-20:]), 4)}
+    out["miou_ratio"] = round(out["densepipe"]["mIoU"] / max(out["smp"]["mIoU"], 1e-9), 4)
+    out["speed_ratio"] = round(out["densepipe"]["images_per_s"] / out["smp"]["images_per_s"], 4)
+    return out
+
+
+def _mutations(name: str) -> Callable[[nn.Module], None] | None:
+    """The ``ABLATIONS`` a variant name joins with ``+`` (other parts are labels), applied in order."""
+    found = [ABLATIONS[part] for part in name.split("+") if part in ABLATIONS]
+    return (lambda model: [f(model) for f in found]) if found else None  # type: ignore[func-returns-value]
+
+
+def ablate(data_root: Path, card: Any, *, size: int, seed: int, batch: int, budget_s: float,
+           slice_s: float, encoder: str, variants: dict[str, list[str]]) -> dict[str, Any]:
+    """Several densepipe variants (``name -> overrides``; a name in ``ABLATIONS`` also applies
+    that change to the built model) and smp, each for ``budget_s`` seconds interleaved."""
+    trainees: list[tuple[Trainee, nn.Module, Config]] = []
+    for name, overrides in variants.items():
+        cfg = semantic_config(data_root, size=size, seed=seed, batch=batch,
+                              overrides=[f"model.backbone={encoder}", *overrides])
+        t, m = densepipe_trainee(cfg, card, name=name, mutate=_mutations(name))
+        trainees.append((t, m, cfg))
+    cfg = semantic_config(data_root, size=size, seed=seed, batch=batch,
+                          overrides=[f"model.backbone={encoder}"])
+    t, m = smp_trainee(cfg, card, encoder=encoder)
+    trainees.append((t, m, cfg))
+    interleave([t for t, _, _ in trainees], budget_s=budget_s, slice_s=slice_s)
+    return {t.name: {"overrides": variants.get(t.name, []), "steps": t.steps,
+                     "images_per_s": round(t.images_per_s, 3), "mIoU": round(miou(t, c, card), 4),
+                     "parameters": sum(p.numel() for p in m.parameters()),
+                     "last_loss_mean_of_20": round(sum(t.losses[-20:]) / len(t.losses[-20:]), 4)}
+            for t, m, c in trainees}
