@@ -20,7 +20,7 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make docs   - the manual into site/ (open site/index.html); docs-gen regenerates its generated pages"
 	@echo "make bench  - speed benchmarks (JSON in benchmarks/results/)"
-	@echo "make bench-peers - densepipe vs smp and torchvision side by side (CPU, about 75 min)"
+	@echo "make bench-peers - densepipe vs smp and torchvision side by side (CPU, about 45 min)"
 	@echo "make bench-gpu   - the all-task model and the peers at 512 px in bf16 on one GPU"
 	@echo "make ui     - MLflow UI on http://127.0.0.1:$(UI_PORT) over the default store (mlflow.db)"
 	@echo "make serve  - retraining on a schedule (CRON=\"$(CRON)\" or INTERVAL=seconds) against"
@@ -75,7 +75,7 @@ bench: install-test
 	$(BIN)/python benchmarks/panoptic_speed.py
 	$(BIN)/python docs/gen_benchmarks.py
 
-# Side by side with the peers users would pick instead (smp, torchvision): about 75 min on 2 CPU
+# Side by side with the peers users would pick instead (smp, torchvision): about 45 min on 2 CPU
 # cores; bench-gpu: the all-task model and each peer at 512 px, bf16, on one GPU (under 8 min).
 bench-peers: install-test
 	$(BIN)/python benchmarks/peers.py

@@ -50,12 +50,14 @@ from pipeline.io import atomic_write_json  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "peers.json"
 PARTS = ("semantic", "instance", "multitask", "cost_split", "ablation")
+TRACE_STEPS = 6
+"""Steps whose total loss the instance part records for both models: equal at step 0 (same weights,
+batch and sampling), apart from then on where a rounding difference flips a proposal's rank."""
 ABLATION_VARIANTS = {
     "default": [],
     "output_init=small": ["model.heads.semantic.output_init=small"],
     "head norm=BN": ["model.heads.semantic.norm=BN"],
     "fpn_kaiming_relu": [],
-    "no_zero_init_residual": [],
 }
 """Why the semantic model learned slower per image than smp's FPN: each variant changes one
 thing of the defaults (a name in ``peer_semantic.ABLATIONS`` also changes the built model)."""
@@ -88,11 +90,19 @@ def render(root: Path, *, size: int, num_train: int, num_val: int) -> Any:
 # semantic vs smp
 
 
-def semantic_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+def kept_runs(previous: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
+    """The runs of an earlier report of a part at sizes this run does not measure again, each
+    with its own conditions (the earlier part's where the run has none)."""
+    part = {k: previous[k] for k in ("device", "threads", "torch", "load_average_1min", "finished")
+            if k in previous}
+    return {k: {**part, **v} for k, v in (previous.get("runs") or {}).items() if v.get("size") not in sizes}
+
+
+def semantic_part(args: argparse.Namespace, data: Path, previous: dict[str, Any]) -> dict[str, Any]:
     import peer_semantic
     import segmentation_models_pytorch as smp
 
-    runs: dict[str, Any] = {}
+    runs: dict[str, Any] = kept_runs(previous, args.sizes)
     for size in args.sizes:
         card = render(data / f"s{size}", size=size, num_train=args.num_train, num_val=args.num_val)
         budget = args.budget.get(size, 60.0)
@@ -102,7 +112,7 @@ def semantic_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                                        budget_s=budget, slice_s=min(args.slice_s, budget),
                                        encoder=args.encoder, overrides=args.overrides)
             print(json.dumps(result), flush=True)
-            runs[f"{size}px_seed{seed}"] = {"size": size, "budget_s": budget, **result}
+            runs[f"{size}px_seed{seed}"] = {"size": size, "budget_s": budget, **result, **conditions()}
     ratios = {k: {"miou_ratio": r["miou_ratio"], "speed_ratio": r["speed_ratio"]} for k, r in runs.items()}
     return {
         "what": f"densepipe semantic-only ({args.encoder}, library defaults) vs smp.FPN({args.encoder}) "
@@ -115,7 +125,7 @@ def semantic_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         "runs": runs, "overrides": args.overrides, **conditions()}
 
 
-def ablation_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+def ablation_part(args: argparse.Namespace, data: Path, previous: dict[str, Any]) -> dict[str, Any]:
     import peer_semantic
 
     size, budget = args.sizes[0], args.ablation_budget_s
@@ -161,13 +171,13 @@ def coco_ap(predict: Any, cfg: Any, card: Any) -> dict[str, float]:
     return {k: round(float(found[k]), 4) for k in keys if k in found}
 
 
-def instance_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+def instance_part(args: argparse.Namespace, data: Path, previous: dict[str, Any]) -> dict[str, Any]:
     import statistics
 
     import instance_speed as ins
 
     plugin, ref = "plugin_sem_inst", "torchvision_sem_inst"
-    runs: dict[str, Any] = {}
+    runs: dict[str, Any] = kept_runs(previous, args.sizes)
     for size in args.sizes:
         root = data / f"s{size}"
         card = render(root, size=size, num_train=args.num_train, num_val=args.num_val)
@@ -177,15 +187,29 @@ def instance_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         batches, _ = ins.load_batches(root, steps + 2, size=size)
         built = ins.build_all(root, card, [plugin, ref], size=size)
         seconds: dict[str, list[float]] = {plugin: [], ref: []}
+        trace: dict[str, list[float]] = {plugin: [], ref: []}
+
+        def step(name: str, index: int, batches: list[dict[str, Any]] = batches,
+                 built: dict[str, Any] = built, trace: dict[str, list[float]] = trace) -> None:
+            # the same sampling randomness in both models' step ``index`` (anchors, RoIs):
+            # torchvision's transform draws one number per image first, so the plugin side does too
+            torch.manual_seed(1000 + index)
+            if name == plugin:
+                for _ in range(len(batches[index]["image"])):
+                    torch.empty(1).uniform_()
+            row = built[name][1](batches[index])
+            if index < TRACE_STEPS:
+                trace[name].append(round(row["loss"], 6))
+
         for i in range(2):  # warm-up, not timed
             for name in (plugin, ref):
-                built[name][1](batches[i])
+                step(name, i)
         block = 2
         for r in range(steps // block):
             for name in (plugin, ref) if r % 2 == 0 else (ref, plugin):
                 t0 = time.perf_counter()
-                for batch in batches[2 + r * block: 2 + (r + 1) * block]:
-                    built[name][1](batch)
+                for i in range(2 + r * block, 2 + (r + 1) * block):
+                    step(name, i)
                 seconds[name].append(time.perf_counter() - t0)
         per_round = [tr / tp for tp, tr in zip(seconds[plugin], seconds[ref], strict=True)]
         rate = {n: round(len(s) * block * ins.BATCH / sum(s), 3) for n, s in seconds.items()}
@@ -193,20 +217,28 @@ def instance_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
             "size": size, "steps": len(seconds[plugin]) * block, "images_per_s": rate,
             "speed_ratio": round(statistics.median(per_round), 4),
             "speed_ratio_pooled": round(rate[plugin] / rate[ref], 4),
-            "rounds_plugin_faster": f"{sum(x > 1 for x in per_round)}/{len(per_round)}"}
+            "rounds_plugin_faster": f"{sum(x > 1 for x in per_round)}/{len(per_round)}",
+            "loss_trace": {"densepipe": trace[plugin], "torchvision": trace[ref]}}
         if with_ap:
             cfg = ins.make_config(root, keypoints=False, size=size)
             model, reference = built[plugin][0].eval(), built[ref][0]
             ours = coco_ap(lambda b, m=model: m.predict(b)["instance"], cfg, card)
             theirs = coco_ap(lambda b, r=reference, c=card: _torchvision_predictions(r, b, c), cfg, card)
-            run["ap"] = {"densepipe": ours, "torchvision": theirs}
+            # the inference paths alone: torchvision's model with densepipe's trained weights
+            same = ins.build_reference(card, keypoints=False, size=size)[0]
+            ins.copy_weights(built[plugin][0], same)
+            run["ap"] = {"densepipe": ours, "torchvision": theirs,
+                         "torchvision_with_densepipe_weights": coco_ap(
+                             lambda b, r=same, c=card: _torchvision_predictions(r, b, c), cfg, card)}
             run["ap_ratio"] = {k: round(ours[k] / theirs[k], 4) if theirs.get(k) else None for k in ours}
+        run.update(conditions())
         print(json.dumps(run), flush=True)
         runs[f"{size}px"] = run
     return {
         "what": "densepipe instance plugin (+ semantic head) vs torchvision MaskRCNN with the same "
                 "settings, backbone (mobilenet_v3_large FPN 64), heads and semantic head, starting "
-                "from the same weights, SGD lr 0.02, the same batches in interleaved 2-step blocks; "
+                "from the same weights, SGD lr 0.02, the same batches in interleaved 2-step blocks, "
+                "each step of both from the same random seed (the same anchors and RoIs sampled); "
                 "AP by the same COCO evaluator after the same steps (128 px only: at 512 px the CPU "
                 "buys too few steps for an AP to mean anything)",
         "runs": runs,
@@ -220,7 +252,7 @@ def instance_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 # multi-task vs single-task models, and where a step's time goes
 
 
-def multitask_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+def multitask_part(args: argparse.Namespace, data: Path, previous: dict[str, Any]) -> dict[str, Any]:
     out = data / "multitask.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "multitask.py"),
                "--steps", str(args.multitask_steps), "--out", str(out), *(["--smoke"] if args.smoke else [])]
@@ -234,14 +266,14 @@ def multitask_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
             "steps": result["steps"], "rows": result["delta_m_rows"], **conditions()}
 
 
-def cost_split_part(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+def cost_split_part(args: argparse.Namespace, data: Path, previous: dict[str, Any]) -> dict[str, Any]:
     import step_split
 
     size = args.split_size
     root = data / f"demo{size}"
     print(f"== cost split {size} px", flush=True)
     return {**step_split.split(root, size=size, batch=args.split_batch, steps=args.split_steps,
-                               smoke=args.smoke), **conditions()}
+                               smoke=args.smoke, overrides=args.split_overrides), **conditions()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--split-size", type=int, default=512)
     ap.add_argument("--split-batch", type=int, default=4)
     ap.add_argument("--split-steps", type=int, default=4)
+    ap.add_argument("--split-set", dest="split_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides of params.yaml for the cost_split part")
     ap.add_argument("--data", type=Path, default=None, help="keep rendered data here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true",
@@ -304,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = args.data or Path(tmp)
         for name in args.parts:
             t0 = time.perf_counter()
-            report[name] = {**parts[name](args, data), "command": command,
+            report[name] = {**parts[name](args, data, report.get(name) or {}), "command": command,
                             "part_seconds": round(time.perf_counter() - t0, 1)}
             if out_path is not None:  # after each part: a later part's failure loses nothing
                 atomic_write_json(out_path, report)

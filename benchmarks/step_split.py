@@ -35,12 +35,15 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def split(root: Path, *, size: int, batch: int, steps: int, smoke: bool = False) -> dict[str, Any]:
-    """Mean seconds per part of a training step of ``params.yaml``'s model at ``size`` px."""
+def split(root: Path, *, size: int, batch: int, steps: int, smoke: bool = False,
+          overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Mean seconds per part of a training step of ``params.yaml``'s model at ``size`` px
+    (``overrides``: ``KEY=VALUE`` on top)."""
     cfg = load_config(ROOT / "params.yaml", [
         f"data.root={root}", f"data.image_size={size}", f"data.synthetic.image_size={size}",
         f"data.synthetic.num_train={max(8, batch * (steps + 1))}", "data.synthetic.num_val=2",
-        "data.num_workers=0", f"train.batch_size={batch}", "train.device=cpu", "tracking.enabled=false"])
+        "data.num_workers=0", f"train.batch_size={batch}", "train.device=cpu", "tracking.enabled=false",
+        *overrides])
     stages.prepare(cfg)
     dataset = train_dataset(cfg)
     loader = iter(train_loader(cfg, dataset, start_step=0))
@@ -102,5 +105,5 @@ def split(root: Path, *, size: int, batch: int, steps: int, smoke: bool = False)
         "seconds": {k: round(v, 4) for k, v in means.items()},
         "share": {k: round(v / total_s, 4) for k, v in ranked},
         "largest": ranked[0][0], "step_seconds_sum_of_parts": round(total_s, 4),
-        "size": size, "batch": batch, "steps": steps, "smoke": smoke,
+        "size": size, "batch": batch, "steps": steps, "smoke": smoke, "overrides": list(overrides),
     }

@@ -247,24 +247,33 @@ def peers_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
                                     ("images/s", "speed_ratio", "semantic_speed_ratio_at_least")):
             metric = "mIoU" if ratio == "miou_ratio" else "images_per_s"
             rows.append([f"semantic vs smp FPN: {what}", key, run["densepipe"][metric], run["smp"][metric],
-                         run[ratio], f">= {number(targets.get(target))}", conditions_text(semantic)])
+                         run[ratio], f">= {number(targets.get(target))}",
+                         conditions_text(run if "device" in run else semantic)])
     instance = data.get("instance") or {}
     for key, run in (instance.get("runs") or {}).items():
         rates = run["images_per_s"]
         rows.append(["instance vs torchvision Mask R-CNN: images/s", key, rates.get("plugin_sem_inst"),
                      rates.get("torchvision_sem_inst"), run["speed_ratio"],
-                     f">= {number(targets.get('instance_speed_ratio_at_least'))}", conditions_text(instance)])
+                     f">= {number(targets.get('instance_speed_ratio_at_least'))}",
+                     conditions_text(run if "device" in run else instance)])
         for metric, ratio in (run.get("ap_ratio") or {}).items():
             target = f">= {number(targets.get('instance_ap_ratio_at_least'))}"
             rows.append([f"instance vs torchvision Mask R-CNN: {metric} at {run['steps']} steps", key,
                          run["ap"]["densepipe"][metric], run["ap"]["torchvision"][metric], ratio,
-                         target, conditions_text(instance)])
+                         target, conditions_text(run if "device" in run else instance)])
     multitask = data.get("multitask") or {}
     if multitask:
         rows.append(["4 dense tasks, one model vs four: training time", f"{multitask['steps']} steps",
                      "", "", multitask["cost_ratio"],
                      f"<= {number(targets.get('multitask_cost_ratio_at_most'))}", conditions_text(multitask)])
     out = table(["comparison", "run", "densepipe", "peer", "ratio", "target", "conditions"], rows)
+    ablation = data.get("ablation") or {}
+    for key, variants in (ablation.get("runs") or {}).items():
+        out += ["", f"Ablation of the semantic model ({key}, {number(ablation.get('budget_s'))} s each, "
+                f"one interleaved run; `smp` is the peer; {conditions_text(ablation)}):", "",
+                *table(["variant", "overrides", "steps", "images/s", "mIoU"],
+                       [[name, " ".join(f"`{o}`" for o in v.get("overrides", [])), v["steps"],
+                         v["images_per_s"], v["mIoU"]] for name, v in variants.items()])]
     gpu = dict(files).get(RESULTS / "gpu_peers.json")
     if gpu:
         out += ["", f"GPU ({gpu['device']}, {gpu['precision']}, {gpu['size']} px, batch {gpu['batch']}):", "",

@@ -443,3 +443,32 @@ def test_output_stride_is_checked_against_the_registry() -> None:
     assert backbones_module.BACKBONE_OUTPUT_STRIDES["vgg16_bn"] == (32,)
     with pytest.raises(ConfigError, match="model.output_stride"):
         load_config(None, ["model.output_stride=4"])
+
+
+@pytest.mark.parametrize("decoder", ["panoptic_fpn", "fcn8s"])
+def test_output_init_semantic_logits_start_at_unit_scale_regression_heads_stay_small(decoder):
+    """Semantic's output layers start from Glorot uniform (std sqrt(2 / (fan_in + fan_out))),
+    depth's keep the decoder's near-zero normal; ``output_init=small`` restores it for semantic."""
+    from pipeline.data.synthetic import synthetic_card
+    from pipeline.nn.dense_head import output_layers
+
+    card = synthetic_card()
+
+    def layers(*overrides: str) -> tuple[list[nn.Conv2d], list[nn.Conv2d]]:
+        cfg = load_config(None, ["model.tasks=[semantic,depth]", "model.backbone=resnet18",
+                                 "model.fpn_channels=32", f"model.heads.semantic.decoder={decoder}",
+                                 *overrides])
+        model = build_model(cfg, card)
+        return (output_layers(model.heads["semantic"].decoder, card.num_classes),
+                output_layers(model.heads["depth"].decoder, 1))
+
+    semantic, depth = layers()
+    assert len(semantic) == (3 if decoder == "fcn8s" else 1)  # fcn8s scores c5, c4 and c3
+    for conv in semantic:
+        fan_in, fan_out = conv.in_channels, conv.out_channels
+        glorot = (2.0 / (fan_in + fan_out)) ** 0.5
+        assert float(conv.weight.std()) == pytest.approx(glorot, rel=0.3)
+        assert float(conv.bias.abs().max()) == 0.0
+    assert len(depth) == 1 and float(depth[0].weight.std()) < 0.02
+    small, _ = layers("model.heads.semantic.output_init=small")
+    assert all(float(conv.weight.std()) < 0.02 for conv in small)

@@ -38,7 +38,10 @@ def test_peers_smoke_writes_each_part_and_keeps_the_others(tmp_path):
 
     instance = written["instance"]["runs"]["64px"]
     assert instance["speed_ratio"] > 0 and instance["steps"] == 2
-    for side in ("densepipe", "torchvision"):
+    trace = instance["loss_trace"]  # same weights, batch and sampling: the same first loss
+    assert len(trace["densepipe"]) == len(trace["torchvision"]) == 4
+    assert trace["densepipe"][0] == pytest.approx(trace["torchvision"][0], rel=1e-4)
+    for side in ("densepipe", "torchvision", "torchvision_with_densepipe_weights"):
         assert set(instance["ap"][side]) >= {"bbox_AP", "segm_AP"}
         assert all(-1e-9 <= v <= 1.0 for v in instance["ap"][side].values())
 
