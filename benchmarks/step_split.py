@@ -82,7 +82,7 @@ def split(root: Path, *, size: int, batch: int, steps: int, smoke: bool = False,
         optimizer.zero_grad(set_to_none=True)
         for name, loss in task_loss.items():
             view = features[model.tasks[name].input_view]
-            inputs = [p for p in model.heads[name].parameters() if p.requires_grad] + list(view.values())
+            inputs = [t for t in [*model.heads[name].parameters(), *view.values()] if t.requires_grad]
             start = time.perf_counter()
             torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
             record(f"{name} head backward", time.perf_counter() - start)
