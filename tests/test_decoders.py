@@ -360,7 +360,8 @@ def card(tiny_dataset: Path) -> DatasetCard:
 
 
 def test_default_semantic_head_is_unchanged(backbones: dict, card: DatasetCard) -> None:
-    """The default decoder builds exactly the head of earlier versions (names, init, values)."""
+    """The default decoder builds exactly the head of earlier versions (names, init, values), but
+    for the predictor's weights, which semantic's ``output_init: xavier`` draws from Glorot uniform."""
     task = SemanticTask()
     spec = backbones["resnet18"].feature_spec
     options = task.parse_options({"conv_dims": 16, "norm": "BN"})
@@ -370,6 +371,7 @@ def test_default_semantic_head_is_unchanged(backbones: dict, card: DatasetCard) 
     torch.manual_seed(0)
     before = DenseHead(SemanticFPNHead(spec, in_features=("p2", "p3", "p4", "p5"),
                                           num_outputs=card.num_classes, conv_dims=16, norm="BN"))
+    nn.init.xavier_uniform_(before.decoder.predictor.weight)  # semantic's output_init (peers.json)
     assert list(head.state_dict()) == list(before.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), before.state_dict().values(),
                                                   strict=True))

@@ -332,6 +332,12 @@ class Detector(nn.Module):
         return heads.box_predictor(heads.box_head(heads.box_roi_pool(levels, proposals, shapes)))
 
 
+def _inside(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``N x K x 2`` points clamped into their ``N x 4`` boxes (x1, y1, x2, y2)."""
+    low, high = boxes[:, None, :2].to(points.dtype), boxes[:, None, 2:].to(points.dtype)
+    return torch.maximum(torch.minimum(points, high), low)
+
+
 class MaskBranch(nn.Module):
     """Mask R-CNN's mask branch: RoIAlign 14x14, ``len(head_dims)`` 3x3 convs, a 2x deconvolution
     and one 28x28 mask logit map per class; per-pixel binary cross-entropy on the RoI's class.
@@ -420,5 +426,8 @@ class KeypointBranch(nn.Module):
         if sum(len(b) for b in boxes) == 0:
             return [(k, b.new_zeros((0, self.num_keypoints, 3))) for k, b in zip(keep, boxes, strict=True)]
         points, scores = keypointrcnn_inference(self._logits(det, boxes), boxes)
-        return [(k, torch.cat([p[..., :2], s[..., None]], dim=-1))
-                for k, p, s in zip(keep, points, scores, strict=True)]
+        # torchvision's heatmap decoding can land up to a pixel past its box (the heatmap is
+        # resized to the box's size rounded up): keep each keypoint inside its box, hence inside
+        # the image, whose bounds the boxes are clipped to
+        return [(k, torch.cat([_inside(p[..., :2], b), s[..., None]], dim=-1))
+                for k, p, s, b in zip(keep, points, scores, boxes, strict=True)]
