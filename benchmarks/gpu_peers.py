@@ -111,35 +111,23 @@ def smp_step(cfg: Any, card: Any, device: torch.device) -> tuple[torch.nn.Module
 
 def rcnn_steps(root: Path, card: Any, size: int,
                device: torch.device) -> dict[str, tuple[torch.nn.Module, Step]]:
-    """The instance plugin and torchvision's Mask R-CNN from the same weights (SGD, bf16 autocast)."""
+    """The instance plugin and torchvision's Mask R-CNN from the same weights, stepped as
+    ``instance_speed`` steps them (SGD), under bf16 autocast. ``Module.to`` moves the parameters in
+    place, so the optimizers built before the move keep working."""
     import instance_speed as ins
 
     built = ins.build_all(root, card, ["plugin_sem_inst", "torchvision_sem_inst"], size=size)
     out = {}
     for name, key in (("instance", "plugin_sem_inst"), ("torchvision_maskrcnn", "torchvision_sem_inst")):
-        model = built[key][0].to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=ins.LR, momentum=ins.MOMENTUM)
-        out[name] = (model, _sgd_step(model, opt, reference=key.startswith("torchvision"), device=device))
+        model, plain = built[key]
+        model.to(device)
+
+        def step(batch: dict[str, Any], plain: Step = plain) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                plain(batch)
+
+        out[name] = (model, step)
     return out
-
-
-def _sgd_step(model: torch.nn.Module, opt: torch.optim.Optimizer, *, reference: bool,
-              device: torch.device) -> Step:
-    from pipeline.engine.step import train_step
-
-    def step(batch: dict[str, Any]) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            if not reference:
-                train_step(model, batch, opt, clip_grad_norm=5.0)  # type: ignore[arg-type]
-                return
-            losses = model(batch)
-            loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-
-    return step
 
 
 def step_flops(step: Step, batch: dict[str, Any]) -> int:

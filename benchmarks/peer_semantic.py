@@ -65,15 +65,26 @@ class Trainee:
         """Training images per second over the timed slices."""
         return (self.images - self.images_timed_offset) / max(self.seconds, 1e-9)
 
+    def step_once(self) -> None:
+        """One training step on the next batch, counted."""
+        batch = next(self.batches)
+        self.losses.append(self.step(batch))
+        self.steps += 1
+        self.images += int(batch["image"].shape[0])
+
+    def summary(self, model: nn.Module, cfg: Config, card: Any) -> dict[str, Any]:
+        """Steps, timed images/s, val mIoU, parameters and the mean of the last 20 losses."""
+        return {"steps": self.steps, "images": self.images, "train_seconds": round(self.seconds, 2),
+                "images_per_s": round(self.images_per_s, 3), "mIoU": round(miou(self, cfg, card), 4),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "last_loss_mean_of_20": round(sum(self.losses[-20:]) / len(self.losses[-20:]), 4)}
+
     def train_until(self, total_seconds: float) -> None:
         """Steps until this trainee's timed seconds reach ``total_seconds`` (the step that crosses
         it counts; the next slice's target is cumulative, so an overshoot is paid back there)."""
         start, before = time.perf_counter(), self.seconds
         while before + time.perf_counter() - start < total_seconds:
-            batch = next(self.batches)
-            self.losses.append(self.step(batch))
-            self.steps += 1
-            self.images += int(batch["image"].shape[0])
+            self.step_once()
         self.seconds = before + time.perf_counter() - start
 
 
@@ -87,20 +98,6 @@ def identity_residuals_off(model: nn.Module) -> None:
                 nn.init.ones_(norm.weight)
 
 
-def predictor_msra(model: nn.Module) -> None:
-    """The semantic predictor initialised as detectron2's ``SemSegFPNHead`` does
-    (``c2_msra_fill``: Kaiming normal, fan out)."""
-    nn.init.kaiming_normal_(model.heads["semantic"].decoder.predictor.weight, mode="fan_out",
-                            nonlinearity="relu")
-
-
-def head_kaiming_fan_in(model: nn.Module) -> None:
-    """The head's 3x3 convolutions initialised as smp's decoder (Kaiming uniform, fan in)."""
-    for m in model.heads["semantic"].modules():
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-            nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
-
-
 def fpn_kaiming_relu(model: nn.Module) -> None:
     """The FPN's convolutions initialised as smp's decoder (Kaiming uniform with the ReLU gain)
     instead of torchvision's ``kaiming_uniform_(a=1)`` (unit gain)."""
@@ -110,9 +107,7 @@ def fpn_kaiming_relu(model: nn.Module) -> None:
 
 
 ABLATIONS: dict[str, Callable[[nn.Module], None]] = {
-    "fpn_kaiming_relu": fpn_kaiming_relu,
-    "no_zero_init_residual": identity_residuals_off, "predictor_msra": predictor_msra,
-    "head_kaiming_fan_in": head_kaiming_fan_in}
+    "fpn_kaiming_relu": fpn_kaiming_relu, "no_zero_init_residual": identity_residuals_off}
 
 
 def densepipe_trainee(cfg: Config, card: Any, *, name: str = "densepipe",
@@ -206,10 +201,7 @@ def interleave(trainees: list[Trainee], *, budget_s: float, slice_s: float) -> N
     large part of a slice (512 px on a CPU)."""
     for t in trainees:
         for _ in range(WARMUP_STEPS):
-            batch = next(t.batches)
-            t.losses.append(t.step(batch))
-            t.steps += 1
-            t.images += int(batch["image"].shape[0])
+            t.step_once()
         t.images_timed_offset = t.images
     slices = max(1, round(budget_s / slice_s))
     for i in range(slices):
@@ -227,10 +219,7 @@ def run(data_root: Path, card: Any, *, size: int, seed: int, batch: int, budget_
     interleave([ours, peer], budget_s=budget_s, slice_s=slice_s)
     out: dict[str, Any] = {"seed": seed}
     for t, m in ((ours, ours_model), (peer, peer_model)):
-        out[t.name] = {"steps": t.steps, "images": t.images, "train_seconds": round(t.seconds, 2),
-                       "images_per_s": round(t.images_per_s, 3), "mIoU": round(miou(t, cfg, card), 4),
-                       "parameters": sum(p.numel() for p in m.parameters()),
-                       "last_loss_mean_of_20": round(sum(t.losses[-20:]) / len(t.losses[-20:]), 4)}
+        out[t.name] = t.summary(m, cfg, card)
     out["miou_ratio"] = round(out["densepipe"]["mIoU"] / max(out["smp"]["mIoU"], 1e-9), 4)
     out["speed_ratio"] = round(out["densepipe"]["images_per_s"] / out["smp"]["images_per_s"], 4)
     return out
@@ -257,8 +246,9 @@ def ablate(data_root: Path, card: Any, *, size: int, seed: int, batch: int, budg
     t, m = smp_trainee(cfg, card, encoder=encoder)
     trainees.append((t, m, cfg))
     interleave([t for t, _, _ in trainees], budget_s=budget_s, slice_s=slice_s)
-    return {t.name: {"overrides": variants.get(t.name, []), "steps": t.steps,
-                     "images_per_s": round(t.images_per_s, 3), "mIoU": round(miou(t, c, card), 4),
-                     "parameters": sum(p.numel() for p in m.parameters()),
-                     "last_loss_mean_of_20": round(sum(t.losses[-20:]) / len(t.losses[-20:]), 4)}
-            for t, m, c in trainees}
+    out = {}
+    for t, m, c in trainees:
+        summary = t.summary(m, c, card)
+        del summary["images"], summary["train_seconds"]  # the run's part reports them; this never did
+        out[t.name] = {"overrides": variants.get(t.name, []), **summary}
+    return out

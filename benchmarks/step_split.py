@@ -80,15 +80,17 @@ def split(root: Path, *, size: int, batch: int, steps: int, smoke: bool = False,
             task_loss[name] = model.loss_weights[name] * sum(terms.values())
             record(f"{name} head forward + loss", time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
+        head_backward = 0.0
         for name, loss in task_loss.items():
             view = features[model.tasks[name].input_view]
             inputs = [t for t in [*model.heads[name].parameters(), *view.values()] if t.requires_grad]
             start = time.perf_counter()
             torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-            record(f"{name} head backward", time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            head_backward += seconds
+            record(f"{name} head backward", seconds)
         total = sum(task_loss.values())
         _, seconds = _timed(total.backward)  # type: ignore[union-attr]
-        head_backward = sum(parts.get(f"{n} head backward", [0.0])[-1] for n in task_loss) if step else 0.0
         record("backbone backward (backward minus the heads')", max(seconds - head_backward, 0.0))
         clip = cfg.train.clip_grad_norm or float("inf")
         _, seconds = _timed(lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), clip))  # noqa: B023

@@ -334,8 +334,7 @@ class Detector(nn.Module):
 
 def _inside(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """``N x K x 2`` points clamped into their ``N x 4`` boxes (x1, y1, x2, y2)."""
-    low, high = boxes[:, None, :2].to(points.dtype), boxes[:, None, 2:].to(points.dtype)
-    return torch.maximum(torch.minimum(points, high), low)
+    return points.clamp(min=boxes[:, None, :2].to(points.dtype), max=boxes[:, None, 2:].to(points.dtype))
 
 
 class MaskBranch(nn.Module):

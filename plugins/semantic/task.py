@@ -39,9 +39,9 @@ class SemanticOptions(DecoderOptions):
     """The decoder options (``DecoderOptions``) plus the loss."""
 
     output_init: Literal["small", "xavier"] = "xavier"
-    """As ``DecoderOptions.output_init``; ``xavier`` for class logits: from random initialisation,
-    the detectron2-style N(0, 0.001) predictor reached 0.42 val mIoU where Xavier reached 0.44-0.49
-    in the same 120 s (benchmarks/results/peers.json)."""
+    """As ``DecoderOptions.output_init``; ``xavier`` for class logits: from random initialisation
+    the N(0, 0.001) predictor learned slower per image (the ``ablation`` part of
+    benchmarks/results/peers.json, row ``output_init=small``)."""
 
     loss: str = "cross_entropy"
     """Dense loss (``pipeline.nn.dense_losses``): ``cross_entropy``, ``soft_dice``, ``focal`` or
