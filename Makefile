@@ -82,7 +82,7 @@ bench-peers: install-test
 	$(BIN)/python docs/gen_benchmarks.py
 
 bench-gpu: install-test
-	$(BIN)/python -m pytest -q -m cuda tests/test_gpu_bench.py
+	$(BIN)/python -m pytest -q -m cuda tests/test_peers_bench.py
 	$(BIN)/python benchmarks/gpu_peers.py
 	$(BIN)/python docs/gen_benchmarks.py
 

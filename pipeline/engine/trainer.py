@@ -124,19 +124,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+"""Devices where ``build_optimizer`` uses torch's fused SGD / AdamW kernels."""
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module, *,
                     extra: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW; no weight decay on norms, biases and ``extra`` (loss-weighting
-    parameters)."""
+    parameters). Build it after the model is on its device: where every parameter is a float
+    tensor on a device of ``FUSED_OPTIMIZER_DEVICES``, torch's fused kernel does the update (the
+    same arithmetic in one pass over all tensors; a ResNet-18's AdamW step 42 -> 7 ms on 2 CPU
+    cores, benchmarks/results/optimizer_step.json), else torch's default implementation."""
     decay, no_decay = [], list(extra or [])
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_floating_point() and p.device.type in FUSED_OPTIMIZER_DEVICES
+                for p in decay + no_decay) or None  # None: torch picks its default
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=fused)
 
 
 def _build_weighting(cfg: Config, model: MultiTaskModel) -> LossWeighting:
