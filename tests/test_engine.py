@@ -336,3 +336,39 @@ def test_precision_settings(tiny_dataset: Path, tmp_path: Path) -> None:
         from pipeline.engine.distributed import DistEnv, per_rank_batch
 
         per_rank_batch(3, DistEnv(rank=0, world_size=2))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_build_optimizer_uses_the_fused_kernel_with_the_default_arithmetic(optimizer: str) -> None:
+    from pipeline.engine.trainer import build_optimizer
+
+    cfg = load_config(None, [f"train.optimizer={optimizer}", "train.lr=0.01", "train.weight_decay=0.1"])
+    torch.manual_seed(0)  # float64: the two kernels round alike to far below the update's size
+    fused_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).double()
+    plain_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).double()
+    plain_model.load_state_dict(fused_model.state_dict())
+    start = fused_model[0].weight.detach().clone()
+    fused = build_optimizer(cfg, fused_model)
+    assert fused.defaults["fused"] is True
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]  # conv weight; biases, BN
+    plain = build_optimizer(cfg, plain_model)
+    plain.defaults["fused"] = None
+    for group in plain.param_groups:
+        group["fused"] = None  # torch's default implementation, for reference
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert (fused_model[0].weight - start).abs().max() > 1e-3  # the steps moved the weights
+
+
+def test_build_optimizer_falls_back_where_the_fused_kernel_is_not_supported() -> None:
+    from pipeline.engine.trainer import build_optimizer
+
+    cfg = load_config(None, ["train.optimizer=adamw"])
+    model = torch.nn.Linear(2, 2, device="meta")
+    assert build_optimizer(cfg, model).defaults["fused"] is None
