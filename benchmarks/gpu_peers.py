@@ -112,15 +112,16 @@ def smp_step(cfg: Any, card: Any, device: torch.device) -> tuple[torch.nn.Module
 def rcnn_steps(root: Path, card: Any, size: int,
                device: torch.device) -> dict[str, tuple[torch.nn.Module, Step]]:
     """The instance plugin and torchvision's Mask R-CNN from the same weights, stepped as
-    ``instance_speed`` steps them (SGD), under bf16 autocast. ``Module.to`` moves the parameters in
-    place, so the optimizers built before the move keep working."""
+    ``instance_speed`` steps them (SGD), under bf16 autocast; built on the CPU: the caller moves
+    each to ``device`` when it is measured (``Module.to`` moves the parameters in place, so the
+    optimizers built before the move keep working, and the model waiting its turn does not count
+    in the other's peak memory)."""
     import instance_speed as ins
 
     built = ins.build_all(root, card, ["plugin_sem_inst", "torchvision_sem_inst"], size=size)
     out = {}
     for name, key in (("instance", "plugin_sem_inst"), ("torchvision_maskrcnn", "torchvision_sem_inst")):
         model, plain = built[key]
-        model.to(device)
 
         def step(batch: dict[str, Any], plain: Step = plain) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -202,9 +203,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches = [to_device(next(loader), device) for _ in range(4)]
         semantic = load_config(None, [*base, "model.tasks=[semantic]", "model.backbone=resnet18"])
         results = []
+        rcnn: dict[str, tuple[torch.nn.Module, Step]] = {}
         for name in models:
             if name in ("instance", "torchvision_maskrcnn"):
-                model, step = rcnn_steps(root, card, args.size, device)[name]
+                rcnn = rcnn or rcnn_steps(root, card, args.size, device)  # the pair, built once
+                model, step = rcnn.pop(name)
+                model.to(device)
             elif name == "smp_fpn":
                 model, step = smp_step(semantic, card, device)
             else:

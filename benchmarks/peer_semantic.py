@@ -3,7 +3,8 @@
 Both models train on the same batches (the project's own loader over one rendered synthetic
 split, same augmentation, same order), with the same optimizer (``pipeline.engine.trainer
 .build_optimizer``: AdamW, ``train.lr``, ``train.weight_decay`` off norms and biases), the same
-linear warm-up then constant rate, and the same gradient clipping, for the same wall-clock budget
+linear warm-up then a cosine decay to 0 over the budget's seconds (``TimeSchedule``: the
+library's default schedule, indexed by time), and the same gradient clipping, for the same wall-clock budget
 in interleaved time slices (slice ``i`` trains model A then model B, the order reversed on odd
 slices, so a noisy neighbour slows both alike). densepipe's model is stepped by its own
 ``train_step``; smp's by the loop an smp user writes (ImageNet-normalised float input, cross-
@@ -15,6 +16,7 @@ Used by ``benchmarks/peers.py``; smp comes from the ``bench`` extra (``pip insta
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,13 +48,33 @@ def semantic_config(data_root: Path, *, size: int, seed: int, batch: int, overri
 
 
 @dataclass
+class TimeSchedule:
+    """The library's default schedule indexed by training time, as a time budget needs (its step
+    count is not known in advance): linear warm-up over ``warmup_steps`` steps, times a cosine
+    from 1 to 0 over ``budget_s`` seconds of training (``elapsed_s``, which the trainee advances
+    before each step); ``budget_s=None``: constant after the warm-up."""
+
+    warmup_steps: int
+    budget_s: float | None = None
+    elapsed_s: float = 0.0
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the base rate for ``step`` (``LambdaLR``'s ``lr_lambda``)."""
+        warm = lr_factor(kind="constant", total_steps=1 << 30, warmup_steps=self.warmup_steps)(step)
+        if self.budget_s is None:
+            return warm
+        return warm * 0.5 * (1 + math.cos(math.pi * min(self.elapsed_s / self.budget_s, 1.0)))
+
+
+@dataclass
 class Trainee:
-    """One model under the budget: its step, its predictor and its running totals."""
+    """One model under the budget: its step, its predictor, its schedule and its running totals."""
 
     name: str
     step: Callable[[dict[str, Any]], float]
     predict: Callable[[dict[str, Any]], torch.Tensor]
     batches: Iterator[dict[str, Any]]
+    schedule: TimeSchedule
     seconds: float = 0.0
     steps: int = 0
     images: int = 0
@@ -83,19 +105,20 @@ class Trainee:
         """Steps until this trainee's timed seconds reach ``total_seconds`` (the step that crosses
         it counts; the next slice's target is cumulative, so an overshoot is paid back there)."""
         start, before = time.perf_counter(), self.seconds
-        while before + time.perf_counter() - start < total_seconds:
+        while (elapsed := before + time.perf_counter() - start) < total_seconds:
+            self.schedule.elapsed_s = elapsed
             self.step_once()
         self.seconds = before + time.perf_counter() - start
 
 
-def identity_residuals_off(model: nn.Module) -> None:
-    """Undo ``zero_init_residual``: each residual block's last norm back to weight 1 (torchvision's
-    and smp's default initialisation), for the ablation of that choice."""
+def zero_init_residual(model: nn.Module) -> None:
+    """Each residual block's last norm to weight 0 (Goyal et al.'s ``zero_init_residual``, the
+    default before the ablation found it slowed AdamW training from random initialisation)."""
     for m in model.modules():
         for name in ("bn2", "bn3"):
             norm = getattr(m, name, None)
             if isinstance(norm, nn.BatchNorm2d) and hasattr(m, "conv1"):
-                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.weight)
 
 
 def fpn_kaiming_relu(model: nn.Module) -> None:
@@ -106,8 +129,23 @@ def fpn_kaiming_relu(model: nn.Module) -> None:
             nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
 
 
+def predictor_dropout(model: nn.Module) -> None:
+    """``Dropout2d(0.2)`` on the fused features before the semantic predictor (smp's FPN decoder)."""
+    decoder = model.heads["semantic"].decoder
+    decoder.predictor = nn.Sequential(nn.Dropout2d(0.2), decoder.predictor)
+
+
+def fpn_no_output_conv(model: nn.Module) -> None:
+    """The FPN without its 3x3 output convolution per level (smp's FPN: each level is the 1x1
+    lateral plus the upsampled coarser level, read directly by the head)."""
+    fpn = model.backbone.fpn
+    fpn.layer_blocks = nn.ModuleList(nn.Identity() for _ in fpn.layer_blocks)
+
+
 ABLATIONS: dict[str, Callable[[nn.Module], None]] = {
-    "fpn_kaiming_relu": fpn_kaiming_relu, "no_zero_init_residual": identity_residuals_off}
+    "fpn_no_output_conv": fpn_no_output_conv,
+    "fpn_kaiming_relu": fpn_kaiming_relu, "zero_init_residual": zero_init_residual,
+    "predictor_dropout": predictor_dropout}
 
 
 def densepipe_trainee(cfg: Config, card: Any, *, name: str = "densepipe",
@@ -118,7 +156,8 @@ def densepipe_trainee(cfg: Config, card: Any, *, name: str = "densepipe",
         mutate(model)
     model.use_channels_last(cfg.train.channels_last)
     optimizer = build_optimizer(cfg, model)
-    scheduler = _scheduler(optimizer, cfg)
+    schedule = TimeSchedule(cfg.train.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
     model.train()
 
     def step(batch: dict[str, Any]) -> float:
@@ -130,7 +169,7 @@ def densepipe_trainee(cfg: Config, card: Any, *, name: str = "densepipe",
         model.eval()
         return torch.stack(model.predict(batch)["semantic"])
 
-    return Trainee(name, step, predict, _batches(cfg)), model
+    return Trainee(name, step, predict, _batches(cfg), schedule), model
 
 
 def smp_trainee(cfg: Config, card: Any, *, encoder: str) -> tuple[Trainee, nn.Module]:
@@ -141,7 +180,8 @@ def smp_trainee(cfg: Config, card: Any, *, encoder: str) -> tuple[Trainee, nn.Mo
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    scheduler = _scheduler(optimizer, cfg)
+    schedule = TimeSchedule(cfg.train.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
     mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
 
@@ -165,14 +205,7 @@ def smp_trainee(cfg: Config, card: Any, *, encoder: str) -> tuple[Trainee, nn.Mo
         model.eval()
         return model(inputs(batch)).argmax(1)
 
-    return Trainee("smp", step, predict, _batches(cfg)), model
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    """``train.warmup_steps`` of linear warm-up, then the constant rate (the step count of a
-    time budget is not known in advance, so no decay)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
-        kind="constant", total_steps=1 << 30, warmup_steps=cfg.train.warmup_steps))
+    return Trainee("smp", step, predict, _batches(cfg), schedule), model
 
 
 def _batches(cfg: Config) -> Iterator[dict[str, Any]]:
@@ -194,12 +227,16 @@ WARMUP_STEPS = 3
 they train on the same first batches, so both still see the same data."""
 
 
-def interleave(trainees: list[Trainee], *, budget_s: float, slice_s: float) -> None:
+def interleave(trainees: list[Trainee], *, budget_s: float, slice_s: float, decay: bool = True,
+               after_slice: Callable[[float], None] | None = None) -> None:
     """Each trainee gets ``budget_s`` seconds in slices of ``slice_s``, alternating the order,
     after ``WARMUP_STEPS`` untimed steps each. Slice ``i`` ends when a trainee's total reaches
     ``(i + 1)`` slices' worth, so the budgets stay equal within one step even where a step is a
-    large part of a slice (512 px on a CPU)."""
+    large part of a slice (512 px on a CPU). ``decay``: each trainee's rate follows a cosine to 0
+    over its ``budget_s`` (the library's default schedule), else stays constant after the warm-up.
+    ``after_slice(seconds)`` runs, untimed, after each slice but the last (a learning curve)."""
     for t in trainees:
+        t.schedule.budget_s = budget_s if decay else None
         for _ in range(WARMUP_STEPS):
             t.step_once()
         t.images_timed_offset = t.images
@@ -207,21 +244,36 @@ def interleave(trainees: list[Trainee], *, budget_s: float, slice_s: float) -> N
     for i in range(slices):
         for t in trainees if i % 2 == 0 else trainees[::-1]:
             t.train_until(budget_s * (i + 1) / slices)
+        if after_slice is not None and i + 1 < slices:
+            after_slice(budget_s * (i + 1) / slices)
 
 
 def run(data_root: Path, card: Any, *, size: int, seed: int, batch: int, budget_s: float,
-        slice_s: float, encoder: str, overrides: list[str]) -> dict[str, Any]:
-    """One seed: both models for ``budget_s`` seconds each; their steps, img/s and val mIoU."""
+        slice_s: float, encoder: str, overrides: list[str], with_curve: bool = False) -> dict[str, Any]:
+    """One seed: both models for ``budget_s`` seconds each; their steps, img/s and val mIoU
+    (``with_curve``: also both val mIoUs after every slice, evaluated outside the budgets)."""
     cfg = semantic_config(data_root, size=size, seed=seed, batch=batch,
                           overrides=[f"model.backbone={encoder}", *overrides])
     ours, ours_model = densepipe_trainee(cfg, card)
     peer, peer_model = smp_trainee(cfg, card, encoder=encoder)
-    interleave([ours, peer], budget_s=budget_s, slice_s=slice_s)
+    curve: list[dict[str, float]] = []
+
+    def point(seconds: float) -> None:
+        curve.append({"seconds": round(seconds, 1), **{t.name: round(miou(t, cfg, card), 4)
+                                                        for t in (ours, peer)}})
+
+    interleave([ours, peer], budget_s=budget_s, slice_s=slice_s, after_slice=point if with_curve else None)
     out: dict[str, Any] = {"seed": seed}
     for t, m in ((ours, ours_model), (peer, peer_model)):
         out[t.name] = t.summary(m, cfg, card)
     out["miou_ratio"] = round(out["densepipe"]["mIoU"] / max(out["smp"]["mIoU"], 1e-9), 4)
     out["speed_ratio"] = round(out["densepipe"]["images_per_s"] / out["smp"]["images_per_s"], 4)
+    if with_curve:
+        curve.append({"seconds": round(budget_s, 1), **{n: out[n]["mIoU"] for n in ("densepipe", "smp")}})
+        late = curve[len(curve) // 2:]
+        out["curve"] = curve
+        out["miou_ratio_second_half"] = round(sum(p["densepipe"] for p in late)
+                                              / max(sum(p["smp"] for p in late), 1e-9), 4)
     return out
 
 

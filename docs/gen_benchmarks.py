@@ -231,7 +231,8 @@ def predict_summary(data: dict[str, Any]) -> list[str]:
 def conditions_text(part: dict[str, Any]) -> str:
     """A part's machine, threads and load when it ended."""
     load = part.get("load_average_1min")
-    return f"{part.get('device', 'not recorded')}, {part.get('threads', '?')} threads, load {number(load)}"
+    text = f"{part.get('device', 'not recorded')}, {part.get('threads', '?')} threads, load {number(load)}"
+    return f"{text}; {part['note']}" if part.get("note") else text
 
 
 def peers_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
@@ -269,8 +270,10 @@ def peers_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
     out = table(["comparison", "run", "densepipe", "peer", "ratio", "target", "conditions"], rows)
     ablation = data.get("ablation") or {}
     for key, variants in (ablation.get("runs") or {}).items():
-        out += ["", f"Ablation of the semantic model ({key}, {number(ablation.get('budget_s'))} s each, "
-                f"one interleaved run; `smp` is the peer; {conditions_text(ablation)}):", "",
+        where = (ablation.get("run_conditions") or {}).get(key, ablation)
+        budget = where.get("budget_s", ablation.get("budget_s"))
+        out += ["", f"Ablation of the semantic model ({key}, {number(budget)} s each, "
+                f"one interleaved run; `smp` is the peer; {conditions_text(where)}):", "",
                 *table(["variant", "overrides", "steps", "images/s", "mIoU"],
                        [[name, " ".join(f"`{o}`" for o in v.get("overrides", [])), v["steps"],
                          v["images_per_s"], v["mIoU"]] for name, v in variants.items()])]

@@ -196,8 +196,10 @@ def test_skip_nonfinite_counts_and_keeps_weights_finite(tiny_dataset: Path, tmp_
 # -- early stopping and best.pt -------------------------------------------------------------------
 @pytest.mark.slow
 def test_early_stopping_stops_and_a_rerun_does_not_continue(tiny_dataset: Path, tmp_path: Path) -> None:
-    # lr 1e-9: nothing improves, so patience 2 stops at the 3rd evaluation (steps 1, 2, 3)
+    # lr 1e-9 and frozen backbone norms (no running statistics moving in train mode): nothing
+    # improves, so patience 2 stops at the 3rd evaluation (steps 1, 2, 3)
     cfg = _cfg(tiny_dataset, tmp_path, **{"train.steps": 20, "train.eval_every": 1,
+                                           "model.backbone_norm": "frozen_bn",
                                            "train.lr": 1e-9, "train.early_stopping.patience": 2,
                                            "train.early_stopping.min_delta": 0.01})
     result = train(cfg)

@@ -35,9 +35,12 @@ def test_peers_smoke_writes_each_part_and_keeps_the_others(tmp_path):
     assert semantic["speed_ratio"] == pytest.approx(
         semantic["densepipe"]["images_per_s"] / semantic["smp"]["images_per_s"], rel=1e-2)
     assert written["semantic"]["ratios"]["64px_seed0"]["miou_ratio"] == semantic["miou_ratio"]
+    assert [p["seconds"] for p in semantic["curve"]] == [1.0, 2.0]  # after each 1 s slice
+    assert semantic["curve"][-1]["densepipe"] == semantic["densepipe"]["mIoU"]
 
-    instance = written["instance"]["runs"]["64px"]
-    assert instance["speed_ratio"] > 0 and instance["steps"] == 2
+    instance = written["instance"]["runs"]["64px_seed0"]
+    assert instance["speed_ratio"] > 0 and instance["steps"] == 2 and instance["seed"] == 0
+    assert set(written["instance"]["ap_ratio_over_seeds"]) == set(instance["ap_ratio"])
     trace = instance["loss_trace"]  # same weights, batch and sampling: the same first loss
     assert len(trace["densepipe"]) == len(trace["torchvision"]) == 4
     assert trace["densepipe"][0] == pytest.approx(trace["torchvision"][0], rel=1e-4)
