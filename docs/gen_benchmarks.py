@@ -262,6 +262,11 @@ def peers_table(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
             rows.append([f"instance vs torchvision Mask R-CNN: {metric} at {run['steps']} steps", key,
                          run["ap"]["densepipe"][metric], run["ap"]["torchvision"][metric], ratio,
                          target, conditions_text(run if "device" in run else instance)])
+    seeded = [k for k, r in (instance.get("runs") or {}).items() if "ap_ratio" in r]
+    for metric, ratio in (instance.get("ap_ratio_over_seeds") or {}).items():
+        rows.append([f"instance vs torchvision Mask R-CNN: {metric}, summed over the seeds",
+                     ", ".join(seeded), "", "", ratio,
+                     f">= {number(targets.get('instance_ap_ratio_at_least'))}", conditions_text(instance)])
     multitask = data.get("multitask") or {}
     if multitask:
         rows.append(["4 dense tasks, one model vs four: training time", f"{multitask['steps']} steps",
