@@ -2,9 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# --no-compile: pip would byte-compile all ~22,000 installed .py files one by one (about 100 s on
-# 2 cores); Python compiles the few thousand a run imports on first import instead.
-PIP    := $(BIN)/pip install --disable-pip-version-check --no-compile -q -c constraints.txt
+PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.densepipe
 
 export MLFLOW_DISABLE_TELEMETRY = true
