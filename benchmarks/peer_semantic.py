@@ -4,9 +4,9 @@ Both models train on the same batches (the project's own loader over one rendere
 split, same augmentation, same order), with the same optimizer (``pipeline.engine.trainer
 .build_optimizer``: AdamW, ``train.lr``, ``train.weight_decay`` off norms and biases), the same
 linear warm-up then a cosine decay to 0 over the budget's seconds (``TimeSchedule``: the
-library's default schedule, indexed by time), and the same gradient clipping, for the same wall-clock budget
-in interleaved time slices (slice ``i`` trains model A then model B, the order reversed on odd
-slices, so a noisy neighbour slows both alike). densepipe's model is stepped by its own
+library's default schedule, indexed by time), and the same gradient clipping, for the same
+wall-clock budget in interleaved time slices (slice ``i`` trains model A then model B, the order
+reversed on odd slices, so a noisy neighbour slows both alike). densepipe's model is stepped by its own
 ``train_step``; smp's by the loop an smp user writes (ImageNet-normalised float input, cross-
 entropy with the ignore index). Both are scored by the same code (``plugins.semantic.confusion``)
 on the val split: densepipe through ``MultiTaskModel.predict``, smp by the argmax of its logits.
@@ -58,9 +58,12 @@ class TimeSchedule:
     budget_s: float | None = None
     elapsed_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        self._warmup = lr_factor(kind="constant", total_steps=1 << 30, warmup_steps=self.warmup_steps)
+
     def factor(self, step: int) -> float:
         """Multiplier of the base rate for ``step`` (``LambdaLR``'s ``lr_lambda``)."""
-        warm = lr_factor(kind="constant", total_steps=1 << 30, warmup_steps=self.warmup_steps)(step)
+        warm = self._warmup(step)
         if self.budget_s is None:
             return warm
         return warm * 0.5 * (1 + math.cos(math.pi * min(self.elapsed_s / self.budget_s, 1.0)))
@@ -227,16 +230,16 @@ WARMUP_STEPS = 3
 they train on the same first batches, so both still see the same data."""
 
 
-def interleave(trainees: list[Trainee], *, budget_s: float, slice_s: float, decay: bool = True,
+def interleave(trainees: list[Trainee], *, budget_s: float, slice_s: float,
                after_slice: Callable[[float], None] | None = None) -> None:
     """Each trainee gets ``budget_s`` seconds in slices of ``slice_s``, alternating the order,
     after ``WARMUP_STEPS`` untimed steps each. Slice ``i`` ends when a trainee's total reaches
     ``(i + 1)`` slices' worth, so the budgets stay equal within one step even where a step is a
-    large part of a slice (512 px on a CPU). ``decay``: each trainee's rate follows a cosine to 0
-    over its ``budget_s`` (the library's default schedule), else stays constant after the warm-up.
+    large part of a slice (512 px on a CPU). Each trainee's rate follows a cosine to 0 over its
+    ``budget_s`` (``TimeSchedule``, the library's default schedule).
     ``after_slice(seconds)`` runs, untimed, after each slice but the last (a learning curve)."""
     for t in trainees:
-        t.schedule.budget_s = budget_s if decay else None
+        t.schedule.budget_s = budget_s
         for _ in range(WARMUP_STEPS):
             t.step_once()
         t.images_timed_offset = t.images
